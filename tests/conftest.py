@@ -1,0 +1,104 @@
+"""Shared fixtures: one real local Ray per test session, tiny generated datasets, run specs.
+
+Nothing downloads: models are tiny presets (random init, tokenizer trained in-process) or small
+pretrained models installed from the package index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+
+import pytest
+
+from trainers.config import build_spec
+
+POS = ["good", "great", "excellent", "tasty", "love", "fresh", "delicious", "superb"]
+NEG = ["bad", "awful", "terrible", "stale", "hate", "gross", "bland", "broken"]
+LM_SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning",
+                "rain falls on the roof", "the sun rises in the east"]
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def classification_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(POS if label == "pos" else NEG, rng.randint(2, 4))
+        rows.append({"text": f"this product is {' '.join(words)} really", "label": label})
+    return rows
+
+
+def lm_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": " . ".join(rng.choice(LM_SENTENCES) for _ in range(rng.randint(1, 4)))}
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray for the whole session, in its own temp dir, shut down at the end.
+
+    6 logical CPUs on a 2-core machine: 2 training workers + Ray Data + the trial driver fit
+    without any test waiting on resources (training is light; CPU oversubscription is fine).
+    """
+    import ray
+    import ray.data
+
+    temp_dir = tempfile.mkdtemp(prefix="ferry-ray-", dir="/tmp")
+    ray.init(address="local", num_cpus=6, include_dashboard=False, _temp_dir=temp_dir,
+             logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "cls.jsonl", classification_rows(320))
+    write_jsonl(d / "lm.jsonl", lm_rows(240))
+    return d
+
+
+def make_spec(tmp_path, kind: str, data_dir, **sections):
+    """A run spec for a tiny preset: kind = 'cls' (tiny-bert) or 'lm' (tiny-llama)."""
+    raw = {
+        "run": {"name": "t", "storage_path": str(tmp_path / "runs")},
+        "model": {"preset": "tiny-bert" if kind == "cls" else "tiny-llama"},
+        "task": {"type": "sequence_classification" if kind == "cls" else "causal_lm"},
+        "data": {"train_files": [str(data_dir / ("cls.jsonl" if kind == "cls" else "lm.jsonl"))],
+                 "max_seq_length": 32},
+        "train": {"learning_rate": 3e-3, "num_epochs": 2, "eval_every_n_steps": 10,
+                  "micro_batch_size_per_worker": 4, "eval_batch_size_per_worker": 16},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return build_spec(raw)
+
+
+@pytest.fixture
+def spec_factory(tmp_path, data_dir):
+    return lambda kind, **sections: make_spec(tmp_path, kind, data_dir, **sections)
+
+
+def pytest_configure(config):
+    # Offline by construction: any accidental hub access fails fast instead of hanging.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

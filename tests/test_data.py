@@ -1,0 +1,181 @@
+"""Ray Data pipeline: row checks with file+row, bad-row policy, split, packing, cache."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import classification_rows, lm_rows, write_jsonl
+from trainers.config import ConfigError
+from trainers.data import DataError, check_data, prepare_dataset
+from trainers.model import load_tokenizer_for
+
+
+def _prepare(spec):
+    return prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
+
+
+def _bad_files(d):
+    good = [json.dumps(r) for r in classification_rows(30)]
+    files = {}
+    lines = list(good)
+    lines[6] = '{"text": "broken json", "label": '
+    files["malformed.jsonl"] = (lines, r"malformed\.jsonl row 7: malformed JSON")
+    lines = list(good)
+    lines[3] = json.dumps({"text": "   ", "label": "pos"})
+    files["empty_text.jsonl"] = (lines, r"empty_text\.jsonl row 4: missing or empty 'text'")
+    lines = list(good)
+    lines[9] = json.dumps({"label": "pos"})
+    files["missing_text.jsonl"] = (lines, r"missing_text\.jsonl row 10: missing or empty 'text'")
+    for name, (ls, _) in files.items():
+        (d / name).write_text("\n".join(ls) + "\n")
+    raw = b"\n".join(x.encode() for x in good[:5]) + b'\n{"text": "caf\xe9 \xff", "label": "pos"}\n' + \
+        b"\n".join(x.encode() for x in good[5:]) + b"\n"
+    (d / "latin1.jsonl").write_bytes(raw)
+    files["latin1.jsonl"] = (None, r"latin1\.jsonl row 6: not valid UTF-8")
+    csv_lines = ["text,label"] + [f"row {i} is fine,{'pos' if i % 2 else 'neg'}" for i in range(20)]
+    csv_lines[12] = "an extra,field,here"
+    (d / "fields.csv").write_text("\n".join(csv_lines) + "\n")
+    files["fields.csv"] = (None, r"fields\.csv row 12: expected 2 fields, got 3")
+    return files
+
+
+def test_bad_rows_are_reported_with_file_and_row_and_nothing_trains(ray_session, spec_factory, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    for name, (_, pattern) in _bad_files(d).items():
+        spec = spec_factory("cls", data={"train_files": [str(d / name)]})
+        with pytest.raises(DataError, match=r"data\.on_bad_rows=error: 1 bad rows .*first at .*" + pattern):
+            _prepare(spec)
+        # Rejected before anything was tokenized or cached, let alone trained.
+        assert not os.path.exists(spec.cache_dir) or os.listdir(spec.cache_dir) == []
+
+
+def test_skip_policy_counts_bad_rows_and_keeps_the_rest(ray_session, spec_factory, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    _bad_files(d)
+    spec = spec_factory("cls", data={"train_files": [str(d / "malformed.jsonl"), str(d / "latin1.jsonl")],
+                                     "on_bad_rows": "skip"})
+    prepared = _prepare(spec)
+    assert prepared.bad_rows == {"malformed JSON": 1, "not valid UTF-8": 1}
+    assert prepared.train_rows + prepared.validation_rows == 59  # 30 + 31 rows, 2 bad
+
+
+def test_unknown_label_and_missing_column_name_the_field(ray_session, spec_factory, tmp_path):
+    rows = classification_rows(40)
+    rows[17]["label"] = "meh"
+    f = write_jsonl(tmp_path / "labels.jsonl", rows)
+    spec = spec_factory("cls", data={"train_files": [f]}, task={"labels": ["neg", "pos"]})
+    with pytest.raises(DataError, match=r"task\.labels=\['neg', 'pos'\]: label 'meh' in .*labels\.jsonl row 18"):
+        _prepare(spec)
+    spec = spec_factory("cls", data={"train_files": [f], "label_column": "stars"})
+    problems = check_data(spec)
+    assert any(p.startswith(f"data.train_files={f}: column 'stars' not found") for p in problems)
+    spec = spec_factory("cls", data={"train_files": [str(tmp_path / "nope*.jsonl")]})
+    assert check_data(spec) == [f"data.train_files={tmp_path}/nope*.jsonl: file not found. Fix the path or glob."]
+
+
+def test_empty_training_data_is_rejected(ray_session, spec_factory, tmp_path):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("")
+    with pytest.raises(DataError, match="no usable training rows"):
+        _prepare(spec_factory("cls", data={"train_files": [str(f)]}))
+
+
+def test_overlong_rows_follow_policy(ray_session, spec_factory, tmp_path):
+    rows = classification_rows(60)
+    rows[5]["text"] = " ".join(["really"] * 200)
+    f = write_jsonl(tmp_path / "long.jsonl", rows)
+    spec = spec_factory("cls", data={"train_files": [f], "overlong": "error", "validation_fraction": 0.01})
+    with pytest.raises(DataError, match=r"long\.jsonl row 6: \d+ tokens > data\.max_seq_length=32"):
+        _prepare(spec)
+    dropped = _prepare(spec_factory("cls", data={"train_files": [f], "overlong": "drop", "validation_fraction": 0.01}))
+    kept = _prepare(spec_factory("cls", data={"train_files": [f], "overlong": "truncate", "validation_fraction": 0.01}))
+    assert dropped.train_rows + dropped.validation_rows == 59
+    assert kept.train_rows + kept.validation_rows == 60
+    lengths = [len(x) for x in pq.read_table(kept.train_path).column("input_ids").to_pylist()]
+    assert max(lengths) == 32
+
+
+def test_csv_and_parquet_inputs_and_stable_split(ray_session, spec_factory, tmp_path):
+    import pyarrow as pa
+
+    rows = classification_rows(100)
+    (tmp_path / "a.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
+    a = _prepare(spec_factory("cls", data={"train_files": [str(tmp_path / "a.csv")]}))
+    b = _prepare(spec_factory("cls", data={"train_files": [str(tmp_path / "b.parquet")]}))
+    assert a.train_rows + a.validation_rows == 100 == b.train_rows + b.validation_rows
+    assert 3 <= a.validation_rows <= 20  # validation_fraction=0.1 by a stable per-row hash
+    assert a.label_names == ["neg", "pos"]
+
+
+def test_cache_is_reused_and_partial_caches_are_ignored(ray_session, spec_factory, tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", classification_rows(50))
+    spec = spec_factory("cls", data={"train_files": [f]})
+    first = _prepare(spec)
+    assert not first.cache_hit
+    # A half-written cache for the same key (crash mid-write) must never be read.
+    os.rename(first.cache_path, first.cache_path + ".partial-dead")
+    second = _prepare(spec)
+    assert not second.cache_hit and second.cache_path == first.cache_path
+    third = _prepare(spec)
+    assert third.cache_hit and third.train_rows == first.train_rows
+    # Any change to inputs or settings gives a new key.
+    changed = _prepare(spec_factory("cls", data={"train_files": [f], "max_seq_length": 16}))
+    assert not changed.cache_hit and changed.cache_path != first.cache_path
+
+
+def test_packing_resets_positions_and_masks_boundaries(ray_session, spec_factory, tmp_path):
+    f = write_jsonl(tmp_path / "lm.jsonl", lm_rows(80))
+    prepared = _prepare(spec_factory("lm", data={"train_files": [f], "max_seq_length": 32}))
+    t = pq.read_table(prepared.train_path).to_pylist()
+    tok = load_tokenizer_for.__globals__["_train_tokenizer"]  # noqa: F841 (tokenizer is cached)
+    from trainers.data import load_tokenizer
+
+    eos = load_tokenizer(prepared.tokenizer_path).eos_token_id
+    for row in t:
+        assert len(row["input_ids"]) == 32
+        for i, p in enumerate(row["position_ids"]):
+            if p == 0:
+                assert row["labels"][i] == -100  # no loss on a token whose context is another doc
+            if i and p == 0 and row["labels"][i - 1] != -100:
+                assert row["input_ids"][i - 1] == eos  # documents end in EOS
+    assert prepared.train_tokens == 32 * len(t)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_documents_do_not_attend_to_each_other(attn):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, use_cache=False, attn_implementation=attn)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    a, b = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    pos = torch.cat([torch.arange(7), torch.arange(9)]).unsqueeze(0)
+    from trainers.tasks import causal_lm
+
+    batch = causal_lm.collate({"input_ids": [packed[0].numpy()], "labels": [packed[0].numpy()],
+                               "position_ids": [pos[0].numpy()]}, pad_id=0)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        together = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0, 7:]
+        alone = model(input_ids=b, use_cache=False).logits[0]
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_missing_config_data_file_is_a_config_error_before_ray(spec_factory, tmp_path):
+    from trainers.launch import train
+
+    spec = spec_factory("cls", data={"train_files": [str(tmp_path / "missing.jsonl")]})
+    import ray
+
+    if not ray.is_initialized():
+        pytest.skip("needs the session Ray fixture")
+    with pytest.raises(ConfigError, match=r"data\.train_files=.*missing\.jsonl: file not found"):
+        train(spec)

@@ -1,0 +1,581 @@
+"""Raw files -> validated rows -> tokens -> a Parquet cache that training workers stream from.
+
+`prepare_dataset` is the entry point (driver side). Stages, all on Ray Data:
+  read (one task per file, so every bad row is reported with its file and row number)
+  -> check rows (missing/empty text, unknown label, bad encoding) under data.on_bad_rows
+  -> split train/validation (a stable hash of file name + row, so the split never depends on
+     block order or worker count)
+  -> tokenize / pack in `map_batches`
+  -> write Parquet to `<cache_dir>/<key>/`, key = hash(input files' identity, tokenizer,
+     preprocessing settings). The cache is written to a temporary folder and published by rename
+     with a completion marker written last, so a half-written cache is never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from trainers.config import RunSpec
+from trainers.tasks import TASKS
+
+log = logging.getLogger("ferry.data")
+
+_MARKER = "_FERRY_COMPLETE"
+_CACHE_VERSION = 3  # bump when the preprocessed format changes
+
+
+class DataError(ValueError):
+    """Bad input data: names the file, row and the fix."""
+
+
+@dataclass
+class PreparedData:
+    """Where the preprocessed data lives and what it holds (travels to workers as a dict)."""
+
+    cache_path: str
+    tokenizer_path: str
+    label_names: list[str] | None
+    train_rows: int
+    validation_rows: int
+    train_tokens: int
+    bad_rows: dict[str, int] = field(default_factory=dict)
+    cache_hit: bool = False
+
+    @property
+    def train_path(self) -> str:
+        return self.cache_path + "/train"
+
+    @property
+    def validation_path(self) -> str:
+        return self.cache_path + "/validation"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
+    """Read, check, tokenize and cache the run's data; reuse the cache when nothing changed.
+
+    Args:
+        spec: the validated run config.
+        tokenizer_source: callable(text_iterator_factory) -> tokenizer. Presets train their
+            tokenizer on the training text, pretrained models ignore the argument.
+
+    Raises:
+        DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
+    """
+    import ray.data
+
+    files = {"train": expand_files(spec.data.train_files, "data.train_files")}
+    if spec.data.validation_files:
+        files["validation"] = expand_files(spec.data.validation_files, "data.validation_files")
+    fs, cache_root = pafs.FileSystem.from_uri(_as_uri(spec.cache_dir))
+    settings = _preprocess_settings(spec)
+    files_id = [_file_identity(p) for split in files.values() for p in split]
+
+    # Presets derive their tokenizer from the data, so the data and settings identify it; a
+    # pretrained tokenizer is identified by its own content.
+    tokenizer = None if spec.model.preset else tokenizer_source(None)
+    tok_id = spec.model.preset + str(spec.model.preset_vocab_size) if spec.model.preset else _tokenizer_identity(tokenizer)
+    key = hashlib.sha256(json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()).hexdigest()[:20]
+    final = f"{cache_root}/{key}"
+    if fs.get_file_info(f"{final}/{_MARKER}").type == pafs.FileType.File:
+        with fs.open_input_stream(f"{final}/{_MARKER}") as f:
+            meta = json.loads(f.read())
+        log.info("preprocessing cache hit: %s", final)
+        return PreparedData(**{**meta, "cache_path": _with_scheme(spec.cache_dir, final), "cache_hit": True})
+
+    rows = _read_rows(files, spec)
+    rows, bad = _check_rows(rows, spec)
+    train_rows = rows.filter(lambda r: r["_split"] == "train")
+    val_rows = rows.filter(lambda r: r["_split"] == "validation")
+    n_train, n_val = train_rows.count(), val_rows.count()
+    if n_train == 0:
+        raise DataError(
+            f"data.train_files={spec.data.train_files}: no usable training rows "
+            f"(bad rows skipped: {sum(bad.values())}). Point data.train_files at non-empty data."
+        )
+    if n_val == 0:
+        raise DataError(
+            "data.validation_files: the validation split is empty. Add data.validation_files or "
+            "raise data.validation_fraction."
+        )
+    label_names = _label_names(train_rows, spec)
+    if label_names is not None:
+        val_rows, unknown = _drop_unknown_labels(val_rows, label_names, spec)
+        if unknown:
+            bad["label not in the training label set"] = unknown
+
+    partial = f"{cache_root}/{key}.partial-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(partial)
+    if tokenizer is None:
+        tokenizer = tokenizer_source(lambda: _iter_text(train_rows))
+    tok_dir = f"{partial}/tokenizer"
+    _save_tokenizer(tokenizer, fs, tok_dir)
+    label_index = {name: i for i, name in enumerate(label_names or [])}
+    task = TASKS[spec.task.type]
+    tok_uri = _with_scheme(spec.cache_dir, tok_dir)
+    counts = {}
+    for split, ds in (("train", train_rows), ("validation", val_rows)):
+        with _unwrap_data_errors():
+            out = ds.map_batches(
+                _tokenize_batch,
+                batch_format="pyarrow",
+                batch_size=512,
+                fn_kwargs={"tok_uri": tok_uri, "spec_dict": spec.model_dump(), "label_index": label_index},
+            ).materialize()
+        n = out.count()
+        if n == 0:
+            raise DataError(
+                f"data.max_seq_length={spec.data.max_seq_length}: every {split} row was dropped as "
+                "over-long. Raise data.max_seq_length or set data.overlong=truncate."
+            )
+        overlong = int(out.sum("_overlong")) if "_overlong" in out.columns() else 0
+        if overlong:
+            log.warning("%s: %d rows longer than data.max_seq_length (%s)", split, overlong, spec.data.overlong)
+        out = out.drop_columns(["_overlong"])
+        counts[split] = (n, _token_count(out))
+        out.write_parquet(_with_scheme(spec.cache_dir, f"{partial}/{split}"))
+    del task
+    meta = {
+        "tokenizer_path": _with_scheme(spec.cache_dir, f"{final}/tokenizer"),
+        "label_names": label_names,
+        "train_rows": counts["train"][0],
+        "validation_rows": counts["validation"][0],
+        "train_tokens": counts["train"][1],
+        "bad_rows": bad,
+    }
+    with fs.open_output_stream(f"{partial}/{_MARKER}") as f:
+        f.write(json.dumps(meta).encode())
+    _publish(fs, partial, final)
+    return PreparedData(**meta, cache_path=_with_scheme(spec.cache_dir, final))
+
+
+@contextlib.contextmanager
+def _unwrap_data_errors():
+    """Re-raise a DataError raised inside a Ray Data task as itself: Ray wraps it in a task
+    error whose message names a Ray task, not the file and row."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:
+        # The remote traceback travels as text; the original message is its DataError line.
+        found = re.search(r"trainers\.data\.DataError: (.+)", str(e))
+        if found:
+            raise DataError(found.group(1).strip()) from None
+        raise
+
+
+def expand_files(patterns: list[str], key: str) -> list[str]:
+    """Expand local globs; check URIs exist. Raises DataError naming the pattern."""
+    out: list[str] = []
+    for pat in patterns:
+        if "://" in pat:
+            fs, path = pafs.FileSystem.from_uri(pat)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"{key}={pat}: file not found. Check the URI and credentials.")
+            if info.type == pafs.FileType.Directory:
+                sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                out += [pat.split("://")[0] + "://" + i.path for i in sel if i.type == pafs.FileType.File]
+            else:
+                out.append(pat)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        if os.path.isdir(pat):
+            matches = sorted(
+                os.path.join(d, f) for d, _, fs_ in os.walk(pat) for f in fs_ if not f.startswith((".", "_"))
+            )
+        if not matches:
+            raise DataError(f"{key}={pat}: file not found. Fix the path or glob.")
+        out += [os.path.abspath(m) for m in matches if os.path.isfile(m)]
+    return out
+
+
+def check_data(spec: RunSpec) -> list[str]:
+    """Driver-side checks before anything starts: files exist, formats known, columns present."""
+    problems: list[str] = []
+    needed = _raw_columns(spec)
+    for key in ("train_files", "validation_files"):
+        try:
+            paths = expand_files(getattr(spec.data, key), f"data.{key}")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        for path in paths:
+            try:
+                fmt = _format_of(path, spec.data.format)
+                cols = _peek_columns(path, fmt)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            except Exception as e:  # unreadable header: reported with the file, not a traceback
+                problems.append(f"data.{key}={path}: cannot read ({e}). Check the file and data.format.")
+                continue
+            for col in needed.values():
+                if cols is not None and col not in cols:
+                    problems.append(
+                        f"data.{key}={path}: column '{col}' not found (has: {', '.join(sorted(cols))}). "
+                        f"Set the matching data.*_column or fix the file."
+                    )
+    return problems
+
+
+def _raw_columns(spec: RunSpec) -> dict[str, str]:
+    """Canonical name -> the user's column name, for the columns the task needs."""
+    d = spec.data
+    if spec.task.type == "causal_lm" and d.prompt_column:
+        return {"prompt": d.prompt_column, "response": d.response_column}
+    cols = {"text": d.text_column}
+    if spec.task.type == "sequence_classification":
+        cols["label"] = d.label_column
+    return cols
+
+
+def _format_of(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower().removesuffix(".gz")
+    for ext, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+        if name.endswith(ext):
+            return f
+    raise DataError(
+        f"data.format=auto: cannot tell the format of {path} from its extension. "
+        "Set data.format to jsonl, csv or parquet."
+    )
+
+
+def _peek_columns(path: str, fmt: str) -> set[str] | None:
+    fs, p = pafs.FileSystem.from_uri(_as_uri(path))
+    if fmt == "parquet":
+        with fs.open_input_file(p) as f:
+            return set(pq.ParquetFile(f).schema_arrow.names)
+    with fs.open_input_stream(p) as f:
+        head = f.read(1 << 16)
+    if fmt == "csv":
+        first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+        return set(next(csv.reader([first])))
+    line = head.split(b"\n", 1)[0].strip()
+    if not line:
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None  # reported with its row by the reader
+    return set(obj) if isinstance(obj, dict) else None
+
+
+def _read_rows(files: dict[str, list[str]], spec: RunSpec):
+    import ray.data
+
+    items = [{"path": p, "split": split} for split, paths in files.items() for p in paths]
+    cols = _raw_columns(spec)
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_file_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "columns": cols,
+            "fmt": spec.data.format,
+            # With explicit validation files nothing is split off the training data.
+            "fraction": 0.0 if "validation" in files else spec.data.validation_fraction,
+            "seed": spec.data.split_seed,
+            "max_rows": spec.data.max_rows,
+        },
+    )
+
+
+def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows) -> pa.Table:
+    """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error."""
+    path = batch.column("path")[0].as_py()
+    split = batch.column("split")[0].as_py()
+    records, errors = _parse_file(path, _format_of(path, fmt), list(columns.values()))
+    if max_rows:
+        records, errors = records[:max_rows], errors[:max_rows]
+    out: dict[str, list] = {k: [] for k in columns}
+    rows, splits = [], []
+    name = os.path.basename(path)
+    for i, (rec, err) in enumerate(zip(records, errors), start=1):
+        for canon, col in columns.items():
+            v = rec.get(col) if rec else None
+            out[canon].append(None if v is None else str(v))
+        if err is None:
+            for canon, col in columns.items():
+                v = rec.get(col)
+                if v is None or (isinstance(v, str) and not v.strip()):
+                    err = f"missing or empty '{col}'"
+                    break
+        errors[i - 1] = err
+        rows.append(i)
+        if split == "train" and fraction and _in_validation(name, i, seed, fraction):
+            splits.append("validation")
+        else:
+            splits.append(split)
+    table = {k: pa.array(v, type=pa.string()) for k, v in out.items()}
+    table.update(
+        _file=pa.array([path] * len(rows), type=pa.string()),
+        _row=pa.array(rows, type=pa.int64()),
+        _split=pa.array(splits, type=pa.string()),
+        _error=pa.array(errors[: len(rows)], type=pa.string()),
+    )
+    return pa.table(table)
+
+
+def _in_validation(name: str, row: int, seed: int, fraction: float) -> bool:
+    return zlib.crc32(f"{seed}:{name}:{row}".encode()) / 2**32 < fraction
+
+
+def _parse_file(path: str, fmt: str, columns: list[str]) -> tuple[list[dict | None], list[str | None]]:
+    fs, p = pafs.FileSystem.from_uri(_as_uri(path))
+    if fmt == "parquet":
+        with fs.open_input_file(p) as f:
+            t = pq.read_table(f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names])
+        return t.to_pylist(), [None] * t.num_rows
+    with fs.open_input_stream(p, compression="detect") as f:
+        raw = f.read()
+    if fmt == "csv":
+        return _parse_csv(raw)
+    records: list[dict | None] = []
+    errors: list[str | None] = []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            records.append(obj)
+            errors.append(None)
+        except UnicodeDecodeError:
+            records.append(None)
+            errors.append("not valid UTF-8")
+        except ValueError as e:
+            records.append(None)
+            errors.append(f"malformed JSON ({str(e)[:60]})")
+    return records, errors
+
+
+def _parse_csv(raw: bytes) -> tuple[list[dict | None], list[str | None]]:
+    try:
+        t = pacsv.read_csv(
+            io.BytesIO(raw),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False),
+            read_options=pacsv.ReadOptions(use_threads=False),
+        )
+        return t.to_pylist(), [None] * t.num_rows
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass  # fall back to a line-by-line read that finds the offending row
+    records: list[dict | None] = []
+    errors: list[str | None] = []
+    lines = raw.split(b"\n")
+    header = next(csv.reader([lines[0].decode("utf-8", errors="replace")]))
+    text_lines = []
+    for line in lines[1:]:
+        try:
+            text_lines.append((line.decode("utf-8"), None))
+        except UnicodeDecodeError:
+            text_lines.append(("", "not valid UTF-8"))
+    reader_input = [t for t, _ in text_lines]
+    try:
+        parsed = list(csv.reader(reader_input, strict=True))
+    except csv.Error as e:
+        raise DataError(f"csv parse error ({e}). Fix quoting in the file.") from e
+    for (_, enc_err), fields in zip(text_lines, parsed):
+        if not fields and enc_err is None:
+            continue
+        if enc_err:
+            records.append(None)
+            errors.append(enc_err)
+        elif len(fields) != len(header):
+            records.append(None)
+            errors.append(f"expected {len(header)} fields, got {len(fields)}")
+        else:
+            records.append(dict(zip(header, fields)))
+            errors.append(None)
+    return records, errors
+
+
+def _check_rows(rows, spec: RunSpec):
+    """Apply data.on_bad_rows; return good rows and bad-row counts by reason."""
+    with _unwrap_data_errors():
+        rows = rows.materialize()
+    bad_ds = rows.filter(lambda r: r["_error"] is not None)
+    n_bad = bad_ds.count()
+    bad: dict[str, int] = {}
+    if n_bad:
+        first = bad_ds.sort(["_file", "_row"]).take(1)[0]
+        for r in bad_ds.select_columns(["_error"]).iter_rows():
+            reason = r["_error"].split(" (")[0]
+            bad[reason] = bad.get(reason, 0) + 1
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(bad.items()))
+        where = f"{first['_file']} row {first['_row']}: {first['_error']}"
+        if spec.data.on_bad_rows == "error":
+            raise DataError(
+                f"data.on_bad_rows=error: {n_bad} bad rows ({summary}); first at {where}. "
+                "Fix the data or set data.on_bad_rows=skip."
+            )
+        log.warning("skipped %d bad rows (%s); first at %s", n_bad, summary, where)
+    return rows.filter(lambda r: r["_error"] is None), bad
+
+
+def _label_names(train_rows, spec: RunSpec) -> list[str] | None:
+    if spec.task.type != "sequence_classification":
+        return None
+    seen = sorted(train_rows.unique("label"))
+    if spec.task.labels is None:
+        if len(seen) < 2:
+            raise DataError(
+                f"data.label_column={spec.data.label_column}: training data has {len(seen)} distinct "
+                "label(s). Classification needs at least 2; check the column."
+            )
+        return seen
+    unknown = sorted(set(seen) - set(spec.task.labels))
+    if unknown:
+        first = train_rows.filter(lambda r: r["label"] in unknown).sort(["_file", "_row"]).take(1)[0]
+        raise DataError(
+            f"task.labels={spec.task.labels}: label '{unknown[0]}' in {first['_file']} row "
+            f"{first['_row']} is not in the label set ({len(unknown)} unknown: {unknown[:5]}). "
+            "Add it to task.labels or fix the data."
+        )
+    return list(spec.task.labels)
+
+
+def _drop_unknown_labels(val_rows, label_names, spec: RunSpec):
+    allowed = set(label_names)
+    unknown = val_rows.filter(lambda r: r["label"] not in allowed)
+    n = unknown.count()
+    if n and spec.data.on_bad_rows == "error":
+        first = unknown.sort(["_file", "_row"]).take(1)[0]
+        raise DataError(
+            f"data.on_bad_rows=error: {n} validation rows have a label not in the training label set "
+            f"{label_names}; first at {first['_file']} row {first['_row']} ('{first['label']}'). "
+            "Fix the data, list the labels in task.labels, or set data.on_bad_rows=skip."
+        )
+    return val_rows.filter(lambda r: r["label"] in allowed), n
+
+
+def _iter_text(ds):
+    cols = [c for c in ("text", "prompt", "response") if c in ds.columns()]
+    for batch in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=1024):
+        for c in cols:
+            yield from (x for x in batch.column(c).to_pylist() if x)
+
+
+def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index: dict) -> pa.Table:
+    spec = RunSpec.model_validate(spec_dict)
+    tokenizer = _load_tokenizer_cached(tok_uri)
+    out, overlong = TASKS[spec.task.type].tokenize(table, tokenizer, spec, label_index)
+    return out.append_column("_overlong", pa.array([overlong] + [0] * (out.num_rows - 1), type=pa.int64())) if out.num_rows else out.append_column("_overlong", pa.array([], type=pa.int64()))
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+def _load_tokenizer_cached(uri: str):
+    """One tokenizer per process: Ray Data reuses worker processes across batches."""
+    if uri not in _TOKENIZERS:
+        _TOKENIZERS[uri] = load_tokenizer(uri)
+    return _TOKENIZERS[uri]
+
+
+def load_tokenizer(uri: str):
+    """Load a tokenizer saved in the cache (local path or URI, downloaded to a temp dir)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(localize(uri))
+
+
+def localize(uri: str) -> str:
+    """A local directory holding `uri`'s files (the path itself when already local)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix="ferry-")
+    pafs.copy_files(uri, local)
+    return local
+
+
+def _save_tokenizer(tokenizer, fs, path: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        fs.create_dir(path)
+        pafs.copy_files(tmp, path, destination_filesystem=fs)
+
+
+def _token_count(ds) -> int:
+    total = 0
+    for batch in ds.select_columns(["input_ids"]).iter_batches(batch_format="pyarrow", batch_size=4096):
+        total += int(pa.compute.sum(pa.compute.list_value_length(batch.column("input_ids"))).as_py() or 0)
+    return total
+
+
+def _preprocess_settings(spec: RunSpec) -> dict[str, Any]:
+    d = spec.data.model_dump(exclude={"cache_dir", "train_files", "validation_files"})
+    return {"task": spec.task.model_dump(), "data": d}
+
+
+def _file_identity(path: str) -> list:
+    fs, p = pafs.FileSystem.from_uri(_as_uri(path))
+    info = fs.get_file_info(p)
+    return [path, info.size, info.mtime_ns]
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((text + extra).encode()).hexdigest()
+
+
+def _publish(fs, partial: str, final: str) -> None:
+    try:
+        fs.move(partial, final)
+    except OSError:
+        # Another run published the same key first (identical content) or the filesystem cannot
+        # rename directories: keep theirs / fall back to copy; the marker decides validity.
+        if fs.get_file_info(f"{final}/{_MARKER}").type != pafs.FileType.File:
+            pafs.copy_files(partial, final, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(partial)
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _with_scheme(template: str, path: str) -> str:
+    """Re-attach the scheme of `template` (e.g. s3://) to a filesystem-relative `path`."""
+    if "://" in template and not template.startswith("file://"):
+        return template.split("://")[0] + "://" + path.lstrip("/")
+    return path
+
+
+def clear_partial_caches(cache_dir: str) -> int:
+    """Delete half-written caches left by interrupted runs (local caches only)."""
+    if "://" in cache_dir or not os.path.isdir(cache_dir):
+        return 0
+    stale = [d for d in os.listdir(cache_dir) if ".partial-" in d]
+    for d in stale:
+        shutil.rmtree(os.path.join(cache_dir, d), ignore_errors=True)
+    return len(stale)

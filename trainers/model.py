@@ -1,0 +1,224 @@
+"""Tokenizers and models: pretrained (HF id, local dir, GGUF) or a small random-init preset, + LoRA.
+
+`build_model` is the entry point on workers; `load_tokenizer_for` and `check_lora_fits` run on the
+driver before training starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+from trainers.config import RunSpec
+
+_PRESETS = {
+    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "small-llama": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny-bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512),
+}
+
+
+def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None):
+    """The run's tokenizer: trained on the training text for presets, else from_pretrained."""
+    if spec.model.preset:
+        assert texts is not None, "presets train their tokenizer on the training text"
+        return _train_tokenizer(spec.model.preset, spec.model.preset_vocab_size, texts())
+    from transformers import AutoTokenizer
+
+    m = spec.model
+    tok = AutoTokenizer.from_pretrained(
+        m.name_or_path, gguf_file=m.gguf_file, revision=m.revision, trust_remote_code=m.trust_remote_code
+    )
+    if tok.pad_token is None:
+        # Llama-style tokenizers ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None and spec.task.type == "causal_lm":
+        tok.eos_token = tok.sep_token or tok.pad_token
+    return tok
+
+
+def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if preset == "tiny-bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]",
+        )
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
+    """The transformers config of the run's model (no weights loaded)."""
+    import transformers
+
+    m = spec.model
+    extra = {}
+    if label_names:
+        extra = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                     label2id={n: i for i, n in enumerate(label_names)})
+    if m.preset:
+        cls = transformers.BertConfig if m.preset == "tiny-bert" else transformers.LlamaConfig
+        ids: dict = {}
+        if tokenizer is not None:  # None when only layer shapes are needed (validate)
+            ids["pad_token_id"] = tokenizer.pad_token_id
+            if m.preset != "tiny-bert":
+                ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        if m.preset != "tiny-bert":
+            # No KV cache in training; with one, transformers skips packed-sequence masking.
+            ids.update(tie_word_embeddings=True, use_cache=False)
+        vocab = len(tokenizer) if tokenizer is not None else m.preset_vocab_size
+        return cls(vocab_size=vocab, **_PRESETS[m.preset], **ids, **extra)
+    cfg = transformers.AutoConfig.from_pretrained(
+        m.name_or_path, gguf_file=m.gguf_file, revision=m.revision,
+        trust_remote_code=m.trust_remote_code, **extra,
+    )
+    if getattr(cfg, "pad_token_id", None) is None and tokenizer is not None:
+        # Sequence classification on decoder models finds the last real token via pad_token_id.
+        cfg.pad_token_id = tokenizer.pad_token_id
+    return cfg
+
+
+def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_config: dict | None = None):
+    """The model to train: pretrained or preset, LoRA-wrapped when method=lora.
+
+    Under ZeRO-3 (`ds_config` stage 3) transformers builds the model inside `deepspeed.zero.Init`,
+    so no rank ever holds the full set of weights.
+    """
+    import transformers
+
+    from trainers.tasks import TASKS
+
+    torch.manual_seed(spec.run.seed)
+    cls = TASKS[spec.task.type].model_class(transformers)
+    cfg = model_config(spec, tokenizer, label_names)
+    with _zero3_context(ds_config, cfg):
+        if spec.model.preset:
+            model = cls.from_config(cfg)
+        else:
+            m = spec.model
+            model = cls.from_pretrained(
+                m.name_or_path, config=cfg, gguf_file=m.gguf_file, revision=m.revision,
+                trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+            )
+    if spec.method == "lora":
+        model = apply_lora(model, spec)
+    return model
+
+
+@contextlib.contextmanager
+def _zero3_context(ds_config: dict | None, cfg):
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    import importlib
+
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # Import the modeling module before zero.Init patches nn.Module construction: otherwise
+    # building the model raises "TypeError: Signature mismatch" (seen with deepspeed 0.19).
+    model_type = cfg.model_type.replace("-", "_")
+    importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers reads it through a weakref
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def lora_targets(spec: RunSpec, model_type: str) -> list[str] | str:
+    """Target modules: the config's, else PEFT's per-architecture default, else all linear layers."""
+    if spec.lora.target_modules:
+        return spec.lora.target_modules
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    return list(defaults.get(model_type, [])) or "all-linear"
+
+
+def apply_lora(model, spec: RunSpec):
+    import peft
+
+    task_type = "SEQ_CLS" if spec.task.type == "sequence_classification" else "CAUSAL_LM"
+    cfg = peft.LoraConfig(
+        r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        target_modules=lora_targets(spec, model.config.model_type), task_type=task_type,
+    )
+    # SEQ_CLS makes PEFT train and save the classification head (modules_to_save) with the adapter.
+    return peft.get_peft_model(model, cfg)
+
+
+def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> list[str]:
+    """LoRA rank <= the smallest dimension of every adapted layer; targets must exist.
+
+    Builds the model on the meta device (no memory, no weights) to read layer shapes.
+    """
+    if spec.method != "lora":
+        return []
+    import transformers
+
+    from trainers.tasks import TASKS
+
+    cfg = model_config(spec, tokenizer, label_names)
+    with torch.device("meta"):
+        model = TASKS[spec.task.type].model_class(transformers).from_config(cfg)
+    targets = lora_targets(spec, cfg.model_type)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if targets == "all-linear":
+        chosen = {n: m for n, m in linears.items() if not n.endswith(("lm_head", "score", "classifier"))}
+    else:
+        chosen = {n: m for n, m in linears.items() if n.split(".")[-1] in targets}
+    if not chosen:
+        return [
+            f"lora.target_modules={targets}: no linear layer of this {cfg.model_type} model matches. "
+            f"Use names such as {sorted({n.split('.')[-1] for n in linears})[:8]}."
+        ]
+    name, layer = min(chosen.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+    limit = min(layer.in_features, layer.out_features)
+    if spec.lora.rank > limit:
+        return [
+            f"lora.rank={spec.lora.rank}: must be <= the smallest adapted layer dimension "
+            f"({limit}, {name}). Lower lora.rank to {limit} or less."
+        ]
+    return []
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; ZeRO-3 partitioned params report their full size."""
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def hf_offline_hint() -> str:
+    return "" if os.environ.get("HF_HUB_OFFLINE") else " (set HF_HUB_OFFLINE=1 to use only local files)"
