@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     ray_opts(e)
     e.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
     e.set_defaults(func=cmd_eval)
+
+    from cluster.k8s import register_cli
+
+    register_cli(sub)
     return p
 
 
@@ -91,12 +95,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from cluster.session import connect, disconnect
     from trainers.config import load_config
     from trainers.launch import train
 
-    from cluster.session import connect, disconnect
-
     spec = load_config(args.config, args.overrides)
+    _check_inputs_before_starting_ray(spec)
     s = spec.scaling
     session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
     t0 = time.perf_counter()
@@ -111,12 +115,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from cluster.session import connect, disconnect
     from trainers.config import load_config
     from trainers.evaluate import evaluate_checkpoint
 
-    from cluster.session import connect, disconnect
-
     spec = load_config(args.config, args.overrides)
+    _check_inputs_before_starting_ray(spec)
     s = spec.scaling
     session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
     try:
@@ -126,6 +130,16 @@ def cmd_eval(args) -> int:
             disconnect(session)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
+
+
+def _check_inputs_before_starting_ray(spec) -> None:
+    """Missing files or columns fail in a second, not after Ray has started."""
+    from trainers.config import ConfigError
+    from trainers.data import check_data
+
+    problems = check_data(spec)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _print_summary(metrics: dict, seconds: float) -> None:

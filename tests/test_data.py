@@ -6,8 +6,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import classification_rows, lm_rows, write_jsonl
+
 from trainers.config import ConfigError
 from trainers.data import DataError, check_data, prepare_dataset
 from trainers.model import load_tokenizer_for

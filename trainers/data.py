@@ -82,7 +82,6 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     Raises:
         DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
     """
-    import ray.data
 
     files = {"train": expand_files(spec.data.train_files, "data.train_files")}
     if spec.data.validation_files:
@@ -319,7 +318,7 @@ def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows) ->
             v = rec.get(col) if rec else None
             out[canon].append(None if v is None else str(v))
         if err is None:
-            for canon, col in columns.items():
+            for col in columns.values():
                 v = rec.get(col)
                 if v is None or (isinstance(v, str) and not v.strip()):
                     err = f"missing or empty '{col}'"

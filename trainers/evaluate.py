@@ -20,7 +20,7 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: str) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from trainers.launch import _datasets, _root_message, TrainingFailedError
+    from trainers.launch import TrainingFailedError, _datasets, _root_message
 
     if "://" not in checkpoint and not os.path.isdir(checkpoint):
         raise ConfigError([f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "

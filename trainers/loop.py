@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
 import time
 from typing import Any
@@ -47,10 +48,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = TASKS[spec.task.type]
 
     _skip_unused_shm_build()
+    # Adopt Ray's process group now: zero.Init (ZeRO-3 model construction) checks the batch
+    # arithmetic against deepspeed.comm's world size, which reads 1 until this is called.
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     ds_config = build_ds_config(spec)
     tokenizer = load_tokenizer(data.tokenizer_path)
     model = build_model(spec, tokenizer, data.label_names, ds_config)
     trainable, total = count_parameters(model)
+    # Under ZeRO-3 the base weights must already be partitioned here (built inside zero.Init),
+    # or every rank held the whole model for a moment. LoRA weights are partitioned later.
+    built_partitioned = all(hasattr(p, "ds_id") for n, p in model.named_parameters()
+                            if "lora_" not in n and "modules_to_save" not in n)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=spec.train.learning_rate, weight_decay=spec.train.weight_decay,
@@ -61,14 +69,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dist_init_required=False,  # Ray Train already created the process group
     )
     state = _restore(engine, ray.train.get_checkpoint(), rank)
+    state["built_partitioned"] = built_partitioned
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_shard = ray.train.get_dataset_shard("train")
     val_batches = _my_validation_batches(ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world)
     progress = _Progress(rank, plan["total_steps"], world, state["step"], spec.train.log_every_n_steps)
     if rank == 0:
-        print(f"[ferry] {spec.method} on {trainable:,}/{total:,} trainable parameters, "
+        _say(f"[ferry] {spec.method} on {trainable:,}/{total:,} trainable parameters, "
               f"ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s), {plan['total_steps']} steps "
-              f"({plan['steps_per_epoch']}/epoch), resuming at step {state['step']}", flush=True)
+              f"({plan['steps_per_epoch']}/epoch), resuming at step {state['step']}")
 
     if state["step"] == 0 and spec.train.eval_before_training and "before" not in state:
         state["before"] = _evaluate(engine, val_batches, task, data, world)
@@ -108,6 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics.update(_train_metrics(state, progress, schedule))
                 window_loss, window_n = 0.0, 0
                 _report_with_checkpoint(engine, state, metrics, rank)
+                progress.last = time.perf_counter()
         if state["micro_in_epoch"] >= micro_per_epoch or state["step"] >= plan["total_steps"]:
             state["epoch"] += 1
             state["micro_in_epoch"] = 0
@@ -199,6 +209,7 @@ def _train_metrics(state, progress, schedule) -> dict[str, float]:
         "train/epoch": state["epoch"],
         "train/lr": schedule.get_last_lr()[0],
         "train/tokens_per_s": progress.tokens_per_s(),
+        "train/step_time_s": progress.median_step_time(),
         "train/elapsed_s": progress.elapsed(),
     }
 
@@ -235,8 +246,8 @@ def _restore(engine, checkpoint, rank) -> dict[str, Any]:
         if os.path.exists(rng):
             torch.set_rng_state(torch.load(rng))
     if rank == 0:
-        print(f"[ferry] resumed from {checkpoint.path} at step {state['step']} "
-              f"(epoch {state['epoch']}, micro-batch {state['micro_in_epoch']})", flush=True)
+        _say(f"[ferry] resumed from {checkpoint.path} at step {state['step']} "
+              f"(epoch {state['epoch']}, micro-batch {state['micro_in_epoch']})")
     return state
 
 
@@ -256,6 +267,8 @@ def _export(engine, spec: RunSpec, tokenizer, data: PreparedData, state, rank, e
         engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if spec.method == "lora":
             _check_adapter_nonempty(tmp)
+            if spec.model.preset:
+                _save_preset_base(engine.module, state_dict, tmp, export_dir)
         tokenizer.save_pretrained(tmp)
         if data.label_names:
             with open(os.path.join(tmp, "labels.json"), "w") as f:
@@ -272,7 +285,34 @@ def _export(engine, spec: RunSpec, tokenizer, data: PreparedData, state, rank, e
         fs, path = pafs.FileSystem.from_uri(export_dir if "://" in export_dir else os.path.abspath(export_dir))
         fs.create_dir(path)
         pafs.copy_files(tmp, path, destination_filesystem=fs)
-    print(f"[ferry] exported to {export_dir}", flush=True)
+    _say(f"[ferry] exported to {export_dir}")
+
+
+def _save_preset_base(peft_model, state_dict, folder: str, export_dir: str) -> None:
+    """A preset's random-init base exists nowhere else, so the adapter alone could not be loaded:
+    save the (frozen, hence unchanged) base weights to <export>/base and point the adapter at it."""
+    base = {}
+    for key, value in state_dict.items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        base[key.replace(".original_module.", ".")] = value
+    model = type(peft_model.get_base_model())(peft_model.get_base_model().config)
+    # strict: every base weight accounted for. Tied weights (lm_head) may be absent from the dict.
+    missing, unexpected = model.load_state_dict(base, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
+        raise RuntimeError(f"cannot rebuild the preset base model: missing {missing}, unexpected {unexpected}")
+    model.save_pretrained(os.path.join(folder, "base"), safe_serialization=True)
+    cfg_path = os.path.join(folder, "adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    # PEFT resolves the base relative to the working directory, so a local export gets an
+    # absolute path; a remote export keeps the portable relative name.
+    local = "://" not in export_dir
+    cfg["base_model_name_or_path"] = os.path.join(os.path.abspath(export_dir), "base") if local else "base"
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def _check_adapter_nonempty(folder: str) -> None:
@@ -310,12 +350,19 @@ def _skip_unused_shm_build() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+def _say(message: str) -> None:
+    """One line on the driver's terminal. Ray Train patches print() into a logger and also tees it
+    to sys.stdout when a library has wrapped that stream, which printed every line twice."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
 class _Progress:
     """Rank 0 prints step/total, loss, lr, tokens/s and ETA every train.log_every_n_steps."""
 
     def __init__(self, rank: int, total: int, world: int, start_step: int, every: int):
         self.rank, self.total, self.world, self.every = rank, total, world, every
         self.t0, self.tokens, self.start_step = time.perf_counter(), 0, start_step
+        self.last, self.step_times = self.t0, []
 
     def add_tokens(self, n: int) -> None:
         self.tokens += n
@@ -326,10 +373,18 @@ class _Progress:
     def tokens_per_s(self) -> float:
         return self.tokens * self.world / max(self.elapsed(), 1e-9)
 
+    def median_step_time(self) -> float:
+        """Median optimizer-step time since the last call (evaluation and checkpoint time excluded)."""
+        times, self.step_times = sorted(self.step_times), []
+        return times[len(times) // 2] if times else float("nan")
+
     def step(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        self.step_times.append(now - self.last)
+        self.last = now
         if self.rank != 0 or (step % self.every and step != self.total):
             return
         done = step - self.start_step
         eta = self.elapsed() / max(done, 1) * (self.total - step)
-        print(f"[ferry] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-              f"{self.tokens_per_s():,.0f} tok/s | ETA {eta:,.0f}s", flush=True)
+        _say(f"[ferry] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+              f"{self.tokens_per_s():,.0f} tok/s | ETA {eta:,.0f}s")

@@ -44,7 +44,15 @@ def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None)
 
 
 def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     if preset == "tiny-bert":

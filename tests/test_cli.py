@@ -1,0 +1,77 @@
+"""The `ferry` CLI end to end, as a user runs it: subprocesses, embedded local Ray."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import classification_rows, write_jsonl
+
+
+def _ferry(*args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def config(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", classification_rows(200))
+    (tmp_path / "run.yaml").write_text(
+        "# tiny CLI test run\n"
+        "run: {name: cli, storage_path: runs}\n"
+        "model: {preset: tiny-bert}\n"
+        "method: full\n"
+        "task: {type: sequence_classification}\n"
+        "data: {train_files: [train.jsonl], max_seq_length: 32}\n"
+        "train: {learning_rate: 3.0e-3, num_epochs: 2, micro_batch_size_per_worker: 4, eval_every_n_steps: 20, log_every_n_steps: 5}\n"
+        "deepspeed: {zero_stage: 1}\n"
+        "scaling: {num_workers: 2}\n"
+    )
+    return tmp_path
+
+
+def test_validate_prints_config_or_every_error_without_traceback(config):
+    ok = _ferry("validate", "run.yaml", cwd=config)
+    assert ok.returncode == 0, ok.stderr
+    assert "zero_stage: 1" in ok.stdout and "learning_rate: 0.003" in ok.stdout
+    bad = _ferry("validate", "run.yaml", "--set", "train.learning_rate=-1", "--set", "lora.rnk=2",
+                 "--set", "deepspeed.zero_stage=7", cwd=config)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
+    assert "train.learning_rate=-1: input should be greater than 0" in bad.stderr
+    assert "lora.rnk=2: extra inputs are not permitted" in bad.stderr
+    assert "deepspeed.zero_stage=7: input should be less than or equal to 3" in bad.stderr
+    cols = _ferry("validate", "run.yaml", "--set", "data.text_column=body", cwd=config)
+    assert cols.returncode == 2 and "column 'body' not found (has: label, text)" in cols.stderr
+
+
+@pytest.mark.slow
+def test_train_then_eval_from_the_cli(config):
+    run = _ferry("train", "run.yaml", cwd=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert "[ferry] step 5/" in out and "tok/s" in out and "ETA" in out  # live progress
+    assert "eval/accuracy" in run.stdout  # the before/after summary table
+    final = config / "runs" / "cli" / "final"
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["final"]["eval/accuracy"] >= 0.9
+    ev = _ferry("eval", "run.yaml", "--checkpoint", str(final), cwd=config)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    got = json.loads(ev.stdout[ev.stdout.index("{"):])
+    assert got["eval/loss"] == pytest.approx(metrics["final"]["eval/loss"], rel=1e-3)
+    assert got["eval/accuracy"] == pytest.approx(metrics["final"]["eval/accuracy"])
+    # A Ray checkpoint folder (DeepSpeed ZeRO shards) evaluates the same as the export.
+    ckpt = sorted(p for p in (config / "runs" / "cli").iterdir() if p.name.startswith("checkpoint_step_"))[-1]
+    ev2 = _ferry("eval", "run.yaml", "--checkpoint", str(ckpt), cwd=config)
+    assert ev2.returncode == 0, ev2.stderr[-3000:]
+    got2 = json.loads(ev2.stdout[ev2.stdout.index("{"):])
+    assert got2["eval/loss"] == pytest.approx(metrics["final"]["eval/loss"], rel=1e-3)
+
+
+def test_runtime_error_is_one_message_and_nonzero_exit(config):
+    res = _ferry("train", "run.yaml", "--set", "data.train_files=[missing.jsonl]", cwd=config)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "data.train_files=" in res.stderr and "missing.jsonl: file not found" in res.stderr
