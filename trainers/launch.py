@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +223,12 @@ def merge_adapter(export_dir: str) -> str:
     merged = cls.from_pretrained(local).merge_and_unload()
     out = os.path.join(local, "merged")
     merged.save_pretrained(out, safe_serialization=True)
+    # A complete model folder: the tokenizer and label names travel with the weights.
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(local).save_pretrained(out)
+    if os.path.exists(os.path.join(local, "labels.json")):
+        shutil.copy(os.path.join(local, "labels.json"), out)
     if local != export_dir:
         fs, path = pafs.FileSystem.from_uri(export_dir)
         pafs.copy_files(out, f"{path}/merged", destination_filesystem=fs)

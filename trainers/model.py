@@ -33,7 +33,7 @@ def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None)
 
     m = spec.model
     tok = AutoTokenizer.from_pretrained(
-        m.name_or_path, gguf_file=m.gguf_file, revision=m.revision, trust_remote_code=m.trust_remote_code
+        m.source, gguf_file=m.gguf_file, revision=m.revision, trust_remote_code=m.trust_remote_code
     )
     if tok.pad_token is None:
         # Llama-style tokenizers ship without a pad token; padding positions are masked anyway.
@@ -106,7 +106,7 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
         vocab = len(tokenizer) if tokenizer is not None else m.preset_vocab_size
         return cls(vocab_size=vocab, **_PRESETS[m.preset], **ids, **extra)
     cfg = transformers.AutoConfig.from_pretrained(
-        m.name_or_path, gguf_file=m.gguf_file, revision=m.revision,
+        m.source, gguf_file=m.gguf_file, revision=m.revision,
         trust_remote_code=m.trust_remote_code, **extra,
     )
     if getattr(cfg, "pad_token_id", None) is None and tokenizer is not None:
@@ -134,7 +134,7 @@ def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_conf
         else:
             m = spec.model
             model = cls.from_pretrained(
-                m.name_or_path, config=cfg, gguf_file=m.gguf_file, revision=m.revision,
+                m.source, config=cfg, gguf_file=m.gguf_file, revision=m.revision,
                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
             )
     if spec.method == "lora":
