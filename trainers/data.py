@@ -82,7 +82,6 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     Raises:
         DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
     """
-
     files = {"train": expand_files(spec.data.train_files, "data.train_files")}
     if spec.data.validation_files:
         files["validation"] = expand_files(spec.data.validation_files, "data.validation_files")
@@ -130,7 +129,6 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     tok_dir = f"{partial}/tokenizer"
     _save_tokenizer(tokenizer, fs, tok_dir)
     label_index = {name: i for i, name in enumerate(label_names or [])}
-    task = TASKS[spec.task.type]
     tok_uri = _with_scheme(spec.cache_dir, tok_dir)
     counts = {}
     for split, ds in (("train", train_rows), ("validation", val_rows)):
@@ -153,7 +151,6 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
         out = out.drop_columns(["_overlong"])
         counts[split] = (n, _token_count(out))
         out.write_parquet(_with_scheme(spec.cache_dir, f"{partial}/{split}"))
-    del task
     meta = {
         "tokenizer_path": _with_scheme(spec.cache_dir, f"{final}/tokenizer"),
         "label_names": label_names,

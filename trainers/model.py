@@ -7,7 +7,6 @@ driver before training starts.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -227,6 +226,3 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
 
-
-def hf_offline_hint() -> str:
-    return "" if os.environ.get("HF_HUB_OFFLINE") else " (set HF_HUB_OFFLINE=1 to use only local files)"
