@@ -45,11 +45,18 @@ def connect(address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | No
         log.info("connected to Ray cluster at %s", address)
         return Session(address, embedded=False, dashboard_url=info.dashboard_url)
     num_cpus = max(float(os.cpu_count() or 1), needed_cpus)
+    port = free_port()
+    # Ray Train's placement-group cleaner asks the State API whether the run's controller is
+    # alive. Pointing it at this cluster's own dashboard matters when several Ray instances share
+    # the machine: otherwise it may query another one, find no controller there, and remove the
+    # live run's placement group (seen on Ray 2.60). Set before init: Ray's processes inherit it.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     info = ray.init(
         address="local",  # never join a stale cluster left behind in the temp dir
         num_cpus=int(-(-num_cpus // 1)),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=port,
         _temp_dir=temp_dir,
         logging_level=logging.WARNING,
         configure_logging=True,
@@ -59,6 +66,15 @@ def connect(address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | No
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("started embedded Ray (%d CPUs), dashboard %s", num_cpus, info.dashboard_url)
     return Session(info.address_info["gcs_address"], embedded=True, dashboard_url=info.dashboard_url)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def disconnect(session: Session) -> None:

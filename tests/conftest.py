@@ -55,9 +55,15 @@ def ray_session():
     import ray
     import ray.data
 
+    from cluster.session import free_port
+
     temp_dir = tempfile.mkdtemp(prefix="ferry-ray-", dir="/tmp")
-    ray.init(address="local", num_cpus=6, include_dashboard=False, _temp_dir=temp_dir,
-             logging_level="WARNING")
+    # Own dashboard + State API address: Ray Train's placement-group cleaner must query this
+    # cluster, not another Ray on the machine (see cluster.session.connect).
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, _temp_dir=temp_dir, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

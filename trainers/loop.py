@@ -118,9 +118,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 window_loss, window_n = 0.0, 0
                 _report_with_checkpoint(engine, state, metrics, rank)
                 progress.last = time.perf_counter()
-        if state["micro_in_epoch"] >= micro_per_epoch or state["step"] >= plan["total_steps"]:
-            state["epoch"] += 1
-            state["micro_in_epoch"] = 0
+        # The epoch is over: its micro-batch budget is spent, training is done, or the shard ran
+        # dry (never with Ray's equal split, but a short shard must not replay the epoch forever).
+        state["epoch"] += 1
+        state["micro_in_epoch"] = 0
 
     _export(engine, spec, tokenizer, data, state, rank, config["export_dir"])
 
