@@ -72,6 +72,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
     e.set_defaults(func=cmd_eval)
 
+    tu = sub.add_parser("tune", help="search hyperparameters (the config's tune: block) with Ray Tune")
+    tu.add_argument("config", nargs="?", help="YAML run config with a tune: block")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set tune.num_samples=8")
+    tu.add_argument("--debug", action="store_true", help="show tracebacks")
+    ray_opts(tu)
+    tu.add_argument("--resume", action="store_true",
+                    help="continue the interrupted search of the same tune.name/storage_path")
+    tu.add_argument("--report", metavar="EXPERIMENT_DIR", default=None,
+                    help="only rebuild the report (table, CSV, best.yaml, plots) of a search folder")
+    tu.set_defaults(func=cmd_tune)
+
     from cluster.k8s import register_cli
 
     register_cli(sub)
@@ -129,6 +141,39 @@ def cmd_eval(args) -> int:
         if session.embedded:
             disconnect(session)
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from cluster.session import connect, disconnect
+    from trainers.config import ConfigError, build_spec
+
+    if args.report:
+        from tuning.report import build_report, print_report
+
+        try:
+            print_report(build_report(args.report))
+        except FileNotFoundError as e:
+            raise ConfigError([f"--report={args.report}: {e}"]) from e
+        return 0
+    if not args.config:
+        raise ConfigError(["config=None: `ferry tune` needs a run config with a tune: block (or "
+                           "--report EXPERIMENT_DIR). Pass the YAML file."])
+    from tuning.config import load_search
+    from tuning.search import run_search
+
+    raw, tune_cfg = load_search(args.config, args.overrides)
+    spec = build_spec(dict(raw))
+    _check_inputs_before_starting_ray(spec)
+    s = spec.scaling
+    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus
+                      + tune_cfg.trial_cpus)
+    try:
+        outcome = run_search(raw, tune_cfg, resume=args.resume)
+    finally:
+        if session.embedded:
+            disconnect(session)
+    print(f"search: {outcome.experiment_dir}")
     return 0
 
 

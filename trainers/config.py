@@ -8,6 +8,7 @@ files or the model live beside the code that knows them (`trainers.data.check_da
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -274,8 +275,24 @@ def _join(base: str, *parts: str) -> str:
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunSpec:
     """Read a YAML run config, apply `key.path=value` overrides, validate everything.
 
+    A `tune:` block (read by `ferry tune`) is ignored here, with a warning, so one file serves both.
+
     Raises:
         ConfigError: listing every problem found, one per line.
+    """
+    raw, problems = load_raw(path, overrides)
+    if raw.pop("tune", None) is not None:
+        logging.getLogger("ferry.config").warning(
+            "config has a tune: block; it is ignored here (run `ferry tune` to search)")
+    return build_spec(raw, problems)
+
+
+def load_raw(path: str | os.PathLike | None, overrides: list[str] | None = None
+             ) -> tuple[dict[str, Any], list[str]]:
+    """The config file as a mapping with paths resolved and overrides applied, not yet validated.
+
+    Returns:
+        (mapping, problems found in the overrides).
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -294,7 +311,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     problems: list[str] = []
     for item in overrides or []:
         problems += _apply_override(raw, item)
-    return build_spec(raw, problems)
+    return raw, problems
 
 
 def build_spec(raw: dict[str, Any], problems: list[str] | None = None) -> RunSpec:
@@ -449,15 +466,23 @@ def _apply_override(raw: dict[str, Any], item: str) -> list[str]:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
+    try:
+        set_path(raw, key.strip(), value)
+    except ValueError as e:
+        return [f"{key}={text}: {e}. Override a key inside a section."]
+    return []
+
+
+def set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `raw["a"]["b"]["c"] = value` for dotted="a.b.c", creating sections as needed."""
     node = raw
-    parts = key.strip().split(".")
+    parts = dotted.split(".")
     for part in parts[:-1]:
         nxt = node.setdefault(part, {})
         if not isinstance(nxt, dict):
-            return [f"{key}={text}: {part} is not a section. Override a key inside a section."]
+            raise ValueError(f"{part} is not a section")
         node = nxt
     node[parts[-1]] = value
-    return []
 
 
 # Input files are relative to the config file; outputs (storage_path, cache_dir) to the working

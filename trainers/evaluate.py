@@ -82,7 +82,13 @@ def load_for_eval(spec: RunSpec, tokenizer, data: PreparedData, folder: str):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         model = build_model(spec, tokenizer, data.label_names)
-        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=DS_TAG)
+        full = os.path.join(folder, DS_TAG, "mp_rank_00_model_states.pt")
+        if spec.deepspeed.zero_stage == 0:
+            # Without ZeRO there are no shards to consolidate (zero_to_fp32 fails on them): rank 0
+            # saved the whole module.
+            state = torch.load(full, map_location="cpu", weights_only=False)["module"]
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=DS_TAG)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lora_" in k or spec.method == "full"]:
             raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "

@@ -7,6 +7,7 @@ Every task module provides:
     model_class(transformers) -> the AutoModel class to load
     loss_and_outputs(model, batch) -> (summed loss, weight, predictions or None)
     metrics(sums, preds, labels, label_names) -> dict[str, float]
+    METRICS: the metric keys every evaluation reports
 A new task (summarization, QA) is a new module here plus one line in TASKS.
 """
 

@@ -18,6 +18,8 @@ import pyarrow as pa
 import torch
 
 IGNORE = -100
+# Metric keys every evaluation reports.
+METRICS = ("eval/loss", "eval/perplexity", "eval/tokens")
 
 
 def required_columns(data_cfg) -> list[str]:

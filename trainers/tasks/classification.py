@@ -8,6 +8,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+# Metric keys every evaluation reports (plus eval/f1_<label> per class).
+METRICS = ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1")
+
 
 def required_columns(data_cfg) -> list[str]:
     return [data_cfg.text_column, data_cfg.label_column]

@@ -1,0 +1,302 @@
+"""Hyperparameter search: the overfitting rule on synthetic streams, search-space and resource
+checks, and real Ray Tune searches over real Ray Train + DeepSpeed trials (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import classification_rows, write_jsonl
+
+from trainers.config import ConfigError, build_spec, load_config
+from tuning.config import OverfittingConfig, TuneConfig, check_space, load_search
+from tuning.resources import size_trials
+from tuning.stoppers import DIVERGED, GAP, OVERFITTING, PLATEAU, OverfittingStopper, stop_reason
+
+CFG = OverfittingConfig(grace_period=2, patience=2, min_delta=0.01, plateau_patience=None)
+
+
+def stream(val, train):
+    return [{"eval/loss": v, "train/loss": t, "train/step": 10 * (i + 1)}
+            for i, (v, t) in enumerate(zip(val, train))]
+
+
+def first_stop(history, cfg=CFG):
+    """(evaluation index, reason) of the first stop a trial would get, evaluation by evaluation."""
+    for i in range(1, len(history) + 1):
+        reason = stop_reason(history[:i], cfg)
+        if reason:
+            return i, reason
+    return None
+
+
+# ---- the overfitting rule -------------------------------------------------------------------
+
+def test_overfitting_stream_is_stopped_when_val_rises_while_train_falls():
+    h = stream(val=[1.0, 0.8, 0.7, 0.75, 0.8, 0.9], train=[1.0, 0.7, 0.5, 0.3, 0.2, 0.1])
+    assert first_stop(h) == (5, OVERFITTING)  # two evaluations above the best (0.7) + min_delta
+
+
+def test_improving_stream_is_never_stopped():
+    h = stream(val=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45], train=[1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.35])
+    assert first_stop(h) is None
+
+
+def test_noisy_but_improving_stream_is_not_stopped():
+    # Single upticks (noise) never last `patience` evaluations, and the trend keeps improving.
+    rng = random.Random(0)
+    val = [1.0 - 0.04 * i + (0.03 if i % 3 == 1 else 0.0) for i in range(15)]
+    train = [1.0 - 0.05 * i + rng.uniform(-0.01, 0.01) for i in range(15)]
+    assert first_stop(stream(val, train)) is None
+
+
+def test_rising_val_with_rising_train_is_not_overfitting():
+    # Both losses rise: the run is unstable, not overfitting (ASHA's business, not this rule's).
+    h = stream(val=[1.0, 0.8, 0.7, 0.9, 1.0, 1.1], train=[1.0, 0.7, 0.5, 0.8, 0.9, 1.0])
+    assert first_stop(h) is None
+
+
+def test_nan_or_inf_loss_stops_at_once_as_diverged():
+    h = stream(val=[1.0, 0.9, math.nan], train=[1.0, 0.8, 0.7])
+    assert first_stop(h) == (3, DIVERGED)
+    h = stream(val=[1.0, 0.9], train=[1.0, math.inf])
+    assert first_stop(h) == (2, DIVERGED)
+
+
+def test_grace_period_protects_early_evaluations():
+    h = stream(val=[1.0, 1.2, 1.3], train=[1.0, 0.5, 0.3])
+    assert first_stop(h, CFG.model_copy(update={"grace_period": 3})) is None
+
+
+def test_generalization_gap_and_plateau_rules():
+    gap_cfg = CFG.model_copy(update={"max_gap": 0.5})
+    h = stream(val=[1.0, 0.95, 0.9, 0.9, 0.89], train=[1.0, 0.6, 0.3, 0.3, 0.2])
+    assert first_stop(h, gap_cfg) == (4, GAP)
+    flat_cfg = CFG.model_copy(update={"plateau_patience": 3, "plateau_min_delta": 0.01})
+    h = stream(val=[1.0, 0.8, 0.7, 0.705, 0.702, 0.701, 0.7], train=[1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7])
+    assert first_stop(h, flat_cfg) == (6, PLATEAU)
+
+
+def test_stopper_persists_decisions_and_skips_the_baseline(tmp_path):
+    path = str(tmp_path / "reasons.json")
+    stopper = OverfittingStopper(CFG, path)
+    assert stopper("t1", {"eval/loss": 2.0, "train/step": 0}) is False  # before training: ignored
+    decisions = [stopper("t1", r) for r in stream([1.0, 0.8, 0.7, 0.75, 0.8], [1.0, 0.7, 0.5, 0.3, 0.2])]
+    assert decisions == [False, False, False, False, True]
+    # A restored driver unpickles a stopper without its memory: the file carries it.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(stopper))
+    assert again.reasons() == {"t1": OVERFITTING}
+
+
+# ---- search-space and resource checks ---------------------------------------------------------
+
+def write_search(tmp_path, data_file, tune_block, **sections):
+    raw = {
+        "run": {"name": "s", "storage_path": str(tmp_path / "runs")},
+        "model": {"preset": "tiny-bert"},
+        "task": {"type": "sequence_classification"},
+        "data": {"train_files": [str(data_file)], "max_seq_length": 32},
+        "train": {"learning_rate": 3e-3, "num_epochs": 1, "eval_every_n_steps": 5,
+                  "micro_batch_size_per_worker": 8, "eval_batch_size_per_worker": 32,
+                  "log_every_n_steps": 1000},
+        "deepspeed": {"zero_stage": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "tune": tune_block,
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_bad_search_spaces_name_the_path(tmp_path, data_dir):
+    path = write_search(tmp_path, data_dir / "cls.jsonl", {"space": {
+        "train.learnin_rate": {"loguniform": [1e-5, 1e-3]},
+        "lora.rank": {"choice": []},
+        "lora.alpha": {"uniform": [32, 8]},
+        "train.weight_decay": {"loguniform": [0, 0.1]},
+        "train.warmup_ratio": {"choice": [0.1, 1.5]},
+        "lora": {"choice": [1]},
+    }})
+    raw, tune_cfg = load_search(path)
+    problems = "\n".join(check_space(raw, tune_cfg))
+    assert "tune.space.train.learnin_rate: no key 'learnin_rate' in train" in problems
+    assert "tune.space.lora.rank.choice=[]: needs at least one value" in problems
+    assert "tune.space.lora.alpha.uniform=[32.0, 8.0]: low must be below high" in problems
+    assert "tune.space.train.weight_decay.loguniform=[0.0, 0.1]: low must be > 0" in problems
+    assert "tune.space.train.warmup_ratio=1.5 (choice): train.warmup_ratio=1.5" in problems
+    assert "tune.space.lora: 'lora' is a section, not a value" in problems
+
+
+def test_tune_block_schema_errors(tmp_path, data_dir):
+    path = write_search(tmp_path, data_dir / "cls.jsonl", {
+        "space": {"lora.rank": {"choice": [4], "grid": [8]}}, "schedular": {}})
+    with pytest.raises(ConfigError) as e:
+        load_search(path)
+    text = str(e.value)
+    assert "tune.schedular" in text and "tune.space.lora.rank" in text and "exactly one" in text
+    # The same file still trains: `ferry train` ignores the tune block.
+    assert load_config(path).model.preset == "tiny-bert"
+
+
+def test_resource_sizing(data_dir, tmp_path):
+    spec = build_spec({"model": {"preset": "tiny-bert"}, "task": {"type": "sequence_classification"},
+                       "data": {"train_files": [str(data_dir / "cls.jsonl")]},
+                       "scaling": {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": 1}})
+    tune_cfg = TuneConfig(space={"lora.rank": {"choice": [4]}})
+    assert size_trials(spec, tune_cfg, {"CPU": 8}) == (3, [])  # (8 - 1 data) // 2.01
+    assert size_trials(spec, tune_cfg.model_copy(update={"max_concurrent_trials": 2}), {"CPU": 8})[0] == 2
+    n, problems = size_trials(spec, tune_cfg, {"CPU": 2})
+    assert n == 0 and "scaling.num_workers=2: one trial needs 2.01 CPUs" in problems[0]
+    gpu = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"gpus_per_worker": 1})})
+    assert size_trials(gpu, tune_cfg, {"CPU": 64, "GPU": 5})[0] == 2
+
+
+@pytest.mark.timeout(300)
+def test_rank_beyond_the_model_fails_before_any_trial(tmp_path, data_dir, ray_session):
+    from tuning.search import run_search
+
+    path = write_search(tmp_path, data_dir / "cls.jsonl", {"space": {"lora.rank": {"choice": [4, 4096]}}})
+    raw, tune_cfg = load_search(path)
+    with pytest.raises(ConfigError, match=r"tune.space.lora.rank=4096: lora.rank=4096"):
+        run_search(raw, tune_cfg)
+    exp = tmp_path / "runs" / "s-tune"
+    assert not exp.exists() or not [p for p in os.listdir(exp) if p.startswith("trial-")]
+
+
+# ---- real searches ------------------------------------------------------------------------------
+
+@pytest.mark.timeout(900)
+def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_session):
+    """16 training rows with random labels: a high learning rate memorizes them (training loss
+    falls) while held-out loss rises; a tiny learning rate barely moves either."""
+    rng = random.Random(1)
+    train = [dict(r, label=rng.choice(["pos", "neg"])) for r in classification_rows(16, seed=3)]
+    val = [dict(r, label=rng.choice(["pos", "neg"])) for r in classification_rows(64, seed=4)]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "val.jsonl", val)
+    path = write_search(
+        tmp_path, tmp_path / "train.jsonl",
+        {"space": {"train.learning_rate": {"grid": [3e-3, 1e-7]}}, "num_samples": 1,
+         "scheduler": {"type": "fifo"},
+         "overfitting": {"grace_period": 2, "patience": 2, "min_delta": 0.02, "plateau_patience": None}},
+        method="full",
+        data={"validation_files": [str(tmp_path / "val.jsonl")]},
+        train={"num_epochs": 12, "micro_batch_size_per_worker": 4, "eval_every_n_steps": 4,
+               "lr_schedule": "constant"},
+    )
+    from tuning.search import run_search
+
+    raw, tune_cfg = load_search(path)
+    outcome = run_search(raw, tune_cfg)
+    by_lr = {t["params"]["train.learning_rate"]: t for t in outcome.report.trials}
+    assert by_lr[3e-3]["status"] == OVERFITTING, by_lr[3e-3]
+    assert by_lr[3e-3]["steps_run"] < by_lr[3e-3]["total_steps"]
+    assert by_lr[1e-7]["status"] == "completed", by_lr[1e-7]
+    # The search publishes the overfitting trial's best checkpoint, not its last state.
+    assert outcome.report.best["best_step"] <= by_lr[3e-3]["steps_run"]
+
+
+@pytest.mark.timeout(1200)
+def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
+    """`ferry tune` on its own embedded Ray: ASHA over 4 trials, the driver killed after the first
+    trial ends, `--resume` finishes the same trial set with no trial restarted from scratch; the
+    report, plots and best model come out; --report rebuilds them."""
+    path = write_search(
+        tmp_path, data_dir / "cls.jsonl",
+        {"space": {"train.learning_rate": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}}, "num_samples": 1,
+         "scheduler": {"grace_period": 1, "reduction_factor": 2},
+         "overfitting": {"plateau_patience": None}},
+        method="full",
+        train={"num_epochs": 1, "eval_every_n_steps": 5},
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cluster.cli", "tune", path]
+    exp = tmp_path / "runs" / "s-tune"
+    status_file = exp / "trial_status.json"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own group: killing it kills its Ray
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline and proc.poll() is None:
+                if status_file.exists() and json.loads(status_file.read_text()):
+                    break
+                time.sleep(1)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            finished_before = set(json.loads(status_file.read_text()))
+            time.sleep(7)  # past Tune's experiment-state save interval (5 s)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert len(finished_before) < 4
+
+    out = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((exp / "report" / "summary.json").read_text())
+    trials = {t["trial_id"]: t for t in _csv_rows(exp / "report" / "trials.csv")}
+    assert len(trials) == 4 and summary["totals"]["trials"] == 4
+    assert {float(t["train.learning_rate"]) for t in trials.values()} == {3e-3, 1e-3, 1e-5, 1e-6}
+    for trial_id, t in trials.items():
+        assert int(t["fresh_starts"]) == 1, t  # never trained from scratch twice
+        if trial_id in finished_before:
+            assert int(t["starts"]) == 1, t  # finished trials stay finished
+    assert any(t["status"] == "asha" for t in trials.values()), trials
+    assert summary["totals"]["trial_steps"] < summary["totals"]["grid_steps"]
+    for png in ("val_loss_curves.png", "best_metric_vs_lr.png"):
+        assert (exp / "report" / png).stat().st_size > 10_000
+    # The best model loads with plain peft/transformers, and best.yaml is a runnable run config.
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(exp / "best"))
+    assert model.config.num_labels == 2
+    best_cfg = load_config(str(exp / "report" / "best.yaml"))
+    assert best_cfg.train.learning_rate == float(_csv_rows(exp / "report" / "trials.csv")[0]["train.learning_rate"])
+    os.remove(exp / "report" / "trials.csv")
+    again = subprocess.run([sys.executable, "-m", "cluster.cli", "tune", "--report", str(exp)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and (exp / "report" / "trials.csv").exists(), again.stderr[-2000:]
+
+
+def _csv_rows(path) -> list[dict]:
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_optuna_searcher_draws_from_the_space(tmp_path, data_dir):
+    """TPE gets the same space (dotted paths, log scale) and proposes values inside it."""
+    from ray import tune
+
+    from tuning.search import _param_space, _searcher
+
+    path = write_search(tmp_path, data_dir / "cls.jsonl", {"search_alg": "optuna", "space": {
+        "train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "lora.rank": {"choice": [4, 8]}}})
+    raw, tune_cfg = load_search(path)
+    assert check_space(raw, tune_cfg) == []
+    searcher = _searcher(tune_cfg, concurrency=2)
+    assert searcher.set_search_properties("eval/loss", "min", _param_space(tune_cfg))
+    drawn = [searcher.suggest(f"t{i}") for i in range(2)]
+    assert searcher.suggest("t2") is None  # the concurrency limit holds the third
+    for params in drawn:
+        assert 1e-5 <= params["train.learning_rate"] <= 1e-3 and params["lora.rank"] in (4, 8)
+    assert isinstance(_param_space(tune_cfg)["train.learning_rate"], tune.search.sample.Float)
+    grid = write_search(tmp_path, data_dir / "cls.jsonl", {"search_alg": "optuna", "space": {
+        "lora.rank": {"grid": [4, 8]}}})
+    raw, tune_cfg = load_search(grid)
+    assert "optuna cannot search grid axes" in check_space(raw, tune_cfg)[0]

@@ -1,0 +1,327 @@
+"""Hyperparameter search: validate -> size -> Ray Tune over the spine's distributed training -> report.
+
+`run_search` is the entry point (`ferry tune` calls it with Ray connected). Each trial is a Tune
+function trainable that builds the trial's run config and calls `trainers.launch.train`, which runs
+a Ray Train V2 TorchTrainer; `TuneReportCallback` forwards every evaluation to Tune (the form Train
+V2 supports: `Tuner(TorchTrainer)` is rejected). ASHA compares trials on `tune.metric`; the
+overfitting stopper watches each trial on its own. The search's result is the best *checkpoint*
+of the best trial, exported like a finished run.
+
+Folder of an experiment (`<run.storage_path>/<tune.name>`):
+    <Tune's own trial folders, tuner.pkl, experiment state>
+    runs/trial-<id>/          each trial's Ray Train run (checkpoints, final/)
+    runs/trial-<id>.json      the trial's plan and every start (fresh or resumed)
+    ferry_search.json         the base config and tune block (what --report and --resume read)
+    stop_reasons.json         the stopper's decisions
+    report/                   trials.csv/.parquet, best.yaml, plots (see tuning.report)
+    best/                     the best checkpoint, exported (HF format)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune import Callback
+
+from trainers.config import ConfigError, build_spec
+from tuning.config import (
+    TuneConfig,
+    check_space,
+    experiment_dir,
+    experiment_name,
+    extremes,
+    trial_config,
+)
+from tuning.resources import size_trials
+
+log = logging.getLogger("ferry.tune")
+
+SEARCH_FILE = "ferry_search.json"
+REASONS_FILE = "stop_reasons.json"
+
+
+class SearchFailedError(RuntimeError):
+    """The search ran but produced no usable trial."""
+
+
+@dataclass
+class SearchOutcome:
+    experiment_dir: str
+    report: Any  # tuning.report.Report
+    best_export: str | None
+
+
+def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) -> SearchOutcome:
+    """Search `tune_cfg.space` around the run config `raw` on the connected Ray cluster.
+
+    Args:
+        raw: the run config mapping (paths resolved, overrides applied, no `tune` key).
+        tune_cfg: the validated tune block.
+        resume: continue the interrupted experiment of the same name/storage.
+
+    Raises:
+        ConfigError: bad search space, metric, resources, or experiment-exists conflicts; raised
+            before any trial starts.
+        SearchFailedError: every trial failed.
+    """
+    from ray import tune
+
+    from trainers.data import check_data, load_tokenizer, prepare_dataset
+    from trainers.launch import check_resources, plan_steps
+    from trainers.model import check_lora_fits, load_tokenizer_for
+    from trainers.tasks import TASKS
+    from tuning.report import STATUS_FILE, build_report, print_report
+    from tuning.stoppers import OverfittingStopper
+
+    exp_dir = experiment_dir(raw, tune_cfg)
+    raw = _with_ranking(raw, tune_cfg)
+    problems = check_space(raw, tune_cfg) + _check_experiment(exp_dir, resume)
+    spec = build_spec(copy.deepcopy(raw))
+    task_metrics = TASKS[spec.task.type].METRICS
+    if tune_cfg.metric not in task_metrics and tune_cfg.metric != "train/loss":
+        problems.append(f"tune.metric={tune_cfg.metric}: not reported by task {spec.task.type}. "
+                        f"Use one of {', '.join(task_metrics)}.")
+    problems += check_data(spec) + check_resources(spec)
+    concurrency, sizing_problems = size_trials(spec, tune_cfg)
+    problems += sizing_problems
+    if problems:
+        raise ConfigError(problems)
+
+    # Prepare the data once here: every trial then hits the same cache instead of racing to build it.
+    data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
+    tokenizer = load_tokenizer(data.tokenizer_path)
+    for rank in extremes(tune_cfg, "lora.rank"):
+        trial = build_spec(trial_config(raw, {"lora.rank": rank}))
+        problems += [f"tune.space.lora.rank={rank}: {p}" for p in check_lora_fits(trial, tokenizer, data.label_names)]
+    plan = plan_steps(spec, data)
+    if plan["steps_per_epoch"] == 0:
+        problems.append(f"train.micro_batch_size_per_worker={spec.train.micro_batch_size_per_worker}: "
+                        f"one step needs {spec.global_batch} rows, the data has {data.train_rows}. Lower it.")
+    if problems:
+        raise ConfigError(problems)
+
+    os.makedirs(exp_dir, exist_ok=True)
+    if not resume:
+        with open(os.path.join(exp_dir, SEARCH_FILE), "w") as f:
+            json.dump({"base": raw, "tune": tune_cfg.model_dump(mode="json"), "plan": plan}, f, indent=2)
+    # Tune saves its experiment state every few seconds; a killed driver loses at most this much.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    every = spec.train.eval_every_n_steps
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=raw, settings={
+            "exp_dir": exp_dir, "cache_dir": spec.cache_dir}),
+        {"CPU": tune_cfg.trial_cpus},
+    )
+    stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
+    log.info("search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
+             experiment_name(raw, tune_cfg), _trial_count(tune_cfg), concurrency, plan["total_steps"], every)
+    t0 = time.perf_counter()
+    if resume:
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(tune_cfg),
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(tune_cfg, concurrency),
+                scheduler=_scheduler(tune_cfg, every, plan["total_steps"]),
+                num_samples=tune_cfg.num_samples,
+                max_concurrent_trials=concurrency,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=experiment_name(raw, tune_cfg),
+                storage_path=os.path.dirname(exp_dir),
+                stop=stopper,
+                callbacks=[TrialStatusLog(os.path.join(exp_dir, STATUS_FILE))],
+                # A trial that fails (e.g. diverges) is not retried; --resume retries errored ones.
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+    tuner.fit()
+    log.info("search finished in %.0f s", time.perf_counter() - t0)
+
+    report = build_report(exp_dir)
+    if report.best is None:
+        raise SearchFailedError(f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial "
+                                "errors above or in the trial folders' error.txt.")
+    best_export = _export_best(report, raw, data, exp_dir)
+    if tune_cfg.delete_stopped_checkpoints:
+        _delete_stopped_checkpoints(report, exp_dir)
+    report = build_report(exp_dir)  # record the export in the written report
+    print_report(report)
+    return SearchOutcome(exp_dir, report, best_export)
+
+
+def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str, Any]) -> None:
+    """One trial: the base run config with this trial's values, trained by the spine."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainers.data import prepare_dataset
+    from trainers.launch import has_checkpoint, plan_steps, train
+    from trainers.model import load_tokenizer_for
+
+    trial_id = tune.get_context().get_trial_id()
+    raw = trial_config(base, config)
+    run = raw.setdefault("run", {})
+    # Deterministic per trial: a resumed trial finds its own checkpoints and continues there.
+    run.update(name=f"trial-{trial_id}", storage_path=f"{settings['exp_dir']}/runs", resume="auto")
+    raw.setdefault("data", {})["cache_dir"] = settings["cache_dir"]
+    spec = build_spec(raw)
+    data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))  # a cache hit
+    _record_start(f"{settings['exp_dir']}/runs/trial-{trial_id}.json", config,
+                  plan_steps(spec, data)["total_steps"], resumed=has_checkpoint(spec))
+    train(spec, callbacks=[TuneReportCallback()])
+
+
+class TrialStatusLog(Callback):
+    """Records how each trial ended (terminated by a stop/ASHA/the end, or error) in a JSON file,
+    so the report can tell "stopped early" from "interrupted" after the driver is gone."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._set(trial.trial_id, {"status": "terminated"})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._set(trial.trial_id, {"status": "error"})
+
+    def _set(self, trial_id: str, value: dict) -> None:
+        state = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                state = json.load(f)
+        state[trial_id] = value
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: bool) -> None:
+    record = {"params": params, "total_steps": total_steps, "starts": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+    record["starts"].append({"time": time.time(), "resumed": resumed})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
+def _with_ranking(raw: dict[str, Any], tune_cfg: TuneConfig) -> dict[str, Any]:
+    """Trials keep their best checkpoints by the search metric, so "best checkpoint" means the same
+    thing to the trial and to the search."""
+    raw = copy.deepcopy(raw)
+    train_section = raw.setdefault("train", {})
+    train_section["best_metric"], train_section["best_metric_mode"] = tune_cfg.metric, tune_cfg.mode
+    return raw
+
+
+def _check_experiment(exp_dir: str, resume: bool) -> list[str]:
+    exists = os.path.exists(os.path.join(exp_dir, SEARCH_FILE))
+    if resume and not exists:
+        return [f"--resume: no search at {exp_dir}. Drop --resume, or check tune.name and "
+                "run.storage_path."]
+    if not resume and exists:
+        return [f"tune.name: a search already exists at {exp_dir}. Add --resume to continue it, "
+                "or set a new tune.name."]
+    return []
+
+
+def _param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
+    from ray import tune
+
+    make = {"choice": tune.choice, "grid": tune.grid_search,
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a)}
+    return {path: make[d.kind](list(d.args)) for path, d in tune_cfg.space.items()}
+
+
+def _searcher(tune_cfg: TuneConfig, concurrency: int):
+    if tune_cfg.search_alg == "optuna":
+        try:
+            from ray.tune.search import ConcurrencyLimiter
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as e:  # pragma: no cover - optuna is a dependency
+            raise ConfigError([f"tune.search_alg=optuna: {e}. pip install optuna."]) from e
+        searcher = OptunaSearch(metric=tune_cfg.metric, mode=tune_cfg.mode, seed=tune_cfg.seed)
+        return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # The generator must carry the limit itself: given a random_state, Tune ignores
+    # TuneConfig.max_concurrent_trials (seen on Ray 2.60).
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=tune_cfg.seed)
+
+
+def _scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
+    """ASHA over optimizer steps. The config speaks in evaluations (what a user sees in the logs);
+    steps are what every trial reports, restored trials included, so rungs stay aligned."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = tune_cfg.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    max_t = s.max_t * eval_every if s.max_t else total_steps
+    return ASHAScheduler(
+        time_attr="train/step", metric=tune_cfg.metric, mode=tune_cfg.mode,
+        grace_period=min(s.grace_period * eval_every, max_t), reduction_factor=s.reduction_factor,
+        max_t=max_t,
+    )
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"
+
+
+def _trial_count(tune_cfg: TuneConfig) -> int:
+    grid = math.prod(len(d.args) for d in tune_cfg.space.values() if d.kind == "grid")
+    return grid * tune_cfg.num_samples
+
+
+def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
+    """Export the best trial's best checkpoint to <experiment>/best (HF format)."""
+    from trainers.export import export_checkpoint
+
+    best = report.best
+    if not best.get("best_checkpoint"):
+        log.warning("best trial %s has no checkpoint on disk; nothing exported", best["trial_id"])
+        return None
+    spec = build_spec(trial_config(raw, best["params"]))
+    out = os.path.join(exp_dir, "best")
+    shutil.rmtree(out, ignore_errors=True)
+    export_checkpoint(spec, data, best["best_checkpoint"], out, summary={
+        "search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]})
+    log.info("best trial %s (%s=%.4g at step %s) exported to %s", best["trial_id"],
+             report.metric, best["best_metric"], best["best_step"], out)
+    return out
+
+
+def _delete_stopped_checkpoints(report, exp_dir: str) -> None:
+    """Trials stopped early will never be resumed or published: their checkpoints are dead weight."""
+    freed = 0
+    for row in report.trials:
+        if row["trial_id"] == report.best["trial_id"] or row["status"] in ("completed", "failed"):
+            continue
+        run_dir = os.path.join(exp_dir, "runs", f"trial-{row['trial_id']}")
+        if not os.path.isdir(run_dir):
+            continue
+        for name in os.listdir(run_dir):
+            if name.startswith("checkpoint_"):
+                path = os.path.join(run_dir, name)
+                freed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                shutil.rmtree(path, ignore_errors=True)
+    if freed:
+        log.info("deleted checkpoints of early-stopped trials: %.1f MB freed", freed / 1e6)
