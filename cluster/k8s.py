@@ -107,6 +107,9 @@ def render_manifests(
     raw = spec.model_dump(mode="json")
     if gpus_per_worker is not None:
         raw["scaling"]["gpus_per_worker"] = gpus_per_worker
+    if mount is not None:
+        # Every pod mounts the same ReadWriteMany PVC there; `ferry train` verifies it per node.
+        raw["run"]["storage_shared"] = True
     run_spec = build_spec(raw)  # cross-field rules again (e.g. fp16 needs a GPU)
     for warning in _paths_pods_cannot_see(run_spec, mount):
         log.warning(warning)

@@ -40,6 +40,12 @@ class RunConfig(_Strict):
         description="Where checkpoints, the preprocessing cache and the export go. A local path or a "
         "pyarrow URI (s3://, gs://). Must be shared by all nodes on a multi-node cluster.",
     )
+    storage_shared: bool | None = Field(
+        None,
+        description="Declare that the local run.storage_path (and data.cache_dir, if set) is a mount "
+        "every node shares (NFS, PVC). Required for a local path on a multi-node cluster, where it "
+        "is then verified on each node (seconds); URIs are shared by nature. None = not declared.",
+    )
     seed: int = Field(0, description="Seed for model init, data order and dropout.")
     resume: Literal["auto", "never", "must"] = Field(
         "auto",
@@ -208,7 +214,10 @@ class ScalingConfig(_Strict):
         0, ge=0, description="Worker/node failures tolerated; each resumes from the last checkpoint."
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="How workers are placed across nodes."
+        "PACK",
+        description="How workers are placed across nodes: PACK/SPREAD prefer few/many nodes; "
+        "STRICT_PACK needs one node that holds them all, STRICT_SPREAD one node per worker "
+        "(both checked against the cluster before the run starts).",
     )
 
 

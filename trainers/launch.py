@@ -49,7 +49,7 @@ def train(spec: RunSpec, merge: bool = False, callbacks: list | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    problems = check_data(spec) + check_resources(spec)
+    problems = check_data(spec) + check_resources(spec) + check_storage(spec)
     problems += _check_resume(spec)
     if problems:
         raise ConfigError(problems)
@@ -170,7 +170,140 @@ def check_resources(spec: RunSpec) -> list[str]:
             f"scaling.gpus_per_worker={s.gpus_per_worker}: {s.num_workers} workers need "
             f"{s.num_workers * s.gpus_per_worker:g} GPUs, the cluster has {gpus:g}. Lower it or add GPU nodes."
         )
+    return problems + _check_placement(spec)
+
+
+def _check_placement(spec: RunSpec) -> list[str]:
+    """Worker bundles must fit on nodes the way the placement strategy demands. Ray accepts a
+    placement group that no node layout can satisfy and leaves the run PENDING forever, so the
+    rules are checked here against each alive node's total (not free) resources."""
+    import ray
+
+    s = spec.scaling
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    need = f"{s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else "")
+
+    def holds(res: dict, workers: int) -> bool:
+        return (res.get("CPU", 0.0) + 1e-9 >= workers * s.cpus_per_worker
+                and res.get("GPU", 0.0) + 1e-9 >= workers * s.gpus_per_worker)
+
+    fitting = sum(holds(r, 1) for r in nodes)
+    if fitting == 0:
+        return [f"scaling.cpus_per_worker={s.cpus_per_worker:g}: one worker needs {need} on a single "
+                f"node, and none of the cluster's {len(nodes)} nodes has that. Lower "
+                "scaling.cpus_per_worker/gpus_per_worker or add a larger node."]
+    if s.placement_strategy == "STRICT_SPREAD" and fitting < s.num_workers:
+        return [f"scaling.placement_strategy=STRICT_SPREAD: each of the scaling.num_workers="
+                f"{s.num_workers} workers needs its own node with {need}, and the cluster has "
+                f"{fitting} such node{'s' if fitting > 1 else ''} (of {len(nodes)}), so the run would "
+                f"wait forever. Lower scaling.num_workers to {fitting}, use SPREAD or PACK, or add nodes."]
+    if s.placement_strategy == "STRICT_PACK" and not any(holds(r, s.num_workers) for r in nodes):
+        return [f"scaling.placement_strategy=STRICT_PACK: all scaling.num_workers={s.num_workers} "
+                f"workers must share one node with {s.num_workers} x {need}, and no node of the "
+                f"cluster's {len(nodes)} has that, so the run would wait forever. Use PACK or SPREAD, "
+                "lower num_workers/cpus_per_worker, or add a larger node."]
+    return []
+
+
+def check_storage(spec: RunSpec) -> list[str]:
+    """On a multi-node cluster, run.storage_path (and an explicit data.cache_dir) must be storage
+    every node sees: each rank writes its ZeRO shard there, Ray Data tasks write the cache there,
+    and a resumed run reads both back, wherever its workers land.
+
+    A URI (s3://, gs://, ...) passes. A local path passes only when run.storage_shared=true and a
+    marker file the driver writes there can be read on every alive node (a zero-CPU Ray task per
+    node, so busy nodes still answer). Uses Ray tasks: call on the driver before training starts.
+
+    Returns:
+        Problems in the house format; empty on a single-node cluster.
+    """
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return []
+    paths = [("run.storage_path", spec.run.storage_path)]
+    if spec.data.cache_dir:
+        paths.append(("data.cache_dir", spec.data.cache_dir))
+    local = [(key, path.removeprefix("file://")) for key, path in paths
+             if "://" not in path or path.startswith("file://")]
+    if not local:
+        if spec.run.storage_shared:
+            log.warning("run.storage_shared=true is ignored: run.storage_path=%s is a URI, shared "
+                        "by nature.", spec.run.storage_path)
+        return []
+    if not spec.run.storage_shared:
+        return [f"{key}={path}: the cluster has {len(nodes)} nodes and this path is local to each of "
+                f"them, so workers would write {_WRITES[key]} the others (and a resumed run) cannot "
+                f"see. Set {key} to shared storage (s3://..., gs://..., or an NFS/PVC mount) and, "
+                "for a mounted path, run.storage_shared=true." for key, path in local]
+    return [p for key, path in local for p in _verify_shared(key, path, nodes)]
+
+
+_SHARED_CHECK_TIMEOUT_S = 60.0
+_WRITES = {"run.storage_path": "checkpoints", "data.cache_dir": "preprocessed data"}
+
+
+def _verify_shared(key: str, path: str, nodes: list[dict]) -> list[str]:
+    """Write a marker under `path` here, read it back on every node; name the nodes that cannot."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # Nested, so it travels by value: a node's worker need not import Ferry (and torch) to run it.
+    def read_marker(marker: str) -> str | None:
+        try:
+            with open(marker) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    token = uuid.uuid4().hex
+    marker = os.path.join(os.path.abspath(path), f".ferry-shared-check-{token}")
+    try:
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(token)
+    except OSError as e:
+        return [f"{key}={path}: the driver cannot write there ({e.strerror}). Fix the mount or its "
+                "permissions, or use a bucket URI (s3://..., gs://...)."]
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(read_marker)
+        refs = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(marker): n for n in nodes}
+        done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=_SHARED_CHECK_TIMEOUT_S)
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        blind = []
+        for ref in done:
+            try:
+                seen = ray.get(ref)
+            except ray.exceptions.RayError:
+                seen = None
+            if seen != token:
+                blind.append(_node_name(refs[ref]))
+        silent = [_node_name(refs[ref]) for ref in pending]
+    finally:
+        os.remove(marker)
+    problems = []
+    if blind:
+        problems.append(
+            f"{key}={path}: run.storage_shared=true, but {len(blind)} of the cluster's {len(nodes)} "
+            f"nodes cannot read a file the driver wrote there ({', '.join(blind)}), so their "
+            f"{_WRITES[key]} would be lost to the others. Mount the same shared volume at this path "
+            "on every node, or use a bucket URI (s3://..., gs://...)."
+        )
+    if silent:
+        problems.append(
+            f"{key}={path}: could not verify the path is shared: {', '.join(silent)} did not answer "
+            f"within {_SHARED_CHECK_TIMEOUT_S:g} s. Check that these nodes are healthy, then retry."
+        )
     return problems
+
+
+def _node_name(node: dict) -> str:
+    return f"node {node['NodeID'][:8]} ({node['NodeManagerAddress']})"
 
 
 def _worker_resources(spec: RunSpec) -> dict[str, float]:

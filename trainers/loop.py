@@ -216,14 +216,18 @@ def _train_metrics(state, progress, schedule) -> dict[str, float]:
 
 
 def _report_with_checkpoint(engine, state, metrics, rank) -> None:
-    """Every rank writes its own ZeRO shard and RNG state; Ray merges all ranks' files into one
-    checkpoint folder and commits it only after every rank has uploaded."""
+    """Every rank writes its own ZeRO shard, RNG state and node id; Ray merges all ranks' files
+    into one checkpoint folder and commits it only after every rank has uploaded."""
+    import ray
     import ray.train
 
     state["history"] = state.get("history", []) + [{k: v for k, v in metrics.items() if isinstance(v, (int, float))}]
     with tempfile.TemporaryDirectory(prefix="ferry-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)
         torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+        # Which node wrote this rank's shard: shows where a multi-node run's pieces came from.
+        with open(os.path.join(tmp, f"node_rank{rank}.txt"), "w") as f:
+            f.write(ray.get_runtime_context().get_node_id())
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(state, f)
