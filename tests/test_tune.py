@@ -18,6 +18,7 @@ from conftest import classification_rows, write_jsonl
 
 from trainers.config import ConfigError, build_spec, load_config
 from tuning.config import OverfittingConfig, TuneConfig, check_space, load_search
+from tuning.report import tune_statuses
 from tuning.resources import size_trials
 from tuning.stoppers import DIVERGED, GAP, OVERFITTING, PLATEAU, OverfittingStopper, stop_reason
 
@@ -207,8 +208,12 @@ def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_sessio
     assert by_lr[3e-3]["status"] == OVERFITTING, by_lr[3e-3]
     assert by_lr[3e-3]["steps_run"] < by_lr[3e-3]["total_steps"]
     assert by_lr[1e-7]["status"] == "completed", by_lr[1e-7]
-    # The search publishes the overfitting trial's best checkpoint, not its last state.
-    assert outcome.report.best["best_step"] <= by_lr[3e-3]["steps_run"]
+    # A trial's result is its best evaluation, which for the overfitting one is before its last.
+    assert by_lr[3e-3]["best_step"] < by_lr[3e-3]["steps_run"]
+    best = outcome.report.best
+    assert best["best_checkpoint"].endswith(f"checkpoint_step_{best['best_step']:07d}")
+    exported = json.loads((tmp_path / "runs" / "s-tune" / "best" / "metrics.json").read_text())
+    assert exported["checkpoint"] == best["best_checkpoint"] and exported["steps"] == best["best_step"]
 
 
 @pytest.mark.timeout(1200)
@@ -227,19 +232,27 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cluster.cli", "tune", path]
     exp = tmp_path / "runs" / "s-tune"
-    status_file = exp / "trial_status.json"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # its own group: killing it kills its Ray
         try:
             deadline = time.time() + 600
-            while time.time() < deadline and proc.poll() is None:
-                if status_file.exists() and json.loads(status_file.read_text()):
-                    break
+            finished_before, resumable = set(), set()
+            # Kill once one trial has finished and another has a committed checkpoint.
+            while time.time() < deadline and proc.poll() is None and not (finished_before and resumable):
+                if exp.exists():
+                    finished_before = {t for t, s in tune_statuses(str(exp)).items() if s == "TERMINATED"}
+                resumable = {p.name.removeprefix("trial-") for p in (exp / "runs").glob("trial-*")
+                             if p.is_dir() and p.name.removeprefix("trial-") not in finished_before
+                             and _has_committed_checkpoint(p)}
                 time.sleep(1)
+                if finished_before and resumable:
+                    time.sleep(7)  # past Tune's experiment-state save interval (5 s)
+                    # A trial may have ended meanwhile: it is finished, not resumable.
+                    finished_before = {t for t, s in tune_statuses(str(exp)).items() if s == "TERMINATED"}
+                    resumable -= finished_before
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            finished_before = set(json.loads(status_file.read_text()))
-            time.sleep(7)  # past Tune's experiment-state save interval (5 s)
+            assert finished_before and resumable
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -252,10 +265,13 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     assert len(trials) == 4 and summary["totals"]["trials"] == 4
     assert {float(t["train.learning_rate"]) for t in trials.values()} == {3e-3, 1e-3, 1e-5, 1e-6}
     for trial_id, t in trials.items():
-        assert int(t["fresh_starts"]) == 1, t  # never trained from scratch twice
         if trial_id in finished_before:
             assert int(t["starts"]) == 1, t  # finished trials stay finished
+        if trial_id in resumable:
+            assert (int(t["starts"]), int(t["fresh_starts"])) == (2, 1), t  # continued, not restarted
+        assert int(t["fresh_starts"]) <= 2, t
     assert any(t["status"] == "asha" for t in trials.values()), trials
+    assert not [t for t in trials.values() if t["status"] in ("interrupted", "failed")], trials
     assert summary["totals"]["trial_steps"] < summary["totals"]["grid_steps"]
     for png in ("val_loss_curves.png", "best_metric_vs_lr.png"):
         assert (exp / "report" / png).stat().st_size > 10_000
@@ -270,6 +286,15 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     again = subprocess.run([sys.executable, "-m", "cluster.cli", "tune", "--report", str(exp)],
                            capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and (exp / "report" / "trials.csv").exists(), again.stderr[-2000:]
+
+
+def _has_committed_checkpoint(run_dir) -> bool:
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snap.read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(state.get("checkpoint_results") or state.get("latest_checkpoint_result"))
 
 
 def _csv_rows(path) -> list[dict]:

@@ -18,8 +18,6 @@ import yaml
 
 from tuning.config import trial_config
 
-STATUS_FILE = "trial_status.json"
-
 
 @dataclass
 class Report:
@@ -50,7 +48,7 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
     tune_cfg, base = search["tune"], search["base"]
     metric, mode = tune_cfg["metric"], tune_cfg["mode"]
     reasons = read_state(os.path.join(exp_dir, REASONS_FILE))["reasons"]
-    statuses = _read_json(os.path.join(exp_dir, STATUS_FILE), {})
+    statuses = tune_statuses(exp_dir)
     scaling = base.get("scaling") or {}
     workers, gpus = scaling.get("num_workers", 1), scaling.get("gpus_per_worker", 0.0)
 
@@ -117,10 +115,10 @@ def _trial_row(exp_dir, trial_id, rows, record, metric, mode, reason, status, wo
         state = "completed"
     elif reason:
         state = "failed (diverged)" if reason == diverged else reason
-    elif status and status.get("status") == "error":
+    elif status == "ERROR":
         state = "failed"
-    elif status and status.get("status") == "terminated":
-        state = "asha"
+    elif status == "TERMINATED":
+        state = "asha"  # ended before its last step, not by the stopper: ASHA cut it
     else:
         state = "interrupted"
     ckpt = None
@@ -260,6 +258,23 @@ def _plots(report: Report, out: str, params: list[str]) -> dict[str, str]:
     fig.savefig(files["metric_plot"], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return files
+
+
+def tune_statuses(exp_dir: str) -> dict[str, str]:
+    """Trial id -> Tune's status (PENDING, RUNNING, TERMINATED, ERROR) from Tune's latest saved
+    experiment state, which a restored search continues and rewrites."""
+    states = sorted(f for f in os.listdir(exp_dir) if f.startswith("experiment_state-") and f.endswith(".json"))
+    if not states:
+        return {}
+    # Named by session start time (sortable); a restored search rewrites the older files too,
+    # so their modification times say nothing.
+    latest = states[-1]
+    try:
+        with open(os.path.join(exp_dir, latest)) as f:
+            trial_data = json.load(f)["trial_data"]
+        return {t["trial_id"]: t["status"] for t in (json.loads(row[0]) for row in trial_data)}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return {}  # a state format this code does not know: statuses fall back to "interrupted"
 
 
 def _read_results(path: str) -> list[dict]:

@@ -29,8 +29,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray.tune import Callback
-
 from trainers.config import ConfigError, build_spec
 from tuning.config import (
     TuneConfig,
@@ -75,10 +73,10 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     from ray import tune
 
     from trainers.data import check_data, load_tokenizer, prepare_dataset
-    from trainers.launch import check_resources, plan_steps
+    from trainers.launch import check_resources, check_storage, plan_steps
     from trainers.model import check_lora_fits, load_tokenizer_for
     from trainers.tasks import TASKS
-    from tuning.report import STATUS_FILE, build_report, print_report
+    from tuning.report import build_report, print_report
     from tuning.stoppers import OverfittingStopper
 
     exp_dir = experiment_dir(raw, tune_cfg)
@@ -89,7 +87,7 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     if tune_cfg.metric not in task_metrics and tune_cfg.metric != "train/loss":
         problems.append(f"tune.metric={tune_cfg.metric}: not reported by task {spec.task.type}. "
                         f"Use one of {', '.join(task_metrics)}.")
-    problems += check_data(spec) + check_resources(spec)
+    problems += check_data(spec) + check_resources(spec) + check_storage(spec)
     concurrency, sizing_problems = size_trials(spec, tune_cfg)
     problems += sizing_problems
     if problems:
@@ -142,7 +140,6 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
                 name=experiment_name(raw, tune_cfg),
                 storage_path=os.path.dirname(exp_dir),
                 stop=stopper,
-                callbacks=[TrialStatusLog(os.path.join(exp_dir, STATUS_FILE))],
                 # A trial that fails (e.g. diverges) is not retried; --resume retries errored ones.
                 failure_config=tune.FailureConfig(max_failures=0),
                 verbose=1,
@@ -183,30 +180,6 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str,
     _record_start(f"{settings['exp_dir']}/runs/trial-{trial_id}.json", config,
                   plan_steps(spec, data)["total_steps"], resumed=has_checkpoint(spec))
     train(spec, callbacks=[TuneReportCallback()])
-
-
-class TrialStatusLog(Callback):
-    """Records how each trial ended (terminated by a stop/ASHA/the end, or error) in a JSON file,
-    so the report can tell "stopped early" from "interrupted" after the driver is gone."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._set(trial.trial_id, {"status": "terminated"})
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._set(trial.trial_id, {"status": "error"})
-
-    def _set(self, trial_id: str, value: dict) -> None:
-        state = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                state = json.load(f)
-        state[trial_id] = value
-        with open(self.path + ".tmp", "w") as f:
-            json.dump(state, f)
-        os.replace(self.path + ".tmp", self.path)
 
 
 def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: bool) -> None:
