@@ -125,7 +125,6 @@ def submit_job(
         ConfigError: the config, its data or a flag is wrong (nothing was submitted).
         JobSubmitError / AuthError: the cluster is unreachable or refused the job.
     """
-    client = _client(address, token_file)
     with tempfile.TemporaryDirectory(prefix="ferry-job-") as tmp:
         package = package_job(
             config,
@@ -143,6 +142,7 @@ def submit_job(
             package.staged_bytes / 2**20,
             f"; env: {', '.join(package.env_names)}" if package.env_names else "",
         )
+        client = _client(address, token_file)  # after validation: a bad config fails offline
         # Ray zips and uploads working_dir and py_modules here, so the folder can go afterwards.
         job_id = _call(
             client,
@@ -185,7 +185,10 @@ def package_job(
     if command not in COMMANDS:
         problems.append(f"-- {command}: unknown command. Use one of: {', '.join(COMMANDS)}.")
     env_vars = _read_env(env_names or [], env_file, problems)
-    spec = load_config(config, overrides)  # raises ConfigError with every config problem
+    try:
+        spec = load_config(config, overrides)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
     problems += check_data(spec)
     if problems:
         raise ConfigError(problems)

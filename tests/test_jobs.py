@@ -214,6 +214,25 @@ def test_package_refuses_large_data_and_bad_flags_naming_them(tmp_path, monkeypa
     assert "line 3 is not NAME=value" in text and "secret-ish" not in text
 
 
+def test_submit_takes_command_and_args_after_double_dash(monkeypatch):
+    from cluster.cli import _parser
+
+    args = _parser().parse_args(["submit", "run.yaml", "--follow", "--set", "a.b=1", "--",
+                                 "tune", "--resume", "--set", "x=2"])
+    assert (args.config, args.follow, args.overrides) == ("run.yaml", True, ["a.b=1"])
+    assert args.command_args == ["tune", "--resume", "--set", "x=2"]
+    assert _parser().parse_args(["submit", "run.yaml"]).command_args == []
+    assert jobs.resolve_address("head:8265") == "http://head:8265"
+    for name in ("RAY_JOB_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address, not the Jobs API
+    assert jobs.resolve_address(None) == jobs.DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265/")
+    assert jobs.resolve_address(None) == "http://10.0.0.1:8265"
+    monkeypatch.setenv("RAY_JOB_ADDRESS", "https://jobs.example.com")
+    assert jobs.resolve_address(None) == "https://jobs.example.com"
+
+
 # ------------------------------------------------------------------ the embedded Ray
 
 
@@ -338,13 +357,20 @@ def test_secret_reaches_the_job_and_stop_stops_it(head, tmp_path, monkeypatch):
     job_id = client.submit_job(entrypoint=f"python -c {json.dumps(probe)}",
                                runtime_env=pkg.runtime_env)
     deadline = time.monotonic() + 60
-    while "ferry-from" not in (logs := client.get_job_logs(job_id)):
+    # Lines the probe printed (the log also echoes the entrypoint, which names the same words).
+    while True:
+        lines = (logs := client.get_job_logs(job_id)).splitlines()
+        if any(line.startswith("ferry-from ") for line in lines):
+            break
         assert not client.get_job_status(job_id).is_terminal(), logs
         assert time.monotonic() < deadline, logs
         time.sleep(1)
-    assert f"sha {hashlib.sha256(secret.encode()).hexdigest()}" in logs
-    shipped = logs.split("ferry-from ", 1)[1].split()[0]
-    assert head.temp_dir in shipped and not shipped.startswith(str(REPO))
+    printed = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in logs.splitlines()
+               if line.startswith(("sha ", "ferry-from "))}
+    assert printed["sha"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in logs
+    shipped = printed["ferry-from"]
+    assert shipped.startswith(head.temp_dir) and not shipped.startswith(str(REPO))
 
     stop = _ferry("jobs", "stop", job_id, head=head, cwd=tmp_path)
     assert stop.returncode == 0, stop.stderr
