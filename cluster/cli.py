@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     from cluster.k8s import register_cli
 
     register_cli(sub)
+    from cluster.jobs import register_cli as register_jobs_cli
+
+    register_jobs_cli(sub)
     return p
 
 

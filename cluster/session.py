@@ -1,8 +1,9 @@
 """Where work runs: the embedded local Ray by default, or an existing cluster by address.
 
 `connect` is the entry point. The embedded Ray is sized so that training workers can never hold
-every logical CPU (Ray Data needs some, or its reads wait forever), binds its dashboard to
-127.0.0.1, and keeps its files in its own temp dir.
+every logical CPU (Ray Data needs some, or its reads wait forever), listens on 127.0.0.1 only
+(GCS, raylet, dashboard, agents and workers; tests/test_jobs.py checks every listening socket),
+and keeps its files in its own temp dir.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class Session:
     dashboard_url: str | None
 
 
-def connect(address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | None = None) -> Session:
+def connect(
+    address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | None = None
+) -> Session:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray.
 
     Args:
@@ -51,6 +54,7 @@ def connect(address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | No
     # the machine: otherwise it may query another one, find no controller there, and remove the
     # live run's placement group (seen on Ray 2.60). Set before init: Ray's processes inherit it.
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    _listen_on_loopback_only()
     info = ray.init(
         address="local",  # never join a stale cluster left behind in the temp dir
         num_cpus=int(-(-num_cpus // 1)),
@@ -65,7 +69,34 @@ def connect(address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | No
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     log.info("started embedded Ray (%d CPUs), dashboard %s", num_cpus, info.dashboard_url)
-    return Session(info.address_info["gcs_address"], embedded=True, dashboard_url=info.dashboard_url)
+    return Session(
+        info.address_info["gcs_address"], embedded=True, dashboard_url=info.dashboard_url
+    )
+
+
+def _listen_on_loopback_only() -> None:
+    """Make the embedded Ray bind 127.0.0.1 instead of every interface.
+
+    `dashboard_host` only covers the dashboard: GCS, raylet, agents and workers bind the node IP,
+    and `ray.init(_node_ip_address="127.0.0.1")` is silently replaced by the host's network
+    address (Ray 2.60), leaving them on `::`/0.0.0.0. Ray's "no cluster" mode, meant for laptops,
+    is what makes it pick 127.0.0.1: `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`. Ray reads it into a
+    constant at import, and the CLI has imported Ray by now, so set both: the constant for this
+    process, the variable for the processes Ray starts. Side effect: no other node can join this
+    Ray, which is the point of an embedded one.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    global _cluster_setting_before
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    _cluster_setting_before = (os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER)
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+# What `_listen_on_loopback_only` replaced; `disconnect` puts it back so that a later `connect`
+# to a real cluster in the same process gets a routable node address again.
+_cluster_setting_before: tuple[str | None, bool] | None = None
 
 
 def free_port() -> int:
@@ -81,5 +112,17 @@ def disconnect(session: Session) -> None:
     """Shut down what this process started (never other Ray instances on the machine)."""
     import ray
 
+    global _cluster_setting_before
     if ray.is_initialized():
         ray.shutdown()
+    if session.embedded and _cluster_setting_before is not None:
+        import ray._private.ray_constants as ray_constants
+
+        env_value, constant = _cluster_setting_before
+        name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+        if env_value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = env_value
+        ray_constants.ENABLE_RAY_CLUSTER = constant
+        _cluster_setting_before = None
