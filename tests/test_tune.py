@@ -227,7 +227,9 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
          "scheduler": {"grace_period": 1, "reduction_factor": 2},
          "overfitting": {"plateau_patience": None}},
         method="full",
-        train={"num_epochs": 1, "eval_every_n_steps": 5},
+        train={"max_steps": 20, "eval_every_n_steps": 5},
+        # Three trials at a time on the 2-CPU embedded Ray: (2 - data_cpus 1) // (0.25 + 0.01).
+        scaling={"cpus_per_worker": 0.25},
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cluster.cli", "tune", path]
