@@ -1,4 +1,4 @@
-"""The `ferry` command line: validate, train, eval.
+"""The `ferry` command line: validate, train, eval, predict, analyze.
 
 Every command takes a YAML run config and any number of `--set key.path=value` overrides.
 Errors end in one clear message and a non-zero exit; `--debug` shows the traceback.
@@ -72,6 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
     e.set_defaults(func=cmd_eval)
 
+    pr = sub.add_parser("predict", help="batch prediction with a checkpoint or export over input files")
+    common(pr)
+    ray_opts(pr)
+    pr.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
+    pr.add_argument("--input", dest="inputs", action="append", required=True, metavar="FILE_OR_GLOB",
+                    help="JSONL/CSV/Parquet file(s) with the config's text column; repeatable")
+    pr.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for Parquet")
+    pr.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    pr.add_argument("--max-new-tokens", type=int, default=32,
+                    help="causal_lm: tokens generated per row, greedy (default 32)")
+    pr.add_argument("--num-actors", type=int, default=None,
+                    help="model replicas (default scaling.num_workers)")
+    pr.set_defaults(func=cmd_predict)
+
+    an = sub.add_parser("analyze", help="domain-shift report before training: perplexity, "
+                        "tokenizer fertility/UNK, embedding distance, label balance")
+    common(an)
+    an.add_argument("--source", action="append", default=[], metavar="FILE_OR_GLOB",
+                    help="source-domain text (pretraining-like); default: a built-in English sample")
+    an.add_argument("--output", default=None, metavar="FILE.json",
+                    help="where the JSON report goes (default <storage_path>/<run.name>/domain_shift.json)")
+    an.add_argument("--max-rows", type=int, default=128, help="rows sampled per side (default 128)")
+    an.set_defaults(func=cmd_analyze)
+
     tu = sub.add_parser("tune", help="search hyperparameters (the config's tune: block) with Ray Tune")
     tu.add_argument("config", nargs="?", help="YAML run config with a tune: block")
     tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -144,6 +168,43 @@ def cmd_eval(args) -> int:
         if session.embedded:
             disconnect(session)
     print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cluster.session import connect, disconnect
+    from trainers.config import load_config
+    from trainers.predict import check_predict_inputs, predict_dataset
+
+    spec = load_config(args.config, args.overrides)
+    # Missing files, columns or a non-empty output folder fail before Ray starts.
+    check_predict_inputs(spec, args.checkpoint, args.inputs, args.output, args.batch_size,
+                         args.max_new_tokens)
+    s = spec.scaling
+    actors = args.num_actors or s.num_workers
+    session = connect(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus)
+    try:
+        summary = predict_dataset(spec, args.checkpoint, args.inputs, args.output,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  num_actors=actors)
+    finally:
+        if session.embedded:
+            disconnect(session)
+    print(summary.line())
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    from trainers.analyze import analyze_domain_shift, summarize, write_report
+    from trainers.config import ConfigError, load_config
+
+    spec = load_config(args.config, args.overrides)
+    if args.max_rows < 1:
+        raise ConfigError([f"--max-rows={args.max_rows}: must be >= 1. Use e.g. 128."])
+    report = analyze_domain_shift(spec, args.source or None, max_rows=args.max_rows)
+    path = write_report(report, args.output or f"{spec.run_dir}/domain_shift.json")
+    print("\n".join(summarize(report)))
+    print(f"report: {path}")
     return 0
 
 

@@ -1,0 +1,314 @@
+"""Batch prediction: a trained model over input files -> Parquet files of predictions, on Ray Data.
+
+`predict_dataset` is the entry point (driver side). Stages:
+  check inputs on the driver (checkpoint folder, input files and their columns, empty output folder)
+  -> read: one Ray task per input file with the same parsers as training data, so a bad row is
+     reported with its file and row number (data.on_bad_rows: error fails, skip leaves it out)
+  -> predict: `map_batches` with a callable class on a fixed-size actor pool, so each actor loads
+     the model once (`trainers.evaluate.load_for_eval`) and runs batched forward passes
+  -> write Parquet to the output folder, in input order.
+
+Every output row carries `file` and `row` (1-based line/row in that file), the input's `id` column
+when it has one, the text (and label, if present) columns, and the predictions:
+  sequence_classification: `prediction` (label name), `score` (its probability), `prob_<label>`;
+  causal_lm: `generation` (greedy continuation of the prompt, prompt text excluded).
+Other input columns are not carried: join on `id` or (`file`, `row`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainers.config import ConfigError, RunSpec
+from trainers.data import (
+    DataError,
+    PreparedData,
+    _format_of,
+    _parse_file,
+    _peek_columns,
+    _unwrap_data_errors,
+    expand_files,
+)
+
+log = logging.getLogger("ferry.predict")
+
+ID_COLUMN = "id"
+
+
+@dataclass
+class PredictSummary:
+    """What a prediction run wrote."""
+
+    output_dir: str
+    rows: int
+    input_files: int
+    output_files: int
+    seconds: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        return (f"predicted {self.rows} rows from {self.input_files} file(s) in {self.seconds:.1f}s "
+                f"({self.rows_per_s:.1f} rows/s) -> {self.output_dir} ({self.output_files} Parquet file(s))")
+
+
+def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], output_dir: str, *,
+                    batch_size: int = 16, max_new_tokens: int = 32,
+                    num_actors: int | None = None) -> PredictSummary:
+    """Run `checkpoint` over `input_files` and write predictions as Parquet to `output_dir`.
+
+    Needs a connected Ray (the CLI connects first).
+
+    Args:
+        spec: the run config the checkpoint was trained with (task, columns, max_seq_length).
+        checkpoint: `<run>/final` (HF model or LoRA adapter) or a `checkpoint_step_*` folder.
+        input_files: paths or globs of JSONL/CSV/Parquet files.
+        output_dir: a new or empty local folder.
+        batch_size: rows per forward pass.
+        max_new_tokens: causal_lm: tokens generated per row (greedy).
+        num_actors: model replicas; default scaling.num_workers, each with scaling.cpus_per_worker
+            CPUs and scaling.gpus_per_worker GPUs.
+
+    Raises:
+        ConfigError: bad flags (missing checkpoint, non-empty output folder).
+        DataError: missing input files or columns, bad rows under data.on_bad_rows=error.
+    """
+    import ray.data
+
+    files = check_predict_inputs(spec, checkpoint, input_files, output_dir, batch_size, max_new_tokens)
+    t0 = time.perf_counter()
+    data = _prepared_data_for(spec, checkpoint)
+    labels = _label_names(spec, checkpoint, data)
+    rows = _read_inputs(files, spec)
+    # Outputs keep the input's order (file by file, row by row); a copy of the context keeps the
+    # setting to this dataset.
+    rows.context.execution_options.preserve_order = True
+    actors = num_actors or spec.scaling.num_workers
+    predictions = rows.map_batches(
+        _Predictor,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs={
+            "spec_dict": spec.model_dump(), "checkpoint": os.path.abspath(checkpoint),
+            "data_dict": data.to_dict() if data else None, "label_names": labels,
+            "max_new_tokens": max_new_tokens,
+        },
+        num_cpus=spec.scaling.cpus_per_worker,
+        num_gpus=spec.scaling.gpus_per_worker,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    with _unwrap_data_errors():
+        predictions.write_parquet(os.path.abspath(output_dir))
+    written = sorted(f for f in os.listdir(output_dir) if f.endswith(".parquet"))
+    n = sum(pq.ParquetFile(os.path.join(output_dir, f)).metadata.num_rows for f in written)
+    return PredictSummary(output_dir, n, len(files), len(written), time.perf_counter() - t0)
+
+
+def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str], output_dir: str,
+                         batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
+    """Driver-side checks before Ray starts; returns the expanded input files.
+
+    Raises:
+        ConfigError: every flag problem at once.
+        DataError: an input file or column is missing.
+    """
+    problems = []
+    if not os.path.isdir(checkpoint):
+        problems.append(f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
+                        "checkpoint_step_* folder of the run.")
+    if "://" in output_dir:
+        problems.append(f"--output={output_dir}: must be a local folder. Write locally, then copy.")
+    elif os.path.isdir(output_dir) and os.listdir(output_dir):
+        problems.append(f"--output={output_dir}: folder is not empty (predictions would mix with its "
+                        "files). Choose a new folder or empty this one.")
+    if batch_size < 1:
+        problems.append(f"--batch-size={batch_size}: must be >= 1. Use e.g. 16.")
+    if max_new_tokens < 1:
+        problems.append(f"--max-new-tokens={max_new_tokens}: must be >= 1. Use e.g. 32.")
+    if problems:
+        raise ConfigError(problems)
+    files = expand_files(input_files, "--input")
+    column, key = _text_column(spec)
+    for path in files:
+        cols = _peek_columns(path, _format_of(path, spec.data.format))
+        if cols is not None and column not in cols:
+            raise DataError(
+                f"--input={path}: column '{column}' not found (has: {', '.join(sorted(cols))}). "
+                f"Pass --set {key}=<column> or fix the file."
+            )
+    return files
+
+
+def _text_column(spec: RunSpec) -> tuple[str, str]:
+    """The column the model reads, and its config key: the prompt for instruction-tuned LMs."""
+    if spec.task.type == "causal_lm" and spec.data.prompt_column:
+        return spec.data.prompt_column, "data.prompt_column"
+    return spec.data.text_column, "data.text_column"
+
+
+def _prepared_data_for(spec: RunSpec, checkpoint: str) -> PreparedData | None:
+    """A DeepSpeed checkpoint carries weights only: its tokenizer and labels come from the run's
+    preprocessed data (a cache hit after training). An export carries its own."""
+    from trainers.loop import DS_TAG
+
+    if not os.path.isdir(os.path.join(checkpoint, DS_TAG)):
+        return None
+    from trainers.data import check_data, prepare_dataset
+    from trainers.model import load_tokenizer_for
+
+    problems = check_data(spec)
+    if problems:
+        raise ConfigError(problems)
+    return prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
+
+
+def _label_names(spec: RunSpec, checkpoint: str, data: PreparedData | None) -> list[str] | None:
+    if spec.task.type != "sequence_classification":
+        return None
+    if data is not None:
+        return data.label_names
+    path = os.path.join(checkpoint, "labels.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    # A LoRA adapter's config lacks id2label; its base (presets: final/base) has it.
+    for cfg_dir in (checkpoint, os.path.join(checkpoint, "base")):
+        cfg = os.path.join(cfg_dir, "config.json")
+        if os.path.exists(cfg):
+            with open(cfg) as f:
+                id2label = json.load(f).get("id2label")
+            if id2label:
+                return [id2label[str(i)] for i in range(len(id2label))]
+    raise ConfigError([f"--checkpoint={checkpoint}: no labels.json and no id2label in config.json. "
+                       "Pass a Ferry export (<run>/final) or a checkpoint_step_* folder."])
+
+
+def _read_inputs(files: list[str], spec: RunSpec):
+    import ray.data
+
+    column, _ = _text_column(spec)
+    items = [{"path": p} for p in files]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _read_file_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"column": column, "label_column": spec.data.label_column,
+                   "fmt": spec.data.format, "on_bad_rows": spec.data.on_bad_rows},
+    )
+
+
+def _read_file_batch(batch: pa.Table, column: str, label_column: str, fmt: str,
+                     on_bad_rows: str) -> pa.Table:
+    """One input file -> file, row, [id], text[, label] columns; bad rows fail or are left out."""
+    path = batch.column("path")[0].as_py()
+    wanted = [ID_COLUMN, column, label_column]
+    records, errors = _parse_file(path, _format_of(path, fmt), wanted)
+    keep: list[tuple[int, dict]] = []
+    skipped = 0
+    for i, (rec, err) in enumerate(zip(records, errors), start=1):
+        v = rec.get(column) if rec else None
+        if err is None and (v is None or (isinstance(v, str) and not v.strip())):
+            err = f"missing or empty '{column}'"
+        if err is None:
+            keep.append((i, rec))
+        elif on_bad_rows == "error":
+            raise DataError(f"{path} row {i}: {err}. Fix the row or set data.on_bad_rows=skip "
+                            "(the row is then left out of the predictions).")
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("%s: left out %d bad rows (data.on_bad_rows=skip)", path, skipped)
+    out = {"file": pa.array([path] * len(keep), type=pa.string()),
+           "row": pa.array([i for i, _ in keep], type=pa.int64())}
+    present = set().union(*(r.keys() for _, r in keep)) if keep else set()
+    if ID_COLUMN in present:
+        out[ID_COLUMN] = _as_array([r.get(ID_COLUMN) for _, r in keep])
+    out[column] = pa.array([str(r[column]) for _, r in keep], type=pa.string())
+    if label_column in present and label_column != column:
+        out[label_column] = pa.array([None if r.get(label_column) is None else str(r[label_column])
+                                      for _, r in keep], type=pa.string())
+    return pa.table(out)
+
+
+def _as_array(values: list) -> pa.Array:
+    """Ids keep their type (int or string); a file mixing types gets strings."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+class _Predictor:
+    """One model replica (a Ray Data actor): loads the checkpoint once, predicts batches."""
+
+    def __init__(self, spec_dict: dict[str, Any], checkpoint: str, data_dict: dict | None,
+                 label_names: list[str] | None, max_new_tokens: int):
+        from transformers import AutoTokenizer
+
+        from trainers.data import load_tokenizer
+        from trainers.evaluate import load_for_eval
+
+        self.spec = RunSpec.model_validate(spec_dict)
+        data = PreparedData(**data_dict) if data_dict else None
+        self.tokenizer = (load_tokenizer(data.tokenizer_path) if data
+                          else AutoTokenizer.from_pretrained(checkpoint))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        # `data` is only read for DeepSpeed checkpoints (to rebuild the model); exports load
+        # from their own folder.
+        self.model = load_for_eval(self.spec, self.tokenizer, data, checkpoint)
+        self.column, _ = _text_column(self.spec)
+        self.label_names = label_names
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        texts = batch.column(self.column).to_pylist()
+        with torch.no_grad():
+            if self.spec.task.type == "sequence_classification":
+                return self._classify(batch, texts)
+            return self._generate(batch, texts)
+
+    def _classify(self, batch: pa.Table, texts: list[str]) -> pa.Table:
+        import torch
+
+        enc = self.tokenizer(texts, truncation=True, max_length=self.spec.data.max_seq_length,
+                             padding=True, return_tensors="pt")
+        logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        probs = torch.softmax(logits.float(), dim=-1).numpy()
+        best = probs.argmax(-1)
+        batch = batch.append_column("prediction", pa.array([self.label_names[i] for i in best],
+                                                           type=pa.string()))
+        batch = batch.append_column("score", pa.array(probs.max(-1), type=pa.float64()))
+        for i, name in enumerate(self.label_names):
+            batch = batch.append_column(f"prob_{name}", pa.array(probs[:, i], type=pa.float64()))
+        return batch
+
+    def _generate(self, batch: pa.Table, texts: list[str]) -> pa.Table:
+        tok = self.tokenizer
+        # Left padding and left truncation: every prompt ends where generation starts, and an
+        # over-long prompt keeps its end. No special tokens, as in training (text + EOS).
+        tok.padding_side, tok.truncation_side = "left", "left"
+        enc = tok(texts, truncation=True, max_length=self.spec.data.max_seq_length, padding=True,
+                  add_special_tokens=False, return_tensors="pt")
+        # use_cache=True: presets train with the KV cache off (packing); generation wants it.
+        out = self.model.generate(
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
+            max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id, use_cache=True,
+        )
+        new = out[:, enc["input_ids"].shape[1]:]
+        generations = tok.batch_decode(new, skip_special_tokens=True)
+        return batch.append_column("generation", pa.array(generations, type=pa.string()))
