@@ -216,7 +216,7 @@ def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_sessio
     assert exported["checkpoint"] == best["best_checkpoint"] and exported["steps"] == best["best_step"]
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     """`ferry tune` on its own embedded Ray: ASHA over 4 trials, the driver killed after the first
     trial ends, `--resume` finishes the same trial set with no trial restarted from scratch; the
@@ -227,9 +227,9 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
          "scheduler": {"grace_period": 1, "reduction_factor": 2},
          "overfitting": {"plateau_patience": None}},
         method="full",
-        train={"max_steps": 20, "eval_every_n_steps": 5},
-        # Three trials at a time on the 2-CPU embedded Ray: (2 - data_cpus 1) // (0.25 + 0.01).
-        scaling={"cpus_per_worker": 0.25},
+        # One trial at a time on the 2-CPU embedded Ray ((2 - data_cpus 1) // (0.5 + 0.01)), so
+        # one trial finishes while the next is mid-way: the state the kill must hit.
+        train={"num_epochs": 1, "eval_every_n_steps": 5},
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cluster.cli", "tune", path]
@@ -238,7 +238,7 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # its own group: killing it kills its Ray
         try:
-            deadline = time.time() + 600
+            deadline = time.time() + 900
             finished_before, resumable = set(), set()
             # Kill once one trial has finished and another has a committed checkpoint.
             while time.time() < deadline and proc.poll() is None and not (finished_before and resumable):
@@ -327,3 +327,15 @@ def test_optuna_searcher_draws_from_the_space(tmp_path, data_dir):
         "lora.rank": {"grid": [4, 8]}}})
     raw, tune_cfg = load_search(grid)
     assert "optuna cannot search grid axes" in check_space(raw, tune_cfg)[0]
+
+
+def test_example_search_configs_validate():
+    """Every shipped example with a tune: block has a valid block and search space."""
+    import glob
+
+    paths = glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml"))
+    searches = [p for p in paths if "tune" in (yaml.safe_load(open(p)) or {})]
+    assert searches
+    for path in searches:
+        raw, tune_cfg = load_search(path)
+        assert check_space(raw, tune_cfg) == [], path
