@@ -70,15 +70,17 @@ class SchedulerConfig(_Strict):
 class OverfittingConfig(_Strict):
     enabled: bool = Field(True, description="Stop trials that overfit or plateau.")
     grace_period: int = Field(
-        2, ge=0, description="Evaluations (after training starts) before the stopper may act."
+        3, ge=0, description="Evaluations (after training starts) before the stopper may act."
     )
     patience: int = Field(
         2, ge=1,
         description="Consecutive evaluations with validation loss above its best by more than "
-        "min_delta while training loss stays below its value at that best.",
+        "min_delta while training loss is below its value at that best by more than min_delta.",
     )
     min_delta: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="Validation-loss rise that counts (absolute)."
+        0.01, ge=0, allow_inf_nan=False,
+        description="Loss change that counts (absolute, loss units): smaller moves are noise. "
+        "0 makes the stop fire on any wobble.",
     )
     max_gap: float | None = Field(
         None, gt=0, allow_inf_nan=False,

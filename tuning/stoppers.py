@@ -5,7 +5,8 @@ synthetic streams). `OverfittingStopper` applies it inside Ray Tune and records 
 trial in `<experiment>/stop_reasons.json`, which the report reads and which survives a restore.
 
 Overfitting = validation loss has risen above its best by more than `min_delta` for `patience`
-evaluations in a row while training loss stayed below its value at that best (the model keeps
+evaluations in a row while training loss fell below its value at that best by more than
+`min_delta` (the model keeps
 fitting the training set and gets worse on held-out data). ASHA alone never sees this: it compares
 trials with each other on one number, so an overfitting trial that is still the best survives.
 """
@@ -46,7 +47,10 @@ def stop_reason(history: list[dict[str, float]], cfg: OverfittingConfig) -> str 
     tail = range(len(val) - cfg.patience, len(val))
     if best_i < len(val) - cfg.patience and tail.start > 0:
         rising = all(val[i] > val[best_i] + cfg.min_delta for i in tail)
-        train_falling = _finite(train[best_i]) and all(_finite(train[i]) and train[i] < train[best_i] for i in tail)
+        # Training loss must have really moved down too: early in a run both losses wobble around
+        # their starting value, and that noise is not overfitting.
+        train_falling = _finite(train[best_i]) and all(
+            _finite(train[i]) and train[i] < train[best_i] - cfg.min_delta for i in tail)
         if rising and train_falling:
             return OVERFITTING
     if cfg.max_gap is not None and len(val) >= cfg.patience:
