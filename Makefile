@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench bench-hpo lint clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ test-fast: setup
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/overhead.py
+
+bench-hpo: setup
+	$(PY) bench/hpo_efficiency.py
 
 lint: setup
 	$(VENV)/bin/ruff check cluster trainers tuning tests bench examples

@@ -6,7 +6,8 @@ text set with 15% label noise (so long runs at high learning rates overfit), eve
 same seed. The grid is train.learning_rate x lora.rank.
 
   grid:  FIFO scheduler, overfitting stop off: every trial runs all its steps.
-  asha:  ASHA (grace 1 evaluation, reduction factor 3) + the overfitting/plateau stop.
+  asha:  ASHA (grace --grace evaluations, reduction factor 3) + the overfitting/plateau stop
+         (the tune block's defaults).
 
 Printed: trial-steps consumed by each (and the ratio asha/grid), wall time of each (and the ratio),
 best eval/loss of each, and the regret (asha best - grid best, absolute and relative).
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 
@@ -51,7 +53,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--noise", type=float, default=0.15)
+    ap.add_argument("--grace", type=int, default=4, help="ASHA grace period, in evaluations")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse-grid", action="store_true",
+                    help="take the grid's numbers from <workdir>/runs/bench-grid (a previous run)")
     args = ap.parse_args()
 
     from cluster.session import connect, disconnect
@@ -81,8 +86,20 @@ def main() -> None:
     try:
         for name, scheduler, overfit in (
             ("grid", {"type": "fifo"}, {"enabled": False}),
-            ("asha", {"type": "asha", "grace_period": 1, "reduction_factor": 3}, {"enabled": True}),
+            ("asha", {"type": "asha", "grace_period": args.grace, "reduction_factor": 3}, {"enabled": True}),
         ):
+            exp = os.path.join(work, "runs", f"bench-{name}")
+            if name == "grid" and args.reuse_grid and os.path.isdir(exp):
+                from tuning.report import build_report
+
+                rep = build_report(exp, write=False)
+                results[name] = {"trial_steps": rep.totals["trial_steps"], "grid_steps": rep.totals["grid_steps"],
+                                 "wall_s": float("nan"), "best": rep.best["best_metric"],
+                                 "best_params": rep.best["params"], "by_status": rep.totals["by_status"],
+                                 "worker_s": rep.totals["worker_seconds"], "trials": len(rep.trials)}
+                continue
+            if os.path.isdir(exp):
+                shutil.rmtree(exp)
             tune_cfg = TuneConfig(name=f"bench-{name}", space=space, num_samples=1, scheduler=scheduler,
                                   overfitting=overfit, delete_stopped_checkpoints=True)
             t0 = time.perf_counter()
