@@ -47,9 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("config", help="YAML run config")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.learning_rate=3e-4")
+        add_config_args(sp)
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def ray_opts(sp: argparse.ArgumentParser) -> None:
@@ -97,9 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     an.set_defaults(func=cmd_analyze)
 
     tu = sub.add_parser("tune", help="search hyperparameters (the config's tune: block) with Ray Tune")
-    tu.add_argument("config", nargs="?", help="YAML run config with a tune: block")
-    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set tune.num_samples=8")
+    add_config_args(tu, config_nargs="?")  # optional: `--report DIR` needs no config
     tu.add_argument("--debug", action="store_true", help="show tracebacks")
     ray_opts(tu)
     tu.add_argument("--resume", action="store_true",
@@ -115,6 +111,13 @@ def _parser() -> argparse.ArgumentParser:
 
     register_jobs_cli(sub)
     return p
+
+
+def add_config_args(sp: argparse.ArgumentParser, config_nargs: str | None = None) -> None:
+    """CONFIG and `--set`: every command that reads a run config takes them the same way."""
+    sp.add_argument("config", nargs=config_nargs, help="YAML run config")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.learning_rate=3e-4")
 
 
 def cmd_validate(args) -> int:

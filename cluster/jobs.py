@@ -307,6 +307,8 @@ def resolve_address(address: str | None) -> str:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `ferry submit CONFIG ...` and `ferry jobs list|status|logs|stop` to the command line."""
+    from cluster.cli import add_config_args  # here: cluster.cli imports this module
+
 
     def cluster_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -333,15 +335,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     # argparse cannot put `-- ARGS` after options that follow a positional; split it off first.
     s.__class__ = _ArgsAfterDoubleDash
-    s.add_argument("config", help="YAML run config")
-    s.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set scaling.num_workers=4",
-    )
+    add_config_args(s)
     s.add_argument(
         "--follow",
         action="store_true",

@@ -157,6 +157,8 @@ def dump_manifests(docs: list[dict[str, Any]]) -> str:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `ferry k8s render CONFIG ...` to the `ferry` command line."""
+    from cluster.cli import add_config_args  # here: cluster.cli imports this module
+
     k8s = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a run")
     sub = k8s.add_subparsers(dest="k8s_command", required=True)
     r = sub.add_parser(
@@ -164,15 +166,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         help="print the ConfigMap + RayJob (+ RayCluster) that run CONFIG on KubeRay",
         description="Print Kubernetes YAML for `kubectl apply -f -`. See k8s/README.md.",
     )
-    r.add_argument("config", help="YAML run config")
-    r.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set scaling.num_workers=4",
-    )
+    add_config_args(r)
     r.add_argument(
         "--image",
         default=None,

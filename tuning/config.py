@@ -8,7 +8,6 @@ path, an empty choice or a value the schema rejects fails before any trial start
 from __future__ import annotations
 
 import copy
-import math
 import os
 from typing import Any, Literal
 
@@ -267,6 +266,3 @@ def _format(err: dict) -> str:
     fix = "Remove it (see the tune: keys in the README)." if err["type"] == "extra_forbidden" else "Fix the value."
     return f"{loc}={value}: {msg}. {fix}"
 
-
-def is_finite(x: Any) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)

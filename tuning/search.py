@@ -148,14 +148,14 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     tuner.fit()
     log.info("search finished in %.0f s", time.perf_counter() - t0)
 
-    report = build_report(exp_dir)
+    report = build_report(exp_dir, write=False)  # written below, once the best model exists
     if report.best is None:
         raise SearchFailedError(f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial "
                                 "errors above or in the trial folders' error.txt.")
     best_export = _export_best(report, raw, data, exp_dir)
     if tune_cfg.delete_stopped_checkpoints:
         _delete_stopped_checkpoints(report, exp_dir)
-    report = build_report(exp_dir)  # record the export in the written report
+    report = build_report(exp_dir)
     print_report(report)
     return SearchOutcome(exp_dir, report, best_export)
 
