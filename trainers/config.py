@@ -47,6 +47,11 @@ class RunConfig(_Strict):
         "is then verified on each node (seconds); URIs are shared by nature. None = not declared.",
     )
     seed: int = Field(0, description="Seed for model init, data order and dropout.")
+    stage_baseline: bool = Field(
+        False,
+        description="With stages: also run the last stage from the original model "
+        "(<run.name>-<stage>-baseline), so the report shows the task metric without the earlier stages.",
+    )
     resume: Literal["auto", "never", "must"] = Field(
         "auto",
         description="auto: continue from the run's last committed checkpoint if one exists; "
@@ -63,10 +68,11 @@ class ModelConfig(_Strict):
     gguf_file: str | None = Field(
         None, description="A GGUF file to load (dequantized to torch weights by transformers)."
     )
-    preset: Literal["tiny-llama", "tiny-bert", "small-llama"] | None = Field(
+    preset: Literal["tiny-llama", "tiny-bert", "tiny-t5", "small-llama"] | None = Field(
         None,
         description="Build a small random-init model with a tokenizer trained on the training text "
-        "(no download). tiny-*: ~100k parameters for tests; small-llama: a few million.",
+        "(no download). tiny-*: ~100k parameters for tests (tiny-t5 is an encoder-decoder); "
+        "small-llama: a few million.",
     )
     preset_vocab_size: int = Field(
         512, ge=64, le=65536, description="Vocabulary size of the tokenizer trained for a preset."
@@ -103,8 +109,20 @@ class LoraConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    type: Literal["sequence_classification", "causal_lm"] = Field(
-        ..., description="What the model learns: text -> label, or next-token prediction."
+    type: Literal["sequence_classification", "causal_lm", "masked_lm", "summarization",
+                  "question_answering"] = Field(
+        ...,
+        description="What the model learns: text -> label; next-token prediction; masked-token "
+        "prediction (encoders, domain adaptation); document -> summary; question + context -> answer.",
+    )
+    qa_style: Literal["extractive", "generative"] = Field(
+        "extractive",
+        description="question_answering: extractive = predict the answer span in the context "
+        "(SQuAD; encoder models); generative = write the answer (decoder or encoder-decoder models).",
+    )
+    mlm_probability: float = Field(
+        0.15, gt=0, lt=1, description="masked_lm: share of tokens masked (fixed per row, so "
+        "evaluation is deterministic)."
     )
     labels: list[str] | None = Field(
         None,
@@ -128,6 +146,14 @@ class DataConfig(_Strict):
         None, description="Causal LM: prompt column; loss is taken on the response only."
     )
     response_column: str | None = Field(None, description="Causal LM: response column.")
+    summary_column: str = Field("summary", description="Summarization: target summary column.")
+    question_column: str = Field("question", description="Question answering: question column.")
+    context_column: str = Field("context", description="Question answering: context column.")
+    answers_column: str = Field(
+        "answers",
+        description="Question answering: SQuAD-style answers, {text: [...], answer_start: [...]} "
+        "(a JSON object or its JSON string); the first answer is trained on, all count in EM/F1.",
+    )
     validation_fraction: float = Field(
         0.1, gt=0, lt=1, description="Share of training rows held out when no validation_files."
     )
@@ -184,6 +210,58 @@ class TrainConfig(_Strict):
     log_every_n_steps: int = Field(10, ge=1, description="Progress line every N optimizer steps.")
 
 
+class GenerationConfig(_Strict):
+    """Decoding settings for generative tasks (summarization, generative QA): evaluation and predict."""
+
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per row.")
+    num_beams: int = Field(1, ge=1, description="Beam search width; 1 = greedy (or sampling).")
+    do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep this probability mass.")
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                      description="> 1 discourages repeating tokens.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+
+
+class FeaturesConfig(_Strict):
+    """method=feature_extraction: frozen model -> pooled embeddings (cached) -> a small head."""
+
+    pooling: Literal["mean", "cls", "last_token"] = Field(
+        "mean", description="How token states become one vector: masked mean, first token "
+        "(encoders' [CLS]) or last real token (decoders)."
+    )
+    layer: int = Field(-1, description="Hidden layer to pool: -1 = last, 0 = embeddings, "
+                       "negative counts from the end.")
+    head: Literal["logistic_regression", "mlp"] = Field(
+        "logistic_regression", description="Classifier trained on the features."
+    )
+    mlp_hidden_size: int = Field(256, ge=1, description="MLP head: hidden units.")
+    mlp_epochs: int = Field(50, ge=1, description="MLP head: passes over the features.")
+    regularization_c: float = Field(
+        1.0, gt=0, allow_inf_nan=False,
+        description="Logistic regression: inverse L2 strength (scikit-learn C); smaller = stronger.",
+    )
+    batch_size: int = Field(32, ge=1, description="Rows per embedding forward pass.")
+    num_actors: int = Field(1, ge=1, description="Embedding actors (model loaded once per actor).")
+    distributed_min_rows: int = Field(
+        200_000, ge=1, description="MLP head: at or above this many training rows it trains "
+        "data-parallel with Ray Train (scaling.num_workers); below, in one process."
+    )
+
+
+class StageConfig(_Strict):
+    """One stage of a chained run (e.g. domain adaptation, then the task)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="Stage name; its run is <run.name>-<name>.")
+    set: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Dotted-key overrides applied to the config for this stage "
+        "(e.g. task.type: causal_lm, data.train_files: [...]). A later stage starts from the "
+        "previous stage's exported model.",
+    )
+
+
 class DeepSpeedConfig(_Strict):
     zero_stage: int = Field(
         2, ge=0, le=3, description="ZeRO stage 0-3: 1 shards optimizer state, 2 + gradients, 3 + weights."
@@ -226,13 +304,22 @@ class RunSpec(_Strict):
 
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig
-    method: Literal["full", "lora"] = Field("lora", description="Full fine-tuning or LoRA adapters.")
+    method: Literal["full", "lora", "feature_extraction"] = Field(
+        "lora", description="Full fine-tuning, LoRA adapters, or a frozen model's features + a head."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     task: TaskConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    stages: list[StageConfig] | None = Field(
+        None,
+        description="Run these stages in order as one command (domain adaptation: continued "
+        "pretraining, then the task); each stage's output in <storage_path>/<run.name>-<stage>.",
+    )
 
     @property
     def grad_accum(self) -> int:
@@ -360,11 +447,7 @@ def check_rules(spec: RunSpec) -> list[str]:
             f"model.gguf_file={m.gguf_file}: needs model.name_or_path (the directory or repo holding "
             "the file). Set model.name_or_path to the folder that contains the GGUF file."
         )
-    if m.preset == "tiny-bert" and spec.task.type == "causal_lm":
-        p.append(
-            "model.preset=tiny-bert: an encoder cannot be trained as causal_lm. "
-            "Use preset tiny-llama or small-llama, or task.type=sequence_classification."
-        )
+    p += _check_task_model(spec)
     if ds.offload_params and ds.zero_stage != 3:
         p.append(
             f"deepspeed.offload_params={ds.offload_params}: parameter offload needs ZeRO stage 3 "
@@ -403,6 +486,37 @@ def check_rules(spec: RunSpec) -> list[str]:
         p.append(
             f"train.best_metric={metric}: must be a reported metric such as eval/loss, eval/accuracy "
             "or eval/f1. Use one of those."
+        )
+    return p
+
+
+# Which presets can learn which task (pretrained models are checked when loaded).
+_PRESET_TASKS = {
+    "tiny-bert": {"sequence_classification", "masked_lm", "question_answering:extractive"},
+    "tiny-llama": {"sequence_classification", "causal_lm", "summarization",
+                   "question_answering:generative"},
+    "small-llama": {"sequence_classification", "causal_lm", "summarization",
+                    "question_answering:generative"},
+    "tiny-t5": {"summarization", "question_answering:generative"},
+}
+
+
+def _check_task_model(spec: RunSpec) -> list[str]:
+    task = spec.task.type
+    key = f"{task}:{spec.task.qa_style}" if task == "question_answering" else task
+    p = []
+    preset = spec.model.preset
+    if preset and key not in _PRESET_TASKS[preset]:
+        fits = sorted(n for n, tasks in _PRESET_TASKS.items() if key in tasks)
+        p.append(
+            f"model.preset={preset}: cannot be trained for task.type={task}"
+            + (f" ({spec.task.qa_style})" if task == "question_answering" else "")
+            + f". Use model.preset {' or '.join(fits) or '(none fits)'} or another task."
+        )
+    if spec.method == "feature_extraction" and task != "sequence_classification":
+        p.append(
+            f"method=feature_extraction: trains a classifier head on frozen features, so it needs "
+            f"task.type=sequence_classification (got {task}). Use method full or lora for {task}."
         )
     return p
 
