@@ -126,6 +126,15 @@ def cmd_validate(args) -> int:
     from trainers.model import check_lora_fits, load_tokenizer_for
 
     spec = load_config(args.config, args.overrides)
+    if spec.stages:
+        from trainers.stages import stage_specs
+
+        plan = stage_specs(spec)
+        problems = [f"{label}: {p}" for label, s in plan for p in check_data(s)]
+        if problems:
+            raise ConfigError(problems)
+        print(dump_spec(spec), end="")
+        return 0
     problems = check_data(spec)
     tokenizer = None if spec.model.preset else load_tokenizer_for(spec, None)
     labels = spec.task.labels or (["a", "b"] if spec.task.type == "sequence_classification" else None)
@@ -142,6 +151,8 @@ def cmd_train(args) -> int:
     from trainers.launch import train
 
     spec = load_config(args.config, args.overrides)
+    if spec.stages:
+        return _train_stages(spec, args)
     _check_inputs_before_starting_ray(spec)
     s = spec.scaling
     session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
@@ -153,6 +164,36 @@ def cmd_train(args) -> int:
             disconnect(session)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
     print(f"model: {outcome.export_dir}")
+    return 0
+
+
+def _train_stages(spec, args) -> int:
+    """A config with `stages:`: run them in order (finished ones skipped, an interrupted one resumed)."""
+    from cluster.session import connect, disconnect
+    from trainers.stages import run_stages, stage_specs
+
+    plan = stage_specs(spec)  # every stage's config checked before Ray starts
+    for _, stage_spec in plan:
+        _check_inputs_before_starting_ray(stage_spec)
+    need = max(s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan)
+    session = connect(args.address, needed_cpus=need)
+    t0 = time.perf_counter()
+    try:
+        outcome = run_stages(spec)
+    finally:
+        if session.embedded:
+            disconnect(session)
+    for stage in outcome.stages + ([outcome.baseline] if outcome.baseline else []):
+        print(f"{stage.name}: {stage.task}/{stage.method} {stage.status} in {stage.wall_s:,.0f}s "
+              f"-> {stage.export_dir}")
+    ppl = outcome.summary.get("domain_perplexity")
+    if ppl:
+        print(f"domain perplexity ({ppl['stage']}): {ppl['before']:.2f} before -> {ppl['after']:.2f} after")
+    task = outcome.summary["task_metric"]
+    without = task["without_stages"]
+    print(f"{task['metric']}: {task['with_stages']:.4f} with the earlier stages"
+          + (f", {without:.4f} without" if without is not None else ""))
+    print(f"report: {outcome.report_path} ({time.perf_counter() - t0:,.0f}s)")
     return 0
 
 

@@ -513,6 +513,11 @@ def _check_task_model(spec: RunSpec) -> list[str]:
             + (f" ({spec.task.qa_style})" if task == "question_answering" else "")
             + f". Use model.preset {' or '.join(fits) or '(none fits)'} or another task."
         )
+    if task == "masked_lm" and spec.method == "lora":
+        p.append(
+            "method=lora: masked_lm (continued pretraining of an encoder) trains the full model here, "
+            "so the next stage can load it as a plain checkpoint. Set method=full for this stage."
+        )
     if spec.method == "feature_extraction" and task != "sequence_classification":
         p.append(
             f"method=feature_extraction: trains a classifier head on frozen features, so it needs "
@@ -624,6 +629,13 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if isinstance(sec, dict) and key in sec:
             val = sec[key]
             sec[key] = [fix(x) for x in val] if isinstance(val, list) else fix(val)
+    # Stage overrides name files the same way (`data.train_files: [domain.jsonl]`).
+    for stage in raw.get("stages") or []:
+        overrides = stage.get("set") if isinstance(stage, dict) else None
+        for dotted in [".".join(k) for k in _PATH_KEYS]:
+            if isinstance(overrides, dict) and dotted in overrides:
+                val = overrides[dotted]
+                overrides[dotted] = [fix(x) for x in val] if isinstance(val, list) else fix(val)
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
         candidate = base / model["name_or_path"]

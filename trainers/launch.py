@@ -49,6 +49,10 @@ def train(spec: RunSpec, merge: bool = False, callbacks: list | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if spec.stages:
+        raise ConfigError([f"stages={[s.name for s in spec.stages]}: a staged config runs its stages "
+                           "with `ferry train` (trainers.stages.run_stages), not as one run. Use "
+                           "`ferry train`, or remove stages: to tune/evaluate a single stage."])
     problems = check_data(spec) + check_resources(spec) + check_storage(spec)
     problems += _check_resume(spec)
     if problems:

@@ -11,9 +11,10 @@ Every task module provides:
 A new task (summarization, QA) is a new module here plus one line in TASKS.
 """
 
-from trainers.tasks import causal_lm, classification
+from trainers.tasks import causal_lm, classification, masked_lm
 
 TASKS = {
     "sequence_classification": classification,
     "causal_lm": causal_lm,
+    "masked_lm": masked_lm,
 }

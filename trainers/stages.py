@@ -1,0 +1,218 @@
+"""Chained runs: each stage starts from the previous stage's exported model (domain adaptation).
+
+`run_stages` is the entry point. The main use: stage 1 continues pretraining on unlabeled domain
+text (causal_lm for decoders, masked_lm for encoders), stage 2 fine-tunes on the labeled task
+from stage 1's output. Each stage is an ordinary run named `<run.name>-<stage>`, so its
+checkpoints, export and resume behave exactly like one `ferry train`: rerunning the same command
+skips finished stages (export present, same recorded config) and resumes an interrupted stage
+from its last checkpoint, i.e. at the stage and step where it stopped.
+
+The report (`<storage_path>/<run.name>/stages.json`) holds each stage's metrics before/after,
+the domain perplexity before/after the first language-modelling stage and, with
+`run.stage_baseline`, the task metric of the last stage with and without the earlier stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+
+from trainers.config import ConfigError, RunSpec, build_spec, set_path
+
+log = logging.getLogger("ferry.stages")
+
+_LM_TASKS = ("causal_lm", "masked_lm")
+
+
+@dataclass
+class StageResult:
+    name: str
+    run_name: str
+    task: str
+    method: str
+    status: str  # "ran", "resumed" or "complete" (finished earlier, skipped)
+    export_dir: str
+    before: dict[str, Any] | None
+    final: dict[str, Any]
+    wall_s: float
+
+
+@dataclass
+class StagesOutcome:
+    stages: list[StageResult]
+    baseline: StageResult | None
+    report_path: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_stages(spec: RunSpec, worker_env: dict[str, str] | None = None) -> StagesOutcome:
+    """Run `spec.stages` in order, each from the previous stage's model; write the report.
+
+    Raises:
+        ConfigError: a stage's config, data or resources are wrong (all stages are checked before
+            the first one starts), or a finished stage's recorded config differs from this one.
+        TrainingFailedError: a stage started and failed (rerun to resume it).
+    """
+    from trainers.data import check_data
+    from trainers.launch import check_resources, check_storage
+
+    plan = stage_specs(spec)
+    problems: list[str] = []
+    for label, stage_spec in plan:
+        problems += [f"{label}: {p}" for p in check_data(stage_spec) + _check_finished(stage_spec)]
+    problems += check_resources(plan[0][1]) + check_storage(plan[0][1])
+    if problems:
+        raise ConfigError(problems)
+
+    results = [_run_one(label, s, merge=i < len(plan) - 1, worker_env=worker_env)
+               for i, (label, s) in enumerate(plan) if not label.endswith("(baseline)")]
+    baseline = None
+    if plan[-1][0].endswith("(baseline)"):
+        baseline = _run_one(plan[-1][0], plan[-1][1], merge=False, worker_env=worker_env)
+    return _write_report(spec, results, baseline)
+
+
+def stage_specs(spec: RunSpec) -> list[tuple[str, RunSpec]]:
+    """One validated RunSpec per stage (plus the baseline run when run.stage_baseline), labelled
+    `stages[i] (<name>)`. Raises one ConfigError with every stage's problems."""
+    if not spec.stages:
+        raise ConfigError(["stages=None: this config has no stages. Add a stages: list or run "
+                           "`ferry train` on it as a single run."])
+    names = [s.name for s in spec.stages]
+    problems = [f"stages={names}: stage names must be distinct. Rename one."] if len(set(names)) < len(names) else []
+    base = spec.model_dump(mode="json", exclude={"stages"})
+    out: list[tuple[str, RunSpec]] = []
+    previous: RunSpec | None = None
+    for i, stage in enumerate(spec.stages):
+        label = f"stages[{i}] ({stage.name})"
+        raw = copy.deepcopy(base)
+        for key, value in stage.set.items():
+            if key.split(".")[0] in ("stages", "run") and key not in ("run.seed",):
+                problems.append(f"{label}.set.{key}={value}: stages cannot override run.* or stages. "
+                                "Set it at the top level.")
+                continue
+            set_path(raw, key, value)
+        raw["run"]["name"] = f"{spec.run.name}-{stage.name}"
+        if previous is not None:
+            raw["model"] = {"name_or_path": _model_dir(previous),
+                            "trust_remote_code": spec.model.trust_remote_code}
+        try:
+            stage_spec = build_spec(raw)
+        except ConfigError as e:
+            problems += [f"{label}: {p}" for p in e.problems]
+            previous = None
+            continue
+        if stage_spec.method == "feature_extraction" and i < len(spec.stages) - 1:
+            problems.append(f"{label}.set.method=feature_extraction: a frozen-feature head cannot feed "
+                            "a later stage. Use it in the last stage only.")
+        out.append((label, stage_spec))
+        previous = stage_spec
+    if len(spec.stages) > 1 and out and out[0][1].task.type not in _LM_TASKS:
+        log.info("stage 1 is %s, not continued pretraining: no domain perplexity is reported",
+                 out[0][1].task.type)
+    if problems:
+        raise ConfigError(problems)
+    if spec.run.stage_baseline:
+        last_label, last = out[-1]
+        raw = last.model_dump(mode="json")
+        raw["model"] = base["model"]
+        raw["run"]["name"] = f"{last.run.name}-baseline"
+        out.append((f"{last_label} (baseline)", build_spec(raw)))
+    return out
+
+
+def _model_dir(spec: RunSpec) -> str:
+    """Where a stage's model lands: its export, or the merged model for a LoRA stage (a plain
+    checkpoint the next stage can load, fine-tune fully or adapt again)."""
+    return spec.run_dir + ("/final/merged" if spec.method == "lora" else "/final")
+
+
+def _check_finished(spec: RunSpec) -> list[str]:
+    recorded = _recorded_config(spec)
+    if recorded is None or recorded == spec.model_dump(mode="json"):
+        return []
+    return [f"run.name={spec.run.name}: this stage finished earlier with a different config "
+            f"({spec.run_dir}/final/ferry_run.yaml). Use a new run.name or delete {spec.run_dir}."]
+
+
+def _recorded_config(spec: RunSpec) -> dict[str, Any] | None:
+    """The config a finished stage recorded in its export, or None when it has not finished."""
+    fs, root = pafs.FileSystem.from_uri(_abs(spec.run_dir + "/final"))
+    if fs.get_file_info(f"{root}/metrics.json").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{root}/ferry_run.yaml") as f:
+        return yaml.safe_load(f.read())
+
+
+def _run_one(label: str, spec: RunSpec, merge: bool, worker_env) -> StageResult:
+    from trainers.launch import has_checkpoint, read_export_metrics, train
+
+    export_dir = spec.run_dir + "/final"
+    merge = merge and spec.method == "lora"
+    t0 = time.perf_counter()
+    if _recorded_config(spec) is not None and (not merge or _exists(export_dir + "/merged")):
+        status = "complete"
+        log.info("%s: finished earlier, skipped (%s)", label, export_dir)
+        metrics = read_export_metrics(export_dir)
+    else:
+        status = "resumed" if has_checkpoint(spec) else "ran"
+        log.info("%s: %s %s/%s run %s", label, "resuming" if status == "resumed" else "starting",
+                 spec.task.type, spec.method, spec.run.name)
+        metrics = train(spec, merge=merge, worker_env=worker_env).metrics
+    return StageResult(
+        name=label, run_name=spec.run.name, task=spec.task.type, method=spec.method, status=status,
+        export_dir=export_dir, before=metrics.get("before"), final=metrics.get("final") or {},
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
+
+
+def _write_report(spec: RunSpec, results: list[StageResult], baseline: StageResult | None) -> StagesOutcome:
+    summary: dict[str, Any] = {}
+    first = results[0]
+    if first.task in _LM_TASKS and len(results) > 1:
+        summary["domain_perplexity"] = {
+            "stage": first.name,
+            "before": (first.before or {}).get("eval/perplexity"),
+            "after": first.final.get("eval/perplexity"),
+        }
+    last = results[-1]
+    metric = _task_metric(last)
+    summary["task_metric"] = {
+        "metric": metric,
+        "with_stages": last.final.get(metric),
+        "without_stages": baseline.final.get(metric) if baseline else None,
+    }
+    report_dir = spec.run_dir
+    path = report_dir + "/stages.json"
+    body = {"summary": summary, "stages": [asdict(r) for r in results],
+            "baseline": asdict(baseline) if baseline else None}
+    fs, root = pafs.FileSystem.from_uri(_abs(report_dir))
+    fs.create_dir(root)
+    with fs.open_output_stream(f"{root}/stages.json") as f:
+        f.write(json.dumps(body, indent=2).encode())
+    return StagesOutcome(results, baseline, path, summary)
+
+
+def _task_metric(result: StageResult) -> str:
+    """The headline metric of the last stage: its task's quality metric, else eval/loss."""
+    for key in ("eval/accuracy", "eval/f1", "eval/rougeL", "eval/exact_match", "eval/perplexity"):
+        if key in result.final:
+            return key
+    return "eval/loss"
+
+
+def _exists(path: str) -> bool:
+    fs, p = pafs.FileSystem.from_uri(_abs(path))
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
