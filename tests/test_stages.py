@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
-
 from conftest import classification_rows, write_jsonl
+
 from trainers.config import ConfigError, build_spec, load_config
 from trainers.stages import run_stages, stage_specs
 
