@@ -41,10 +41,11 @@ LOW_SHIFT_FLOOR_RATIO = 2.0
 same data already show; the scale of distances depends on the model)."""
 
 RECOMMENDATIONS = {
-    "domain-adaptation-first": "continue pretraining on unlabeled target text (task.type=causal_lm "
-                               "or masked LM) before fine-tuning for the task",
+    "domain-adaptation-first": "continue pretraining on unlabeled target text before fine-tuning "
+                               "for the task (a stages: list, first stage task.type=causal_lm or "
+                               "masked_lm; see examples/reviews_minilm_domain_adaptation.yaml)",
     "feature-extraction": "keep the base model frozen and train only a classifier on its "
-                          "embeddings (or LoRA with a small rank)",
+                          "embeddings (method: feature_extraction; or LoRA with a small rank)",
     "lora": "fine-tune with LoRA (method: lora)",
 }
 

@@ -137,6 +137,9 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
         problems.append(f"--batch-size={batch_size}: must be >= 1. Use e.g. 16.")
     if max_new_tokens < 1:
         problems.append(f"--max-new-tokens={max_new_tokens}: must be >= 1. Use e.g. 32.")
+    if spec.task.type == "masked_lm":
+        problems.append("task.type=masked_lm: a continued-pretraining model has nothing to predict "
+                        "per row. Predict with the model of the task stage that follows it.")
     if problems:
         raise ConfigError(problems)
     files = expand_files(input_files, "--input")
