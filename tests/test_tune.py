@@ -154,6 +154,17 @@ def test_tune_block_schema_errors(tmp_path, data_dir):
     assert load_config(path).model.preset == "tiny-bert"
 
 
+def test_staged_and_feature_extraction_configs_are_refused(tmp_path, data_dir):
+    space = {"space": {"train.learning_rate": {"choice": [1e-3]}}}
+    staged = write_search(tmp_path, data_dir / "cls.jsonl", space, stages=[
+        {"name": "domain", "set": {"task.type": "masked_lm", "method": "full"}}, {"name": "task"}])
+    with pytest.raises(ConfigError, match=r"stages=\['domain', 'task'\]: `ferry tune` searches one run"):
+        load_search(staged)
+    frozen = write_search(tmp_path, data_dir / "cls.jsonl", space, method="feature_extraction")
+    with pytest.raises(ConfigError, match=r"method=feature_extraction: .* does not search it"):
+        load_search(frozen)
+
+
 def test_resource_sizing(data_dir, tmp_path):
     spec = build_spec({"model": {"preset": "tiny-bert"}, "task": {"type": "sequence_classification"},
                        "data": {"train_files": [str(data_dir / "cls.jsonl")]},

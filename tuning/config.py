@@ -153,7 +153,15 @@ def load_search(path: str, overrides: list[str] | None = None) -> tuple[dict[str
     except ValidationError as e:
         problems += [_format(err) for err in e.errors()]
     try:
-        build_spec(copy.deepcopy(raw))
+        spec = build_spec(copy.deepcopy(raw))
+        # Trials report through Ray Train callbacks; neither of these is one Ray Train run.
+        if spec.stages:
+            problems.append(f"stages={[s.name for s in spec.stages]}: `ferry tune` searches one run. "
+                            "Tune the task stage as its own config (model.name_or_path = the "
+                            "earlier stage's export).")
+        if spec.method == "feature_extraction":
+            problems.append("method=feature_extraction: its head trains in seconds outside Ray "
+                            "Train, so `ferry tune` does not search it. Tune method lora or full.")
     except ConfigError as e:
         problems += e.problems
     if problems:
