@@ -86,8 +86,8 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x)
-        labels[i, : len(x)] = torch.as_tensor(np.asarray(rows["labels"][i]))
+        input_ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(x)] = torch.tensor(np.asarray(rows["labels"][i]))
         mask[i, : len(x)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
