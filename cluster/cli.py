@@ -78,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="JSONL/CSV/Parquet file(s) with the config's text column; repeatable")
     pr.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for Parquet")
     pr.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
-    pr.add_argument("--max-new-tokens", type=int, default=32,
-                    help="causal_lm: tokens generated per row, greedy (default 32)")
+    pr.add_argument("--max-new-tokens", type=int, default=None,
+                    help="tokens generated per row: causal_lm greedy (default 32); summarization "
+                         "and generative QA (default generation.max_new_tokens)")
     pr.add_argument("--num-actors", type=int, default=None,
                     help="model replicas (default scaling.num_workers)")
     pr.set_defaults(func=cmd_predict)

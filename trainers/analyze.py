@@ -275,6 +275,8 @@ def _read_target(spec: RunSpec, max_rows: int) -> tuple[list[str], list[str] | N
     files = expand_files(d.train_files, "data.train_files")
     if spec.task.type == "causal_lm" and d.prompt_column:
         columns = [d.prompt_column, d.response_column]
+    elif spec.task.type == "question_answering":
+        columns = [d.question_column, d.context_column]
     else:
         columns = [d.text_column]
     is_cls = spec.task.type == "sequence_classification"
@@ -357,6 +359,13 @@ def _load_base_model(spec: RunSpec, tokenizer):
     from trainers.model import model_config
 
     cfg = model_config(spec, tokenizer, None)
+    if getattr(cfg, "is_encoder_decoder", False):
+        from trainers.config import ConfigError
+
+        raise ConfigError([
+            f"model={spec.model.preset or spec.model.name_or_path}: ferry analyze reads encoder or "
+            f"decoder models; this {cfg.model_type} model is an encoder-decoder (not supported "
+            "yet). Analyze with a decoder or encoder model of the same domain, or skip analyze."])
     archs = getattr(cfg, "architectures", None) or []
     if spec.task.type == "causal_lm" or spec.model.preset in ("tiny-llama", "small-llama") or any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):

@@ -241,9 +241,13 @@ def _raw_columns(spec: RunSpec) -> dict[str, str]:
     d = spec.data
     if spec.task.type == "causal_lm" and d.prompt_column:
         return {"prompt": d.prompt_column, "response": d.response_column}
+    if spec.task.type == "question_answering":
+        return {"question": d.question_column, "context": d.context_column, "answers": d.answers_column}
     cols = {"text": d.text_column}
     if spec.task.type == "sequence_classification":
         cols["label"] = d.label_column
+    if spec.task.type == "summarization":
+        cols["summary"] = d.summary_column
     return cols
 
 
@@ -296,12 +300,19 @@ def _read_rows(files: dict[str, list[str]], spec: RunSpec):
             "fraction": 0.0 if "validation" in files else spec.data.validation_fraction,
             "seed": spec.data.split_seed,
             "max_rows": spec.data.max_rows,
+            "spec_dict": spec.model_dump(),
         },
     )
 
 
-def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows) -> pa.Table:
-    """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error."""
+def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows,
+                     spec_dict: dict | None = None) -> pa.Table:
+    """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error.
+
+    Nested values (SQuAD `answers` objects) are kept as JSON text; a task's optional
+    `check_row(row, spec)` adds its own rule (e.g. the answer must sit in the context)."""
+    spec = RunSpec.model_validate(spec_dict) if spec_dict else None
+    check_row = getattr(TASKS[spec.task.type], "check_row", None) if spec else None
     path = batch.column("path")[0].as_py()
     split = batch.column("split")[0].as_py()
     records, errors = _parse_file(path, _format_of(path, fmt), list(columns.values()))
@@ -313,13 +324,16 @@ def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows) ->
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
         for canon, col in columns.items():
             v = rec.get(col) if rec else None
-            out[canon].append(None if v is None else str(v))
+            out[canon].append(None if v is None else json.dumps(v) if isinstance(v, (dict, list))
+                              else str(v))
         if err is None:
             for col in columns.values():
                 v = rec.get(col)
                 if v is None or (isinstance(v, str) and not v.strip()):
                     err = f"missing or empty '{col}'"
                     break
+        if err is None and check_row is not None:
+            err = check_row({canon: out[canon][-1] for canon in columns}, spec)
         errors[i - 1] = err
         rows.append(i)
         if split == "train" and fraction and _in_validation(name, i, seed, fraction):
@@ -470,7 +484,8 @@ def _drop_unknown_labels(val_rows, label_names, spec: RunSpec):
 
 
 def _iter_text(ds):
-    cols = [c for c in ("text", "prompt", "response") if c in ds.columns()]
+    cols = [c for c in ("text", "prompt", "response", "summary", "question", "context")
+            if c in ds.columns()]
     for batch in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=1024):
         for c in cols:
             yield from (x for x in batch.column(c).to_pylist() if x)

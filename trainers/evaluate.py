@@ -65,7 +65,7 @@ def _eval_worker(config: dict[str, Any]) -> dict[str, float]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = _my_validation_batches(ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world)
     with torch.no_grad():
-        metrics = _evaluate(model, batches, task, data, world)
+        metrics = _evaluate(model, batches, task, data, world, spec, tokenizer)
     return metrics
 
 
@@ -94,11 +94,18 @@ def load_for_eval(spec: RunSpec, tokenizer, data: PreparedData, folder: str):
             raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         return model.eval()
-    cls = TASKS[spec.task.type].model_class(transformers)
     if os.path.exists(os.path.join(folder, "adapter_config.json")):
+        import json
+
         import peft
 
-        peft_cls = {"sequence_classification": peft.AutoPeftModelForSequenceClassification,
-                    "causal_lm": peft.AutoPeftModelForCausalLM}[spec.task.type]
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            peft_task = json.load(f).get("task_type")
+        peft_cls = {"SEQ_CLS": peft.AutoPeftModelForSequenceClassification,
+                    "CAUSAL_LM": peft.AutoPeftModelForCausalLM,
+                    "SEQ_2_SEQ_LM": peft.AutoPeftModelForSeq2SeqLM,
+                    "QUESTION_ANS": peft.AutoPeftModelForQuestionAnswering}[peft_task]
         return peft_cls.from_pretrained(folder, dtype=torch.float32).eval()
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    cls = TASKS[spec.task.type].model_class(transformers, spec, cfg)
     return cls.from_pretrained(folder, dtype=torch.float32).eval()

@@ -80,7 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
               f"({plan['steps_per_epoch']}/epoch), resuming at step {state['step']}")
 
     if state["step"] == 0 and spec.train.eval_before_training and "before" not in state:
-        state["before"] = _evaluate(engine, val_batches, task, data, world)
+        state["before"] = _evaluate(engine, val_batches, task, data, world, spec, tokenizer)
         ray.train.report({**state["before"], "train/step": 0})
 
     micro_per_epoch = plan["steps_per_epoch"] * spec.grad_accum
@@ -113,7 +113,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _maybe_inject_fault(state["step"], rank, world)
             last = state["step"] == plan["total_steps"]
             if state["step"] % spec.train.eval_every_n_steps == 0 or last:
-                metrics = _evaluate(engine, val_batches, task, data, world)
+                metrics = _evaluate(engine, val_batches, task, data, world, spec, tokenizer)
                 metrics.update(_train_metrics(state, progress, schedule))
                 window_loss, window_n = 0.0, 0
                 _report_with_checkpoint(engine, state, metrics, rank)
@@ -169,11 +169,13 @@ def _my_validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -
 
 
 @torch.no_grad()
-def _evaluate(engine, val_batches: tuple, task, data: PreparedData, world: int):
+def _evaluate(engine, val_batches: tuple, task, data: PreparedData, world: int,
+              spec: RunSpec | None = None, tokenizer=None):
     """Loss and task metrics over the whole validation set: each rank evaluates its batches,
     sums are all-reduced, predictions gathered. Ranks run the same number of forward passes
     (a rank short of a batch repeats one, uncounted) because ZeRO-3 gathers parameters
-    collectively inside forward."""
+    collectively inside forward. Generative tasks (`task.generate`, needs spec and tokenizer)
+    decode every row with the `generation:` settings; a spare batch is decoded too."""
     engine.eval()
     val_batches, spare = val_batches
     rounds = len(val_batches)
@@ -181,15 +183,23 @@ def _evaluate(engine, val_batches: tuple, task, data: PreparedData, world: int):
         n = torch.tensor([rounds])
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         rounds = int(n.item())
+    generate = None
+    if hasattr(task, "generate") and spec is not None:
+        synced = spec.deepspeed.zero_stage == 3 and world > 1
+        generate = lambda b: task.generate(engine, b, tokenizer, spec.generation, synced)  # noqa: E731
     loss_sum, weight, preds, labels = 0.0, 0.0, [], []
     for batch in val_batches:
         ls, w, p = task.loss_and_outputs(engine, batch)
         loss_sum, weight = loss_sum + ls.item(), weight + w.item()
+        generated = generate(batch) if generate else None
+        p = generated if generated is not None else p
         if p is not None:
-            preds += p.tolist()
-            labels += batch["labels"].tolist()
+            preds += p.tolist() if torch.is_tensor(p) else list(p)
+            labels += task.references(batch) if hasattr(task, "references") else batch["labels"].tolist()
     for _ in range(rounds - len(val_batches)):
         task.loss_and_outputs(engine, spare)
+        if generate:
+            generate(spare)
     sums = torch.tensor([loss_sum, weight], dtype=torch.float64)
     gathered: list = [None] * world
     if dist.is_initialized():

@@ -20,6 +20,7 @@ _PRESETS = {
                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
     "tiny-bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=512),
+    "tiny-t5": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
 }
 
 
@@ -37,7 +38,8 @@ def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None)
     if tok.pad_token is None:
         # Llama-style tokenizers ship without a pad token; padding positions are masked anyway.
         tok.pad_token = tok.eos_token
-    if tok.eos_token_id is None and spec.task.type == "causal_lm":
+    if tok.eos_token_id is None and spec.task.type in ("causal_lm", "summarization",
+                                                        "question_answering"):
         tok.eos_token = tok.sep_token or tok.pad_token
     return tok
 
@@ -62,7 +64,8 @@ def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
         tok.decoder = decoders.WordPiece()
         tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            # Second segment (QA context) gets token type 1, as in BERT's pretraining.
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
         )
         return PreTrainedTokenizerFast(
@@ -93,13 +96,17 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
         extra = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                      label2id={n: i for i, n in enumerate(label_names)})
     if m.preset:
-        cls = transformers.BertConfig if m.preset == "tiny-bert" else transformers.LlamaConfig
+        cls = {"tiny-bert": transformers.BertConfig,
+               "tiny-t5": transformers.T5Config}.get(m.preset, transformers.LlamaConfig)
         ids: dict = {}
         if tokenizer is not None:  # None when only layer shapes are needed (validate)
             ids["pad_token_id"] = tokenizer.pad_token_id
             if m.preset != "tiny-bert":
                 ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        if m.preset != "tiny-bert":
+            if m.preset == "tiny-t5":
+                # T5 starts decoding from the pad token.
+                ids["decoder_start_token_id"] = tokenizer.pad_token_id
+        if m.preset not in ("tiny-bert", "tiny-t5"):
             # No KV cache in training; with one, transformers skips packed-sequence masking.
             ids.update(tie_word_embeddings=True, use_cache=False)
         vocab = len(tokenizer) if tokenizer is not None else m.preset_vocab_size
@@ -125,8 +132,8 @@ def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_conf
     from trainers.tasks import TASKS
 
     torch.manual_seed(spec.run.seed)
-    cls = TASKS[spec.task.type].model_class(transformers)
     cfg = model_config(spec, tokenizer, label_names)
+    cls = TASKS[spec.task.type].model_class(transformers, spec, cfg)
     with _zero3_context(ds_config, cfg):
         if spec.model.preset:
             model = cls.from_config(cfg)
@@ -173,13 +180,23 @@ def lora_targets(spec: RunSpec, model_type: str) -> list[str] | str:
 def apply_lora(model, spec: RunSpec):
     import peft
 
-    task_type = "SEQ_CLS" if spec.task.type == "sequence_classification" else "CAUSAL_LM"
+    task_type = peft_task_type(spec, model.config)
     cfg = peft.LoraConfig(
         r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
         target_modules=lora_targets(spec, model.config.model_type), task_type=task_type,
     )
-    # SEQ_CLS makes PEFT train and save the classification head (modules_to_save) with the adapter.
+    # SEQ_CLS (QUESTION_ANS) makes PEFT train and save the classification (span) head
+    # (modules_to_save) with the adapter.
     return peft.get_peft_model(model, cfg)
+
+
+def peft_task_type(spec: RunSpec, config) -> str:
+    """PEFT's task type for the run: it picks the PeftModel class and which heads are trained."""
+    if spec.task.type == "sequence_classification":
+        return "SEQ_CLS"
+    if spec.task.type == "question_answering" and spec.task.qa_style == "extractive":
+        return "QUESTION_ANS"
+    return "SEQ_2_SEQ_LM" if getattr(config, "is_encoder_decoder", False) else "CAUSAL_LM"
 
 
 def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> list[str]:
@@ -195,11 +212,12 @@ def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> 
 
     cfg = model_config(spec, tokenizer, label_names)
     with torch.device("meta"):
-        model = TASKS[spec.task.type].model_class(transformers).from_config(cfg)
+        model = TASKS[spec.task.type].model_class(transformers, spec, cfg).from_config(cfg)
     targets = lora_targets(spec, cfg.model_type)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if targets == "all-linear":
-        chosen = {n: m for n, m in linears.items() if not n.endswith(("lm_head", "score", "classifier"))}
+        heads = ("lm_head", "score", "classifier", "qa_outputs")
+        chosen = {n: m for n, m in linears.items() if not n.endswith(heads)}
     else:
         chosen = {n: m for n, m in linears.items() if n.split(".")[-1] in targets}
     if not chosen:

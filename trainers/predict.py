@@ -11,7 +11,10 @@
 Every output row carries `file` and `row` (1-based line/row in that file), the input's `id` column
 when it has one, the text (and label, if present) columns, and the predictions:
   sequence_classification: `prediction` (label name), `score` (its probability), `prob_<label>`;
-  causal_lm: `generation` (greedy continuation of the prompt, prompt text excluded).
+  causal_lm: `generation` (greedy continuation of the prompt, prompt text excluded);
+  summarization: `prediction` (the generated summary, `generation:` settings);
+  question_answering: `prediction` (the answer), and `answer_start` (its character offset in the
+    context, -1 if none) for the extractive style.
 Other input columns are not carried: join on `id` or (`file`, `row`).
 """
 
@@ -64,7 +67,7 @@ class PredictSummary:
 
 
 def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], output_dir: str, *,
-                    batch_size: int = 16, max_new_tokens: int = 32,
+                    batch_size: int = 16, max_new_tokens: int | None = None,
                     num_actors: int | None = None) -> PredictSummary:
     """Run `checkpoint` over `input_files` and write predictions as Parquet to `output_dir`.
 
@@ -76,7 +79,8 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
         input_files: paths or globs of JSONL/CSV/Parquet files.
         output_dir: a new or empty local folder.
         batch_size: rows per forward pass.
-        max_new_tokens: causal_lm: tokens generated per row (greedy).
+        max_new_tokens: tokens generated per row: causal_lm (greedy; None = 32), summarization
+            and generative QA (None = generation.max_new_tokens).
         num_actors: model replicas; default scaling.num_workers, each with scaling.cpus_per_worker
             CPUs and scaling.gpus_per_worker GPUs.
 
@@ -117,7 +121,7 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
 
 
 def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str], output_dir: str,
-                         batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
+                         batch_size: int = 16, max_new_tokens: int | None = None) -> list[str]:
     """Driver-side checks before Ray starts; returns the expanded input files.
 
     Raises:
@@ -135,7 +139,7 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
                         "files). Choose a new folder or empty this one.")
     if batch_size < 1:
         problems.append(f"--batch-size={batch_size}: must be >= 1. Use e.g. 16.")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         problems.append(f"--max-new-tokens={max_new_tokens}: must be >= 1. Use e.g. 32.")
     if spec.task.type == "masked_lm":
         problems.append("task.type=masked_lm: a continued-pretraining model has nothing to predict "
@@ -143,14 +147,14 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
     if problems:
         raise ConfigError(problems)
     files = expand_files(input_files, "--input")
-    column, key = _text_column(spec)
     for path in files:
         cols = _peek_columns(path, _format_of(path, spec.data.format))
-        if cols is not None and column not in cols:
-            raise DataError(
-                f"--input={path}: column '{column}' not found (has: {', '.join(sorted(cols))}). "
-                f"Pass --set {key}=<column> or fix the file."
-            )
+        for column, key in _input_columns(spec).values():
+            if cols is not None and column not in cols:
+                raise DataError(
+                    f"--input={path}: column '{column}' not found (has: {', '.join(sorted(cols))}). "
+                    f"Pass --set {key}=<column> or fix the file."
+                )
     return files
 
 
@@ -158,7 +162,17 @@ def _text_column(spec: RunSpec) -> tuple[str, str]:
     """The column the model reads, and its config key: the prompt for instruction-tuned LMs."""
     if spec.task.type == "causal_lm" and spec.data.prompt_column:
         return spec.data.prompt_column, "data.prompt_column"
+    if spec.task.type == "question_answering":
+        return spec.data.context_column, "data.context_column"
     return spec.data.text_column, "data.text_column"
+
+
+def _input_columns(spec: RunSpec) -> dict[str, tuple[str, str]]:
+    """Canonical name -> (the input's column, its config key) for every column the model reads."""
+    if spec.task.type == "question_answering":
+        return {"question": (spec.data.question_column, "data.question_column"),
+                "context": (spec.data.context_column, "data.context_column")}
+    return {"text": _text_column(spec)}
 
 
 def _prepared_data_for(spec: RunSpec, checkpoint: str) -> PreparedData | None:
@@ -201,29 +215,30 @@ def _label_names(spec: RunSpec, checkpoint: str, data: PreparedData | None) -> l
 def _read_inputs(files: list[str], spec: RunSpec):
     import ray.data
 
-    column, _ = _text_column(spec)
+    columns = [c for c, _ in _input_columns(spec).values()]
     items = [{"path": p} for p in files]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_file_batch,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"column": column, "label_column": spec.data.label_column,
+        fn_kwargs={"columns": columns, "label_column": spec.data.label_column,
                    "fmt": spec.data.format, "on_bad_rows": spec.data.on_bad_rows},
     )
 
 
-def _read_file_batch(batch: pa.Table, column: str, label_column: str, fmt: str,
+def _read_file_batch(batch: pa.Table, columns: list[str], label_column: str, fmt: str,
                      on_bad_rows: str) -> pa.Table:
-    """One input file -> file, row, [id], text[, label] columns; bad rows fail or are left out."""
+    """One input file -> file, row, [id], text columns[, label]; bad rows fail or are left out."""
     path = batch.column("path")[0].as_py()
-    wanted = [ID_COLUMN, column, label_column]
+    wanted = [ID_COLUMN, *columns, label_column]
     records, errors = _parse_file(path, _format_of(path, fmt), wanted)
     keep: list[tuple[int, dict]] = []
     skipped = 0
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
-        v = rec.get(column) if rec else None
-        if err is None and (v is None or (isinstance(v, str) and not v.strip())):
-            err = f"missing or empty '{column}'"
+        for column in columns:
+            v = rec.get(column) if rec else None
+            if err is None and (v is None or (isinstance(v, str) and not v.strip())):
+                err = f"missing or empty '{column}'"
         if err is None:
             keep.append((i, rec))
         elif on_bad_rows == "error":
@@ -238,8 +253,9 @@ def _read_file_batch(batch: pa.Table, column: str, label_column: str, fmt: str,
     present = set().union(*(r.keys() for _, r in keep)) if keep else set()
     if ID_COLUMN in present:
         out[ID_COLUMN] = _as_array([r.get(ID_COLUMN) for _, r in keep])
-    out[column] = pa.array([str(r[column]) for _, r in keep], type=pa.string())
-    if label_column in present and label_column != column:
+    for column in columns:
+        out[column] = pa.array([str(r[column]) for _, r in keep], type=pa.string())
+    if label_column in present and label_column not in columns:
         out[label_column] = pa.array([None if r.get(label_column) is None else str(r[label_column])
                                       for _, r in keep], type=pa.string())
     return pa.table(out)
@@ -257,7 +273,7 @@ class _Predictor:
     """One model replica (a Ray Data actor): loads the checkpoint once, predicts batches."""
 
     def __init__(self, spec_dict: dict[str, Any], checkpoint: str, data_dict: dict | None,
-                 label_names: list[str] | None, max_new_tokens: int):
+                 label_names: list[str] | None, max_new_tokens: int | None):
         from transformers import AutoTokenizer
 
         from trainers.data import load_tokenizer
@@ -279,8 +295,18 @@ class _Predictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        from trainers.tasks import TASKS
+
+        task = TASKS[self.spec.task.type]
         texts = batch.column(self.column).to_pylist()
         with torch.no_grad():
+            if hasattr(task, "predict"):
+                inputs = {canon: batch.column(col).to_pylist()
+                          for canon, (col, _) in _input_columns(self.spec).items()}
+                for name, values in task.predict(self.model, self.tokenizer, inputs, self.spec,
+                                                 self.max_new_tokens).items():
+                    batch = batch.append_column(name, pa.array(values))
+                return batch
             if self.spec.task.type == "sequence_classification":
                 return self._classify(batch, texts)
             return self._generate(batch, texts)
@@ -310,7 +336,7 @@ class _Predictor:
         # use_cache=True: presets train with the KV cache off (packing); generation wants it.
         out = self.model.generate(
             input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
-            max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id, use_cache=True,
+            max_new_tokens=self.max_new_tokens or 32, pad_token_id=tok.pad_token_id, use_cache=True,
         )
         new = out[:, enc["input_ids"].shape[1]:]
         generations = tok.batch_decode(new, skip_special_tokens=True)

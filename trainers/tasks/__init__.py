@@ -4,17 +4,27 @@ Every task module provides:
     required_columns(data_cfg) -> list[str]       raw columns a row must have
     tokenize(table, tokenizer, spec, label_index) -> (pa.Table, n_overlong)
     collate(rows, pad_id) -> dict[str, torch.Tensor]
-    model_class(transformers) -> the AutoModel class to load
+    model_class(transformers, spec, config) -> the AutoModel class to load (config: the model's
+        transformers config; summarization picks seq2seq or causal LM from it)
     loss_and_outputs(model, batch) -> (summed loss, weight, predictions or None)
-    metrics(sums, preds, labels, label_names) -> dict[str, float]
+    metrics(loss_sum, weight, preds, labels, label_names) -> dict[str, float]
     METRICS: the metric keys every evaluation reports
-A new task (summarization, QA) is a new module here plus one line in TASKS.
+and optionally:
+    check_row(row, spec) -> bad-row reason or None     a task rule on raw rows (QA answers)
+    references(batch) -> list                         the `labels` metrics get (default: labels)
+    generate(model, batch, tokenizer, gen_cfg, synced) -> list[str] | None
+        evaluation predictions by decoding (summarization, generative QA)
+    predict(model, tokenizer, inputs, spec, max_new_tokens) -> dict[str, list]
+        batch prediction's output columns (else trainers.predict's own classify/generate)
+A new task is a new module here plus one line in TASKS.
 """
 
-from trainers.tasks import causal_lm, classification, masked_lm
+from trainers.tasks import causal_lm, classification, masked_lm, question_answering, summarization
 
 TASKS = {
     "sequence_classification": classification,
     "causal_lm": causal_lm,
     "masked_lm": masked_lm,
+    "summarization": summarization,
+    "question_answering": question_answering,
 }

@@ -120,7 +120,7 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
-def model_class(transformers):
+def model_class(transformers, spec=None, config=None):
     return transformers.AutoModelForCausalLM
 
 

@@ -63,7 +63,7 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def model_class(transformers):
+def model_class(transformers, spec=None, config=None):
     return transformers.AutoModelForSequenceClassification
 
 

@@ -92,7 +92,7 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def model_class(transformers):
+def model_class(transformers, spec=None, config=None):
     return transformers.AutoModelForMaskedLM
 
 
