@@ -29,12 +29,13 @@ def summary_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def qa_rows(n: int, seed: int = 0) -> list[dict]:
-    """The answer is the word after the cue 'key is', somewhere in the context."""
+    """The answer is the word after the cue 'key is', one or two words into the context (a tiny
+    random-init encoder learns that in a few dozen steps; anywhere in the context takes hundreds)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         answer = rng.choice(WORDS)
-        before = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 6)))
+        before = " ".join(rng.choice(WORDS) for _ in range(rng.randint(0, 1)))
         after = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
         context = f"{before} the key is {answer} . {after}".strip()
         start = context.index("key is ") + len("key is ")
@@ -194,8 +195,8 @@ def test_extractive_qa_learns_and_predicts_spans(ray_session, tmp_path):
     outcome = train(spec)
     before, final = outcome.metrics["before"], outcome.metrics["final"]
     assert final["eval/loss"] < before["eval/loss"] * 0.7
-    # 45 steps teach the span head where answers sit, not yet always the right word.
-    assert 1.0 >= final["eval/f1"] >= final["eval/exact_match"] >= 0.0
+    assert final["eval/exact_match"] > before["eval/exact_match"] + 0.5
+    assert 1.0 >= final["eval/f1"] >= final["eval/exact_match"]
 
     rows = qa_rows(9, seed=7)
     inputs = [{"id": i, "question": r["question"], "context": r["context"]} for i, r in enumerate(rows)]

@@ -201,7 +201,8 @@ def loss_and_outputs(model, batch):
     loss = (ce(out.start_logits.float(), batch["start_positions"], reduction="sum")
             + ce(out.end_logits.float(), batch["end_positions"], reduction="sum")) / 2
     n = torch.tensor(float(len(batch["input_ids"])))
-    if model.training:
+    # A DeepSpeed engine's eval() sets only its wrapped module's flag, not its own.
+    if getattr(model, "module", model).training:
         return loss, n, None
     offsets = batch["offsets"].view(len(batch["input_ids"]), -1, 2)
     spans = best_spans(out.start_logits, out.end_logits, offsets[..., 0] >= 0)
