@@ -124,6 +124,7 @@ def add_config_args(sp: argparse.ArgumentParser, config_nargs: str | None = None
 def cmd_validate(args) -> int:
     from trainers.config import ConfigError, dump_spec, load_config
     from trainers.data import check_data
+    from trainers.features import check_features
     from trainers.model import check_lora_fits, load_tokenizer_for
 
     spec = load_config(args.config, args.overrides)
@@ -140,6 +141,7 @@ def cmd_validate(args) -> int:
     tokenizer = None if spec.model.preset else load_tokenizer_for(spec, None)
     labels = spec.task.labels or (["a", "b"] if spec.task.type == "sequence_classification" else None)
     problems += check_lora_fits(spec, tokenizer, labels)
+    problems += check_features(spec)
     if problems:
         raise ConfigError(problems)
     print(dump_spec(spec), end="")

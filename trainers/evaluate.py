@@ -1,8 +1,9 @@
 """Evaluate a saved model on the run's validation data, distributed like training.
 
 `evaluate_checkpoint` is the entry point. It accepts either a Ferry export (`<run>/final`, HF
-format: full model or LoRA adapter) or a Ray Train checkpoint folder (DeepSpeed ZeRO shards,
-consolidated with DeepSpeed's own zero_to_fp32, so any ZeRO stage and worker count loads).
+format: full model or LoRA adapter; or method=feature_extraction's head with its frozen base) or a
+Ray Train checkpoint folder (DeepSpeed ZeRO shards, consolidated with DeepSpeed's own zero_to_fp32,
+so any ZeRO stage and worker count loads).
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _eval_worker(config: dict[str, Any]) -> dict[str, float]:
 
 
 def load_for_eval(spec: RunSpec, tokenizer, data: PreparedData, folder: str):
-    """A model with the checkpoint's weights: HF export (adapter or full) or DeepSpeed shards."""
+    """A model with the checkpoint's weights: HF export (adapter or full), a feature-extraction
+    export (`trainers.features.load_feature_model`) or DeepSpeed shards."""
     import torch
     import transformers
 
@@ -94,6 +96,10 @@ def load_for_eval(spec: RunSpec, tokenizer, data: PreparedData, folder: str):
             raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
         return model.eval()
+    from trainers.features import is_feature_export, load_feature_model
+
+    if is_feature_export(folder):  # method=feature_extraction: frozen base + trained head
+        return load_feature_model(folder)
     if os.path.exists(os.path.join(folder, "adapter_config.json")):
         import json
 

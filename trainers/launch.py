@@ -40,7 +40,8 @@ class TrainOutcome:
 
 def train(spec: RunSpec, merge: bool = False, callbacks: list | None = None,
           worker_env: dict[str, str] | None = None) -> TrainOutcome:
-    """Run one fine-tuning job end to end on the connected Ray cluster.
+    """Run one fine-tuning job end to end on the connected Ray cluster
+    (method=feature_extraction: `trainers.features.train_features`, after the same checks).
 
     Raises:
         ConfigError: a config/data/resource problem found before anything started.
@@ -54,6 +55,14 @@ def train(spec: RunSpec, merge: bool = False, callbacks: list | None = None,
                            "with `ferry train` (trainers.stages.run_stages), not as one run. Use "
                            "`ferry train`, or remove stages: to tune/evaluate a single stage."])
     problems = check_data(spec) + check_resources(spec) + check_storage(spec)
+    if spec.method == "feature_extraction":
+        from trainers.features import check_features, train_features
+
+        # No checkpoints to resume: a rerun reuses the cached features and retrains the head.
+        problems += check_features(spec)
+        if problems:
+            raise ConfigError(problems)
+        return train_features(spec)
     problems += _check_resume(spec)
     if problems:
         raise ConfigError(problems)

@@ -75,7 +75,8 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
 
     Args:
         spec: the run config the checkpoint was trained with (task, columns, max_seq_length).
-        checkpoint: `<run>/final` (HF model or LoRA adapter) or a `checkpoint_step_*` folder.
+        checkpoint: `<run>/final` (HF model, LoRA adapter, or a feature-extraction head with its
+            frozen base) or a `checkpoint_step_*` folder.
         input_files: paths or globs of JSONL/CSV/Parquet files.
         output_dir: a new or empty local folder.
         batch_size: rows per forward pass.

@@ -1,0 +1,132 @@
+"""method=feature_extraction on a real local Ray: frozen tiny-bert features (Ray Data actor pool),
+cached once, a logistic-regression head on the driver and an MLP head through Ray Train."""
+
+import glob
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import classification_rows, make_spec, write_jsonl
+
+from trainers.config import ConfigError, load_config
+from trainers.features import check_features, feature_cache_key, load_feature_model
+from trainers.launch import train
+from trainers.predict import predict_dataset
+from trainers.tasks import classification
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "reviews_minilm_features.yaml")
+
+
+def _spec(root, data_dir, name="lr", **sections):
+    run = {"name": name, **sections.pop("run", {})}
+    return make_spec(root, "cls", data_dir, method="feature_extraction", run=run, **sections)
+
+
+@pytest.fixture(scope="module")
+def lr_run(ray_session, tmp_path_factory, data_dir):
+    """One logistic-regression run; its storage (and feature cache) is shared by the tests below."""
+    root = tmp_path_factory.mktemp("features")
+    spec = _spec(root, data_dir)
+    return root, spec, train(spec)
+
+
+def _feature_folders(spec) -> list[str]:
+    return sorted(glob.glob(os.path.join(spec.cache_dir, "features-*")))
+
+
+@pytest.mark.timeout(400)
+def test_logistic_head_learns_with_fine_tuning_metric_keys(lr_run):
+    _, spec, outcome = lr_run
+    final = outcome.metrics["final"]
+    assert final["eval/accuracy"] >= 0.9
+    assert final["eval/loss"] < 0.4
+    # Exactly the keys a fine-tuning evaluation reports (classification.metrics), plus timings.
+    fine_tune_keys = set(classification.metrics(0.0, 1.0, [0], [0], ["neg", "pos"]))
+    assert fine_tune_keys == set(classification.METRICS) | {"eval/f1_neg", "eval/f1_pos"}
+    assert {k for k in final if k.startswith("eval/")} == fine_tune_keys
+    assert final["train/wall_s"] >= final["features/extract_s"] + final["features/head_s"] > 0
+    assert outcome.metrics["method"] == "feature_extraction" and outcome.metrics["steps"] == 0
+    assert outcome.metrics["feature_cache_hit"] is False
+    assert outcome.checkpoint_path is None
+    files = set(os.listdir(outcome.export_dir))
+    assert {"head.safetensors", "feature_head.json", "labels.json", "metrics.json", "ferry_run.yaml",
+            "tokenizer.json", "base"} <= files
+
+
+@pytest.mark.timeout(400)
+def test_rerun_hits_the_feature_cache_and_a_changed_pooling_misses(lr_run, data_dir):
+    root, spec, first = lr_run
+    folders = _feature_folders(spec)
+    assert len(folders) == 1
+    again = train(_spec(root, data_dir, name="lr-again"))
+    assert again.metrics["feature_cache_hit"] is True
+    assert _feature_folders(spec) == folders  # nothing re-extracted
+    assert again.metrics["final"]["eval/accuracy"] == first.metrics["final"]["eval/accuracy"]
+    assert again.metrics["final"]["features/extract_s"] < first.metrics["final"]["features/extract_s"]
+
+    # What changes the features changes the key, so the lookup misses (checked on the key: a
+    # second extraction costs a minute on a loaded 2-core machine).
+    key = feature_cache_key(spec, first.data)
+    assert os.path.basename(folders[0]) == f"features-{key}"
+    for changed in ({"features": {"pooling": "cls"}}, {"features": {"layer": 0}}, {"run": {"seed": 1}}):
+        assert feature_cache_key(_spec(root, data_dir, **changed), first.data) != key, changed
+    assert feature_cache_key(_spec(root, data_dir, name="other", features={"head": "mlp"}),
+                             first.data) == key  # the head does not change the features
+
+
+@pytest.mark.timeout(400)
+def test_export_loads_and_predicts_like_the_run(lr_run, tmp_path):
+    _, spec, outcome = lr_run
+    model = load_feature_model(outcome.export_dir)
+    rows = pq.read_table(outcome.data.validation_path).to_pylist()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            logits = model(input_ids=torch.tensor([r["input_ids"]])).logits
+            loss += torch.nn.functional.cross_entropy(logits, torch.tensor([r["labels"]])).item()
+            correct += int(logits.argmax(-1).item() == r["labels"])
+    final = outcome.metrics["final"]
+    assert correct / len(rows) == pytest.approx(final["eval/accuracy"], abs=1.5 / len(rows))
+    assert loss / len(rows) == pytest.approx(final["eval/loss"], rel=1e-3, abs=1e-4)
+
+    inputs = classification_rows(12, seed=7)
+    path = write_jsonl(tmp_path / "in.jsonl", inputs)
+    summary = predict_dataset(spec, outcome.export_dir, [path], str(tmp_path / "pred"), batch_size=5,
+                              num_actors=1)
+    out = pq.read_table(str(tmp_path / "pred")).to_pylist()
+    assert summary.rows == 12 and [r["row"] for r in out] == list(range(1, 13))
+    assert [r["text"] for r in out] == [r["text"] for r in inputs]
+    assert sum(r["prediction"] == r["label"] for r in out) >= 11
+
+
+@pytest.mark.timeout(400)
+def test_mlp_head_trains_data_parallel_on_ray_train(lr_run, data_dir):
+    root, spec, _ = lr_run
+    # Same data, model, pooling and layer as the logistic run: the features come from its cache.
+    mlp = _spec(root, data_dir, name="mlp", train={"micro_batch_size_per_worker": 16},
+                features={"head": "mlp", "distributed_min_rows": 1, "mlp_epochs": 20,
+                          "mlp_hidden_size": 32})
+    outcome = train(mlp)
+    assert outcome.metrics["head_trained"] == "ray_train"
+    assert outcome.metrics["feature_cache_hit"] is True
+    assert outcome.metrics["final"]["eval/accuracy"] >= 0.9
+    assert load_feature_model(outcome.export_dir).head[1].out_features == 32
+
+
+@pytest.mark.timeout(60)
+def test_layer_out_of_range_is_rejected_before_anything_runs(ray_session, tmp_path, data_dir):
+    spec = _spec(tmp_path, data_dir, features={"layer": 5})
+    with pytest.raises(ConfigError, match=r"features\.layer=5: this model has 2 layers, so the layer "
+                       r"must be between -3 and 2"):
+        train(spec)
+    assert not os.path.exists(spec.cache_dir)  # nothing prepared
+    assert check_features(_spec(tmp_path, data_dir, features={"layer": -3})) == []
+
+
+def test_example_config_validates():
+    spec = load_config(EXAMPLE)
+    assert spec.method == "feature_extraction" and spec.features.pooling == "mean"
+    assert check_features(spec) == []  # MiniLM's config: layer -1 of 6 is in range
