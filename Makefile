@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: setup demo test test-fast bench bench-hpo lint clean
+.PHONY: setup demo test test-fast bench bench-hpo bench-methods lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ bench: setup
 
 bench-hpo: setup
 	$(PY) bench/hpo_efficiency.py
+
+bench-methods: setup
+	$(PY) examples/prepare_reviews.py examples/data
+	$(PY) bench/transfer_methods.py
 
 lint: setup
 	$(VENV)/bin/ruff check cluster trainers tuning tests bench examples
