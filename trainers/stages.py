@@ -184,7 +184,7 @@ def _write_report(spec: RunSpec, results: list[StageResult], baseline: StageResu
             "after": first.final.get("eval/perplexity"),
         }
     last = results[-1]
-    metric = _task_metric(last)
+    metric = _task_metric(last, spec.train.best_metric)
     summary["task_metric"] = {
         "metric": metric,
         "with_stages": last.final.get(metric),
@@ -201,8 +201,11 @@ def _write_report(spec: RunSpec, results: list[StageResult], baseline: StageResu
     return StagesOutcome(results, baseline, path, summary)
 
 
-def _task_metric(result: StageResult) -> str:
-    """The headline metric of the last stage: its task's quality metric, else eval/loss."""
+def _task_metric(result: StageResult, best_metric: str) -> str:
+    """The headline metric of the last stage: the config's train.best_metric unless that is the
+    loss, else the task's quality metric, else eval/loss."""
+    if best_metric != "eval/loss" and best_metric in result.final:
+        return best_metric
     for key in ("eval/accuracy", "eval/f1", "eval/rougeL", "eval/exact_match", "eval/perplexity"):
         if key in result.final:
             return key
