@@ -17,9 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-IGNORE = -100
-# Metric keys every evaluation reports (perplexity = exp(mean loss over masked tokens)).
-METRICS = ("eval/loss", "eval/perplexity", "eval/tokens")
+from trainers.tasks.causal_lm import IGNORE, METRICS, metrics  # noqa: F401  same loss/perplexity metrics
+from trainers.tasks.summarization import _pad
 
 
 def required_columns(data_cfg) -> list[str]:
@@ -79,17 +78,11 @@ def _mask(ids: list[int], special: set[int], mask_id: int, candidates: np.ndarra
 
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
-    ids = [np.asarray(x) for x in rows["input_ids"]]
-    width = max(len(x) for x in ids)
-    n = len(ids)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(x)] = torch.tensor(np.asarray(rows["labels"][i]))
-        mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {
+        "input_ids": _pad(rows["input_ids"], pad_id),
+        "attention_mask": _pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        "labels": _pad(rows["labels"], IGNORE),
+    }
 
 
 def model_class(transformers, spec=None, config=None):
@@ -104,8 +97,3 @@ def loss_and_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, None]:
         ignore_index=IGNORE, reduction="sum",
     )
     return loss, (batch["labels"] != IGNORE).sum().float(), None
-
-
-def metrics(loss_sum: float, weight: float, preds, labels, label_names) -> dict[str, float]:
-    loss = loss_sum / max(weight, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))), "eval/tokens": weight}

@@ -155,7 +155,8 @@ def _pad(seqs, value, dtype=torch.long) -> torch.Tensor:
     width = max(1, max(len(x) for x in seqs))
     out = torch.full((len(seqs), width), value, dtype=dtype)
     for i, x in enumerate(seqs):
-        out[i, : len(x)] = torch.as_tensor(np.asarray(x))
+        # A copy: Arrow-backed arrays are read-only, and viewing them warns once per process.
+        out[i, : len(x)] = torch.tensor(np.asarray(x))
     return out
 
 
