@@ -3,6 +3,7 @@ checks, and real Ray Tune searches over real Ray Train + DeepSpeed trials (no mo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -235,7 +236,9 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     path = write_search(
         tmp_path, data_dir / "cls.jsonl",
         {"space": {"train.learning_rate": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}}, "num_samples": 1,
-         "scheduler": {"grace_period": 1, "reduction_factor": 2},
+         # ASHA rungs at steps 15 and 30: a trial that ASHA will stop still runs 10 steps past
+         # its first checkpoint (step 5), the window the kill below must hit.
+         "scheduler": {"grace_period": 3, "reduction_factor": 2},
          "overfitting": {"plateau_patience": None}},
         method="full",
         # One trial at a time on the 2-CPU embedded Ray ((2 - data_cpus 1) // (0.5 + 0.01)), so
@@ -251,23 +254,23 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
         try:
             deadline = time.time() + 900
             finished_before, resumable = set(), set()
-            # Kill once one trial has finished and another has a committed checkpoint.
-            while time.time() < deadline and proc.poll() is None and not (finished_before and resumable):
-                if exp.exists():
-                    finished_before = {t for t, s in tune_statuses(str(exp)).items() if s == "TERMINATED"}
-                resumable = {p.name.removeprefix("trial-") for p in (exp / "runs").glob("trial-*")
-                             if p.is_dir() and p.name.removeprefix("trial-") not in finished_before
-                             and _has_committed_checkpoint(p)}
-                time.sleep(1)
+            # Kill once one trial has finished and another is mid-way: a committed checkpoint on
+            # disk and RUNNING in Tune's *saved* experiment state, which is what `--resume` reads
+            # (a trial missing from it would be created anew, not continued). Read the state
+            # rather than sleep past its save interval: a fixed sleep could outlast the trial.
+            while time.time() < deadline and proc.poll() is None:
+                statuses = tune_statuses(str(exp)) if exp.exists() else {}
+                finished_before = {t for t, s in statuses.items() if s == "TERMINATED"}
+                resumable = {t for t, s in statuses.items() if s == "RUNNING"
+                             and _has_committed_checkpoint(exp / "runs" / f"trial-{t}")}
                 if finished_before and resumable:
-                    time.sleep(7)  # past Tune's experiment-state save interval (5 s)
-                    # A trial may have ended meanwhile: it is finished, not resumable.
-                    finished_before = {t for t, s in tune_statuses(str(exp)).items() if s == "TERMINATED"}
-                    resumable -= finished_before
+                    break
+                time.sleep(0.5)
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert finished_before and resumable
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended on its own
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert len(finished_before) < 4
 
