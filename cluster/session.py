@@ -48,6 +48,7 @@ def connect(
         log.info("connected to Ray cluster at %s", address)
         return Session(address, embedded=False, dashboard_url=info.dashboard_url)
     num_cpus = max(float(os.cpu_count() or 1), needed_cpus)
+    apply_local_ray_env()
     port = free_port()
     # Ray Train's placement-group cleaner asks the State API whether the run's controller is
     # alive. Pointing it at this cluster's own dashboard matters when several Ray instances share
@@ -72,6 +73,20 @@ def connect(
     return Session(
         info.address_info["gcs_address"], embedded=True, dashboard_url=info.dashboard_url
     )
+
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),
+# and a worker's report with a checkpoint waits for that poll. Measured on 2 cores, a 72-step run
+# with 8 checkpoints spent 17.9 s in its train loop at 2 s and 10.0-10.7 s at 0.5 s (the whole
+# fit 53 s -> 41-45 s). On one machine the extra polls cost nothing worth counting.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def apply_local_ray_env() -> None:
+    """Set LOCAL_RAY_ENV where the user has not; before ray.init, so Ray's processes inherit it
+    (Ray Train also forwards it from the driver to its controller at each fit)."""
+    for name, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def _listen_on_loopback_only() -> None:

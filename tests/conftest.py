@@ -108,3 +108,8 @@ def pytest_configure(config):
     # Offline by construction: any accidental hub access fails fast instead of hanging.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The embedded Ray's polling interval for every Ray this suite starts (the session Ray,
+    # simulated clusters, CLI subprocesses): a checkpointed report waits for the next poll.
+    from cluster.session import apply_local_ray_env
+
+    apply_local_ray_env()
