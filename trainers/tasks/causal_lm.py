@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trainers.tasks.common import overlong_policy
+
 IGNORE = -100
 # Metric keys every evaluation reports.
 METRICS = ("eval/loss", "eval/perplexity", "eval/tokens")
@@ -37,17 +39,11 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
     out_ids, out_labels, overlong = [], [], 0
     files, rows = table.column("_file").to_pylist(), table.column("_row").to_pylist()
     for i, (ids, labels) in enumerate(docs):
-        if len(ids) > max_len:
+        policy = overlong_policy(len(ids), spec, files[i], rows[i], fix=", set data.pack=true")
+        if policy:
             overlong += 1
-            if spec.data.overlong == "drop":
+            if policy == "drop":
                 continue
-            if spec.data.overlong == "error":
-                from trainers.data import DataError
-
-                raise DataError(
-                    f"{files[i]} row {rows[i]}: {len(ids)} tokens > data.max_seq_length={max_len}. "
-                    "Raise data.max_seq_length, set data.pack=true or data.overlong=truncate|drop."
-                )
             ids, labels = ids[:max_len], labels[:max_len]
         out_ids.append(ids)
         out_labels.append(labels)

@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trainers.tasks.common import overlong_policy
+
 # Metric keys every evaluation reports (plus eval/f1_<label> per class).
 METRICS = ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1")
 
@@ -23,17 +25,11 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index: dict[str, int]) -> t
     keep_ids, keep_rows, overlong = [], [], 0
     files, rows = table.column("_file").to_pylist(), table.column("_row").to_pylist()
     for i, ids in enumerate(enc["input_ids"]):
-        if len(ids) > max_len:
+        policy = overlong_policy(len(ids), spec, files[i], rows[i])
+        if policy:
             overlong += 1
-            if spec.data.overlong == "drop":
+            if policy == "drop":
                 continue
-            if spec.data.overlong == "error":
-                from trainers.data import DataError
-
-                raise DataError(
-                    f"{files[i]} row {rows[i]}: {len(ids)} tokens > data.max_seq_length={max_len}. "
-                    "Raise data.max_seq_length or set data.overlong=truncate|drop."
-                )
             # Keep the closing special token (e.g. [SEP]) that encoders expect at the end.
             ids = ids[: max_len - 1] + ids[-1:]
         keep_ids.append(ids)

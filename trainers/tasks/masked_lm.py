@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from trainers.tasks.causal_lm import IGNORE, METRICS, metrics  # noqa: F401  same loss/perplexity metrics
-from trainers.tasks.summarization import _pad
+from trainers.tasks.common import overlong_policy, pad
 
 
 def required_columns(data_cfg) -> list[str]:
@@ -41,15 +41,11 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
     files, rows = table.column("_file").to_pylist(), table.column("_row").to_pylist()
     out_ids, out_labels, overlong = [], [], 0
     for i, ids in enumerate(enc["input_ids"]):
-        if len(ids) > max_len:
+        policy = overlong_policy(len(ids), spec, files[i], rows[i])
+        if policy:
             overlong += 1
-            if spec.data.overlong == "drop":
+            if policy == "drop":
                 continue
-            if spec.data.overlong == "error":
-                raise DataError(
-                    f"{files[i]} row {rows[i]}: {len(ids)} tokens > data.max_seq_length={max_len}. "
-                    "Raise data.max_seq_length or set data.overlong=truncate|drop."
-                )
             ids = ids[: max_len - 1] + ids[-1:]  # keep the closing [SEP]
         seed = zlib.crc32(f"{spec.run.seed}:{files[i]}:{rows[i]}".encode())
         masked, labels = _mask(ids, special, tokenizer.mask_token_id, candidates,
@@ -79,9 +75,9 @@ def _mask(ids: list[int], special: set[int], mask_id: int, candidates: np.ndarra
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     return {
-        "input_ids": _pad(rows["input_ids"], pad_id),
-        "attention_mask": _pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
-        "labels": _pad(rows["labels"], IGNORE),
+        "input_ids": pad(rows["input_ids"], pad_id),
+        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        "labels": pad(rows["labels"], IGNORE),
     }
 
 

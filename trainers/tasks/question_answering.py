@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from trainers.tasks import summarization as seq
+from trainers.tasks.common import overlong_policy, pad
 
 MAX_ANSWER_TOKENS = 30  # longest predicted span (run_qa.py's max_answer_length default)
 PROMPT_SUFFIX = "\nanswer: "  # generative, decoder-only models: between the prompt and the answer
@@ -127,17 +128,12 @@ def _tokenize_extractive(questions, contexts, answers, table, tokenizer, spec):
     out: dict[str, list] = collections.defaultdict(list)
     overlong = 0
     for i, ((texts, starts), context) in enumerate(zip(answers, contexts)):
-        if full_lengths[i] > max_len:
+        # Truncation already happened in _encode (the context is cut, never the question).
+        policy = overlong_policy(full_lengths[i], spec, files[i], rows[i])
+        if policy:
             overlong += 1
-            if spec.data.overlong == "drop":
+            if policy == "drop":
                 continue
-            if spec.data.overlong == "error":
-                from trainers.data import DataError
-
-                raise DataError(
-                    f"{files[i]} row {rows[i]}: {full_lengths[i]} tokens > data.max_seq_length="
-                    f"{max_len}. Raise data.max_seq_length or set data.overlong=truncate|drop."
-                )
         offsets = _context_offsets(enc, i)
         start, end = _answer_tokens(offsets, starts[0], starts[0] + len(texts[0]))
         seen = max(e for _, e in offsets)
@@ -171,7 +167,6 @@ def _answer_tokens(offsets, char_start: int, char_end: int) -> tuple[int, int]:
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     if "start_positions" not in rows:
         return seq.collate(rows, pad_id)
-    pad = seq._pad
     return {
         "input_ids": pad(rows["input_ids"], pad_id),
         "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
@@ -256,11 +251,11 @@ def predict(model, tokenizer, inputs: dict[str, list[str]], spec, max_new_tokens
         return {"prediction": seq.generate_texts(model, tokenizer, sources, spec.generation,
                                                  max_new_tokens=max_new_tokens)}
     enc = _encode(tokenizer, questions, contexts, spec.data.max_seq_length)
-    offsets = seq._pad([[x for p in _context_offsets(enc, i) for x in p]
+    offsets = pad([[x for p in _context_offsets(enc, i) for x in p]
                         for i in range(len(questions))], -1).view(len(questions), -1, 2)
-    ids = seq._pad(enc["input_ids"], tokenizer.pad_token_id or 0)
-    mask = seq._pad([np.ones(len(x)) for x in enc["input_ids"]], 0)
-    kwargs = {"token_type_ids": seq._pad(enc["token_type_ids"], 0)} if "token_type_ids" in enc else {}
+    ids = pad(enc["input_ids"], tokenizer.pad_token_id or 0)
+    mask = pad([np.ones(len(x)) for x in enc["input_ids"]], 0)
+    kwargs = {"token_type_ids": pad(enc["token_type_ids"], 0)} if "token_type_ids" in enc else {}
     out = model(input_ids=ids, attention_mask=mask, **kwargs)
     spans = best_spans(out.start_logits, out.end_logits, offsets[..., 0] >= 0)
     found = span_texts(spans, offsets, contexts)

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trainers.tasks.common import overlong_policy, pad
+
 IGNORE = -100
 PROMPT_SUFFIX = "\nTL;DR: "  # decoder-only models: what follows the document, before the summary
 # Metric keys every evaluation reports.
@@ -58,17 +60,11 @@ def tokenize_pairs(sources: list[str], targets: list[str], references: list[str]
     overlong = 0
     for i, (s, t) in enumerate(zip(src, tgt)):
         n = len(s) + len(t) if not enc_dec else max(len(s), len(t))
-        if n > max_len:
+        policy = overlong_policy(n, spec, files[i], rows[i])
+        if policy:
             overlong += 1
-            if spec.data.overlong == "drop":
+            if policy == "drop":
                 continue
-            if spec.data.overlong == "error":
-                from trainers.data import DataError
-
-                raise DataError(
-                    f"{files[i]} row {rows[i]}: {n} tokens > data.max_seq_length={max_len}. "
-                    "Raise data.max_seq_length or set data.overlong=truncate|drop."
-                )
             s, t = _truncate(s, t, max_len, enc_dec, tokenizer, suffix)
         if enc_dec:
             out["input_ids"].append(s)
@@ -141,22 +137,13 @@ def is_encoder_decoder(spec) -> bool:
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     out = {
-        "input_ids": _pad(rows["input_ids"], pad_id),
-        "attention_mask": _pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
-        "labels": _pad(rows["labels"], IGNORE),
-        "reference_bytes": _pad(rows["reference_bytes"], 0, torch.uint8),
+        "input_ids": pad(rows["input_ids"], pad_id),
+        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        "labels": pad(rows["labels"], IGNORE),
+        "reference_bytes": pad(rows["reference_bytes"], 0, torch.uint8),
     }
     if "prompt_length" in rows:
         out["prompt_length"] = torch.as_tensor(np.asarray(rows["prompt_length"]), dtype=torch.long)
-    return out
-
-
-def _pad(seqs, value, dtype=torch.long) -> torch.Tensor:
-    width = max(1, max(len(x) for x in seqs))
-    out = torch.full((len(seqs), width), value, dtype=dtype)
-    for i, x in enumerate(seqs):
-        # A copy: Arrow-backed arrays are read-only, and viewing them warns once per process.
-        out[i, : len(x)] = torch.tensor(np.asarray(x))
     return out
 
 
