@@ -139,17 +139,16 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
                 batch_size=512,
                 fn_kwargs={"tok_uri": tok_uri, "spec_dict": spec.model_dump(), "label_index": label_index},
             ).materialize()
-        n = out.count()
+        n, overlong, tokens = _split_stats(out)
         if n == 0:
             raise DataError(
                 f"data.max_seq_length={spec.data.max_seq_length}: every {split} row was dropped as "
                 "over-long. Raise data.max_seq_length or set data.overlong=truncate."
             )
-        overlong = int(out.sum("_overlong")) if "_overlong" in out.columns() else 0
         if overlong:
             log.warning("%s: %d rows longer than data.max_seq_length (%s)", split, overlong, spec.data.overlong)
-        out = out.drop_columns(["_overlong"])
-        counts[split] = (n, _token_count(out))
+        out = out.drop_columns(["_overlong", "_tokens"])
+        counts[split] = (n, tokens)
         out.write_parquet(_with_scheme(spec.cache_dir, f"{partial}/{split}"))
     meta = {
         "tokenizer_path": _with_scheme(spec.cache_dir, f"{final}/tokenizer"),
@@ -450,7 +449,7 @@ def _check_rows(rows, spec: RunSpec):
 def _label_names(train_rows, spec: RunSpec) -> list[str] | None:
     if spec.task.type != "sequence_classification":
         return None
-    seen = sorted(train_rows.unique("label"))
+    seen = sorted(_distinct(train_rows, "label"))
     if spec.task.labels is None:
         if len(seen) < 2:
             raise DataError(
@@ -492,10 +491,35 @@ def _iter_text(ds):
 
 
 def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index: dict) -> pa.Table:
+    """The task's tokenization, plus two bookkeeping columns `_split_stats` sums: the batch's
+    over-long row count (on its first row) and each row's token count."""
     spec = RunSpec.model_validate(spec_dict)
     tokenizer = _load_tokenizer_cached(tok_uri)
     out, overlong = TASKS[spec.task.type].tokenize(table, tokenizer, spec, label_index)
-    return out.append_column("_overlong", pa.array([overlong] + [0] * (out.num_rows - 1), type=pa.int64())) if out.num_rows else out.append_column("_overlong", pa.array([], type=pa.int64()))
+    flags = [overlong] + [0] * (out.num_rows - 1) if out.num_rows else []
+    out = out.append_column("_overlong", pa.array(flags, type=pa.int64()))
+    return out.append_column("_tokens", pa.compute.cast(pa.compute.list_value_length(out.column("input_ids")), pa.int64()))
+
+
+def _split_stats(ds) -> tuple[int, int, int]:
+    """Rows, over-long rows and tokens of a tokenized split, from its two small bookkeeping
+    columns in one pass. Ray Data's own aggregations (count + sum) would each start a job, and
+    a sum starts a shuffle: seconds each on a freshly started Ray."""
+    rows = overlong = tokens = 0
+    for batch in ds.select_columns(["_overlong", "_tokens"]).iter_batches(batch_format="pyarrow", batch_size=None):
+        rows += batch.num_rows
+        overlong += int(pa.compute.sum(batch.column("_overlong")).as_py() or 0)
+        tokens += int(pa.compute.sum(batch.column("_tokens")).as_py() or 0)
+    return rows, overlong, tokens
+
+
+def _distinct(ds, column: str) -> set:
+    """The distinct values of one column, gathered on the driver: a label column is small, and
+    Ray Data's unique() is a shuffle (seconds on a freshly started Ray)."""
+    seen: set = set()
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=None):
+        seen.update(batch.column(column).to_pylist())
+    return seen
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -533,13 +557,6 @@ def _save_tokenizer(tokenizer, fs, path: str) -> None:
         tokenizer.save_pretrained(tmp)
         fs.create_dir(path)
         pafs.copy_files(tmp, path, destination_filesystem=fs)
-
-
-def _token_count(ds) -> int:
-    total = 0
-    for batch in ds.select_columns(["input_ids"]).iter_batches(batch_format="pyarrow", batch_size=4096):
-        total += int(pa.compute.sum(pa.compute.list_value_length(batch.column("input_ids"))).as_py() or 0)
-    return total
 
 
 def _preprocess_settings(spec: RunSpec) -> dict[str, Any]:
