@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainers.tasks.common import overlong_policy
+from trainers.tasks.common import overlong_policy, pad
 
 # Metric keys every evaluation reports (plus eval/f1_<label> per class).
 METRICS = ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1")
@@ -45,16 +45,9 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index: dict[str, int]) -> t
 
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
-    ids = [np.asarray(x) for x in rows["input_ids"]]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x)
-        mask[i, : len(x)] = 1
     return {
-        "input_ids": input_ids,
-        "attention_mask": mask,
+        "input_ids": pad(rows["input_ids"], pad_id),
+        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
         "labels": torch.as_tensor(np.asarray(rows["labels"]), dtype=torch.long),
     }
 
