@@ -100,6 +100,21 @@ def test_overlong_rows_follow_policy(ray_session, spec_factory, tmp_path):
     assert max(lengths) == 32
 
 
+def test_overlong_rule_is_one_rule_for_every_task(spec_factory):
+    """Every task's tokenizer asks trainers.tasks.common.overlong_policy: fits -> None, else the
+    configured policy, or under `error` the row, its length and the fixes (task-specific first)."""
+    from trainers.tasks.common import overlong_policy
+
+    for policy in ("truncate", "drop"):
+        spec = spec_factory("cls", data={"max_seq_length": 8, "overlong": policy})
+        assert overlong_policy(8, spec, "a.jsonl", 3) is None
+        assert overlong_policy(9, spec, "a.jsonl", 3) == policy
+    spec = spec_factory("lm", data={"max_seq_length": 8, "overlong": "error"})
+    with pytest.raises(DataError, match=r"^a\.jsonl row 3: 9 tokens > data\.max_seq_length=8\. Raise "
+                       r"data\.max_seq_length, set data\.pack=true or set data\.overlong=truncate\|drop\.$"):
+        overlong_policy(9, spec, "a.jsonl", 3, fix=", set data.pack=true")
+
+
 def test_csv_and_parquet_inputs_and_stable_split(ray_session, spec_factory, tmp_path):
     import pyarrow as pa
 
