@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainers.tasks.common import overlong_policy
+from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
 IGNORE = -100
 # Metric keys every evaluation reports.
@@ -105,15 +105,7 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
             "labels": torch.as_tensor(np.stack(rows["labels"]), dtype=torch.long),
             "position_ids": torch.as_tensor(np.stack(rows["position_ids"]), dtype=torch.long),
         }
-    n = len(ids)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.as_tensor(x)
-        labels[i, : len(x)] = torch.as_tensor(np.asarray(rows["labels"][i]))
-        mask[i, : len(x)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+    return {**pad_inputs(ids, pad_id), "labels": pad(rows["labels"], IGNORE)}
 
 
 def model_class(transformers, spec=None, config=None):

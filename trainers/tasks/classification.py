@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainers.tasks.common import overlong_policy, pad
+from trainers.tasks.common import overlong_policy, pad_inputs
 
 # Metric keys every evaluation reports (plus eval/f1_<label> per class).
 METRICS = ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1")
@@ -46,8 +46,7 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index: dict[str, int]) -> t
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     return {
-        "input_ids": pad(rows["input_ids"], pad_id),
-        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        **pad_inputs(rows["input_ids"], pad_id),
         "labels": torch.as_tensor(np.asarray(rows["labels"]), dtype=torch.long),
     }
 

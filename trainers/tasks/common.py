@@ -29,6 +29,14 @@ def overlong_policy(n_tokens: int, spec, file: str, row: int, fix: str = "") -> 
     return spec.data.overlong
 
 
+def pad_inputs(seqs, pad_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids` right-padded with `pad_id`, and the `attention_mask` that marks real tokens."""
+    ids = pad(seqs, pad_id)
+    lengths = torch.tensor([len(x) for x in seqs])
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def pad(seqs, value, dtype=torch.long) -> torch.Tensor:
     """Right-pad variable-length rows into one (rows, longest) tensor."""
     width = max(1, max(len(x) for x in seqs))

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from trainers.tasks.causal_lm import IGNORE, METRICS, metrics  # noqa: F401  same loss/perplexity metrics
-from trainers.tasks.common import overlong_policy, pad
+from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
 
 def required_columns(data_cfg) -> list[str]:
@@ -75,8 +75,7 @@ def _mask(ids: list[int], special: set[int], mask_id: int, candidates: np.ndarra
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     return {
-        "input_ids": pad(rows["input_ids"], pad_id),
-        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        **pad_inputs(rows["input_ids"], pad_id),
         "labels": pad(rows["labels"], IGNORE),
     }
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from trainers.tasks import summarization as seq
-from trainers.tasks.common import overlong_policy, pad
+from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
 MAX_ANSWER_TOKENS = 30  # longest predicted span (run_qa.py's max_answer_length default)
 PROMPT_SUFFIX = "\nanswer: "  # generative, decoder-only models: between the prompt and the answer
@@ -168,8 +168,7 @@ def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     if "start_positions" not in rows:
         return seq.collate(rows, pad_id)
     return {
-        "input_ids": pad(rows["input_ids"], pad_id),
-        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        **pad_inputs(rows["input_ids"], pad_id),
         "token_type_ids": pad(rows["token_type_ids"], 0),
         "start_positions": torch.as_tensor(np.asarray(rows["start_positions"]), dtype=torch.long),
         "end_positions": torch.as_tensor(np.asarray(rows["end_positions"]), dtype=torch.long),
@@ -253,10 +252,8 @@ def predict(model, tokenizer, inputs: dict[str, list[str]], spec, max_new_tokens
     enc = _encode(tokenizer, questions, contexts, spec.data.max_seq_length)
     offsets = pad([[x for p in _context_offsets(enc, i) for x in p]
                         for i in range(len(questions))], -1).view(len(questions), -1, 2)
-    ids = pad(enc["input_ids"], tokenizer.pad_token_id or 0)
-    mask = pad([np.ones(len(x)) for x in enc["input_ids"]], 0)
     kwargs = {"token_type_ids": pad(enc["token_type_ids"], 0)} if "token_type_ids" in enc else {}
-    out = model(input_ids=ids, attention_mask=mask, **kwargs)
+    out = model(**pad_inputs(enc["input_ids"], tokenizer.pad_token_id or 0), **kwargs)
     spans = best_spans(out.start_logits, out.end_logits, offsets[..., 0] >= 0)
     found = span_texts(spans, offsets, contexts)
     return {"prediction": [t for t, _ in found], "answer_start": [s for _, s in found]}

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainers.tasks.common import overlong_policy, pad
+from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
 IGNORE = -100
 PROMPT_SUFFIX = "\nTL;DR: "  # decoder-only models: what follows the document, before the summary
@@ -137,8 +137,7 @@ def is_encoder_decoder(spec) -> bool:
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     out = {
-        "input_ids": pad(rows["input_ids"], pad_id),
-        "attention_mask": pad([np.ones(len(x)) for x in rows["input_ids"]], 0),
+        **pad_inputs(rows["input_ids"], pad_id),
         "labels": pad(rows["labels"], IGNORE),
         "reference_bytes": pad(rows["reference_bytes"], 0, torch.uint8),
     }
