@@ -184,13 +184,11 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
-def test_missing_config_data_file_is_a_config_error_before_ray(spec_factory, tmp_path):
+def test_missing_config_data_file_is_a_config_error_before_ray(ray_session, spec_factory, tmp_path):
+    """Refused by the driver's checks, before any Ray task or worker starts (train() reads the
+    cluster's resources, hence the session Ray)."""
     from trainers.launch import train
 
     spec = spec_factory("cls", data={"train_files": [str(tmp_path / "missing.jsonl")]})
-    import ray
-
-    if not ray.is_initialized():
-        pytest.skip("needs the session Ray fixture")
     with pytest.raises(ConfigError, match=r"data\.train_files=.*missing\.jsonl: file not found"):
         train(spec)
