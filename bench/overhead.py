@@ -116,7 +116,7 @@ def write_corpus(path: str, n_docs: int, seed: int) -> str:
 
 def bench_spec(corpus: str, storage: str, args):
     """The run config every variant follows: small-llama, full fine-tuning, causal LM, fp32."""
-    from trainers.config import build_spec
+    from trainers.config_load import build_spec
 
     windows = -(-args.steps // args.report_every)
     return build_spec({
@@ -139,10 +139,10 @@ def measure_ferry(spec, threads: int) -> tuple[dict, str]:
     """Ferry's per-window median step times (warm-up window dropped) and the cached train rows."""
     import ray
 
-    from trainers.data import prepare_dataset
-    from trainers.launch import train
-    from trainers.loop import STATE_FILE
+    from trainers.data.prepare import prepare_dataset
     from trainers.model import load_tokenizer_for
+    from trainers.storage import STATE_FILE
+    from trainers.train.launch import train
 
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/ferry-bench-ray-")
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
@@ -251,8 +251,8 @@ def run_deepspeed_loop(spec_dict, train_path, threads, out_dir, warmup, window, 
     import deepspeed
     import torch
 
-    from trainers.ds_config import build_ds_config
     from trainers.model import build_model
+    from trainers.train.ds_config import build_ds_config
 
     _init_single_process_gloo()
     ds_config = build_ds_config(spec)
@@ -280,8 +280,8 @@ def run_hf_trainer(spec_dict, train_path, threads, out_dir, warmup, window, step
     import torch
     import transformers
 
-    from trainers.ds_config import build_ds_config
     from trainers.model import build_model
+    from trainers.train.ds_config import build_ds_config
 
     if use_deepspeed:
         _init_single_process_gloo()
@@ -331,7 +331,7 @@ def _setup_child(spec_dict, train_path, threads):
     import torch
 
     from trainers.config import RunSpec
-    from trainers.data import load_tokenizer
+    from trainers.model import load_tokenizer
 
     torch.set_num_threads(threads)
     spec = RunSpec.model_validate(spec_dict)

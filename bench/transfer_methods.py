@@ -38,8 +38,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from cluster.session import connect, disconnect
-    from trainers.config import load_config
-    from trainers.launch import train
+    from trainers.config_load import load_config
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     if not os.path.exists(os.path.join(ROOT, "examples", "data", "reviews_train.jsonl")):
         raise SystemExit("run `python examples/prepare_reviews.py examples/data` first")
@@ -61,7 +62,7 @@ def main() -> None:
                                overrides[method] + [f"run.storage_path={storage}",
                                                     f"run.name=bench-{method}"])
             t0 = time.perf_counter()
-            outcome = train(spec)
+            outcome = train(prepare_run(spec))
             wall = time.perf_counter() - t0
             final = outcome.metrics["final"]
             results[method] = {"wall_s": round(wall, 1), "accuracy": final["eval/accuracy"],

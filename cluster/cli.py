@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_input_error(e: Exception) -> bool:
-    from trainers.config import ConfigError
-    from trainers.data import DataError
+    from trainers.errors import ConfigError, DataError
 
     return isinstance(e, ConfigError | DataError)
 
@@ -122,9 +121,10 @@ def add_config_args(sp: argparse.ArgumentParser, config_nargs: str | None = None
 
 
 def cmd_validate(args) -> int:
-    from trainers.config import ConfigError, dump_spec, load_config
-    from trainers.data import check_data
-    from trainers.features import check_features
+    from trainers.config_load import dump_spec, load_config
+    from trainers.data.files import check_data
+    from trainers.errors import ConfigError
+    from trainers.features.extract import check_features
     from trainers.model import check_lora_fits, load_tokenizer_for
 
     spec = load_config(args.config, args.overrides)
@@ -150,8 +150,9 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from cluster.session import connect, disconnect
-    from trainers.config import load_config
-    from trainers.launch import train
+    from trainers.config_load import load_config
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     spec = load_config(args.config, args.overrides)
     if spec.stages:
@@ -161,7 +162,7 @@ def cmd_train(args) -> int:
     session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
     t0 = time.perf_counter()
     try:
-        outcome = train(spec, merge=args.merge)
+        outcome = train(prepare_run(spec), merge=args.merge)
     finally:
         if session.embedded:
             disconnect(session)
@@ -202,7 +203,7 @@ def _train_stages(spec, args) -> int:
 
 def cmd_eval(args) -> int:
     from cluster.session import connect, disconnect
-    from trainers.config import load_config
+    from trainers.config_load import load_config
     from trainers.evaluate import evaluate_checkpoint
 
     spec = load_config(args.config, args.overrides)
@@ -220,7 +221,7 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from cluster.session import connect, disconnect
-    from trainers.config import load_config
+    from trainers.config_load import load_config
     from trainers.predict import check_predict_inputs, predict_dataset
 
     spec = load_config(args.config, args.overrides)
@@ -243,7 +244,8 @@ def cmd_predict(args) -> int:
 
 def cmd_analyze(args) -> int:
     from trainers.analyze import analyze_domain_shift, summarize, write_report
-    from trainers.config import ConfigError, load_config
+    from trainers.config_load import load_config
+    from trainers.errors import ConfigError
 
     spec = load_config(args.config, args.overrides)
     if args.max_rows < 1:
@@ -257,7 +259,8 @@ def cmd_analyze(args) -> int:
 
 def cmd_tune(args) -> int:
     from cluster.session import connect, disconnect
-    from trainers.config import ConfigError, build_spec
+    from trainers.config_load import build_spec
+    from trainers.errors import ConfigError
 
     if args.report:
         from tuning.report import build_report, print_report
@@ -290,8 +293,8 @@ def cmd_tune(args) -> int:
 
 def _check_inputs_before_starting_ray(spec) -> None:
     """Missing files or columns fail in a second, not after Ray has started."""
-    from trainers.config import ConfigError
-    from trainers.data import check_data
+    from trainers.data.files import check_data
+    from trainers.errors import ConfigError
 
     problems = check_data(spec)
     if problems:

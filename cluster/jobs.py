@@ -178,8 +178,9 @@ def package_job(
     Raises:
         ConfigError: every problem found, each naming the key or flag.
     """
-    from trainers.config import ConfigError, _apply_override, load_config
-    from trainers.data import check_data
+    from trainers.config_load import apply_override, load_config
+    from trainers.data.files import check_data
+    from trainers.errors import ConfigError
 
     problems: list[str] = []
     if command not in COMMANDS:
@@ -197,7 +198,7 @@ def package_job(
     # The same override code as load_config, on the user's unresolved mapping: relative output
     # paths must stay relative (to the job's working dir), not become this machine's paths.
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     staged_bytes = _stage_inputs(spec, raw, stage_dir)
     _warn_about_paths(spec, raw)
     (stage_dir / CONFIG_NAME).write_text(
@@ -461,8 +462,8 @@ def _cmd_stop(args: argparse.Namespace) -> int:
 
 def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
     """Copy local input files into stage_dir and point `raw` at the copies; return the bytes."""
-    from trainers.config import ConfigError
-    from trainers.data import expand_files
+    from trainers.data.files import expand_files
+    from trainers.errors import ConfigError
 
     plan: list[tuple[str, str, list[tuple[str, str]]]] = []  # (key, shown value, [(src, dst)])
     for section, key in _STAGED_INPUTS:
@@ -623,7 +624,7 @@ def _wait_until_done(client: JobSubmissionClient, job_id: str, timeout_s: float 
 
 def _auth_header(token_file: str | None) -> tuple[dict[str, str], str | None]:
     """({"Authorization": "Bearer <token>"}, where it came from), or ({}, None) without a token."""
-    from trainers.config import ConfigError
+    from trainers.errors import ConfigError
 
     candidates: list[tuple[str, str | None, Path | None]] = [
         ("--token-file", token_file, Path(token_file) if token_file else None),

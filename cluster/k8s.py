@@ -85,7 +85,8 @@ def render_manifests(
     Raises:
         ConfigError (a ValueError): every bad input, one `"<key>=<value>: <rule>. <fix>."` each.
     """
-    from trainers.config import ConfigError, build_spec, dump_spec
+    from trainers.config_load import build_spec, dump_spec
+    from trainers.errors import ConfigError
 
     problems = _check_inputs(
         spec, image, namespace, gpus_per_worker, command, memory_per_worker, active_deadline_s
@@ -218,7 +219,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from trainers.config import load_config
+    from trainers.config_load import load_config
 
     spec = load_config(args.config, args.overrides)
     docs = render_manifests(

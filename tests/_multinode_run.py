@@ -75,15 +75,17 @@ def _say(text: str) -> None:
 
 
 def _run(name: str, raw: dict) -> object:
-    from trainers.config import ConfigError, build_spec
-    from trainers.launch import check_storage, train
+    from trainers.config_load import build_spec
+    from trainers.errors import ConfigError
+    from trainers.preflight import check_storage, prepare_run
+    from trainers.train.launch import train
 
     spec = build_spec(raw)
     if name.startswith("check:"):
         return check_storage(spec)
     start = time.perf_counter()
     try:
-        outcome = train(spec)
+        outcome = train(prepare_run(spec))
     except ConfigError as e:
         return {"type": "ConfigError", "text": str(e), "seconds": time.perf_counter() - start}
     if name != "train":

@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 
-from trainers.config import build_spec
+from trainers.config_load import build_spec
 
 POS = ["good", "great", "excellent", "tasty", "love", "fresh", "delicious", "superb"]
 NEG = ["bad", "awful", "terrible", "stale", "hate", "gross", "bland", "broken"]

@@ -16,8 +16,8 @@ from trainers.analyze import (
     label_balance,
     write_report,
 )
-from trainers.config import build_spec
-from trainers.data import DataError
+from trainers.config_load import build_spec
+from trainers.errors import DataError
 
 ETHIOPIC = ["ሰላም", "ኢትዮጵያ", "ቋንቋ", "መጽሐፍ", "ውሃ"]  # a script the test tokenizer never saw
 

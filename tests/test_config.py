@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from trainers.config import ConfigError, build_spec, load_config
+from trainers.config_load import build_spec, load_config, load_raw
+from trainers.errors import ConfigError
 
 BASE = {
     "model": {"preset": "tiny-bert"},
@@ -72,6 +73,22 @@ def test_set_overrides_apply_to_nested_keys_and_types(tmp_path):
     assert spec.data.train_files == [str(tmp_path / "d.jsonl")]
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; a config, an override and a search space must not."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {preset: tiny-llama}\ntask: {type: causal_lm}\n"
+                   "data: {train_files: [d.jsonl]}\ntrain: {learning_rate: 1e-4, weight_decay: 1E-2}\n"
+                   "tune: {space: {train.learning_rate: {loguniform: [1e-5, 1e-3]}}}\n")
+    spec = load_config(cfg)
+    assert spec.train.learning_rate == 1e-4 and spec.train.weight_decay == 0.01
+    assert load_config(cfg, ["train.learning_rate=5e-4"]).train.learning_rate == 5e-4
+    raw, problems = load_raw(cfg)
+    assert raw["tune"]["space"]["train.learning_rate"] == {"loguniform": [1e-5, 1e-3]}
+    assert problems == []
+    # Strings that only look numeric stay strings; plain words are untouched.
+    assert load_config(cfg, ["run.name=e5"]).run.name == "e5"
+
+
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"--set train\.learning_rate: expected key\.path=value"):
         load_config(None, ["train.learning_rate"])
@@ -114,7 +131,7 @@ def example_data():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_every_example_config_validates(path, example_data):
-    from trainers.data import check_data
+    from trainers.data.files import check_data
     from trainers.stages import stage_specs
 
     with open(path) as f:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import classification_rows, lm_rows, write_jsonl
 
-from trainers.config import ConfigError
-from trainers.data import DataError, check_data, prepare_dataset
+from trainers.data.files import check_data
+from trainers.data.prepare import prepare_dataset
+from trainers.errors import ConfigError, DataError
 from trainers.model import load_tokenizer_for
 
 
@@ -149,7 +150,7 @@ def test_packing_resets_positions_and_masks_boundaries(ray_session, spec_factory
     prepared = _prepare(spec_factory("lm", data={"train_files": [f], "max_seq_length": 32}))
     t = pq.read_table(prepared.train_path).to_pylist()
     tok = load_tokenizer_for.__globals__["_train_tokenizer"]  # noqa: F841 (tokenizer is cached)
-    from trainers.data import load_tokenizer
+    from trainers.model import load_tokenizer
 
     eos = load_tokenizer(prepared.tokenizer_path).eos_token_id
     for row in t:
@@ -187,8 +188,33 @@ def test_packed_documents_do_not_attend_to_each_other(attn):
 def test_missing_config_data_file_is_a_config_error_before_ray(ray_session, spec_factory, tmp_path):
     """Refused by the driver's checks, before any Ray task or worker starts (train() reads the
     cluster's resources, hence the session Ray)."""
-    from trainers.launch import train
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     spec = spec_factory("cls", data={"train_files": [str(tmp_path / "missing.jsonl")]})
     with pytest.raises(ConfigError, match=r"data\.train_files=.*missing\.jsonl: file not found"):
-        train(spec)
+        train(prepare_run(spec))
+
+
+def test_json_array_files_are_read_with_row_numbers(ray_session, spec_factory, tmp_path):
+    """A `.json` file holding one JSON array (Alpaca's format) is read like JSON Lines; a bad
+    element is reported with its file and 1-based position."""
+    import json as jsonlib
+
+    from conftest import classification_rows
+
+    rows = classification_rows(60, seed=3)
+    good = tmp_path / "rows.json"
+    good.write_text(jsonlib.dumps(rows, indent=1))
+    spec = spec_factory("cls", data={"train_files": [str(good)]})
+    assert check_data(spec) == []
+    prepared = _prepare(spec)
+    assert prepared.train_rows + prepared.validation_rows == 60
+    bad = tmp_path / "bad.json"
+    bad.write_text(jsonlib.dumps(rows[:4] + ["not a row"] + rows[4:10]))
+    with pytest.raises(DataError, match=r"bad\.json row 5: not a JSON object"):
+        _prepare(spec_factory("cls", data={"train_files": [str(bad)]}))
+    broken = tmp_path / "broken.json"
+    broken.write_text(jsonlib.dumps(rows)[:-5])
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
+        _prepare(spec_factory("cls", data={"train_files": [str(broken)]}))

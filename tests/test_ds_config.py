@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from trainers.config import ConfigError, build_spec
-from trainers.ds_config import build_ds_config
+from trainers.config_load import build_spec
+from trainers.errors import ConfigError
+from trainers.train.ds_config import build_ds_config
 
 BASE = {"model": {"preset": "tiny-llama"}, "task": {"type": "causal_lm"}, "data": {"train_files": ["x"]}}
 

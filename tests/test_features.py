@@ -9,11 +9,14 @@ import pytest
 import torch
 from conftest import classification_rows, make_spec, write_jsonl
 
-from trainers.config import ConfigError, load_config
-from trainers.features import check_features, feature_cache_key, load_feature_model
-from trainers.launch import train
+from trainers.config_load import load_config
+from trainers.errors import ConfigError
+from trainers.features.extract import check_features, feature_cache_key
+from trainers.features.head import load_feature_model
 from trainers.predict import predict_dataset
+from trainers.preflight import prepare_run
 from trainers.tasks import classification
+from trainers.train.launch import train
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +33,7 @@ def lr_run(ray_session, tmp_path_factory, data_dir):
     """One logistic-regression run; its storage (and feature cache) is shared by the tests below."""
     root = tmp_path_factory.mktemp("features")
     spec = _spec(root, data_dir)
-    return root, spec, train(spec)
+    return root, spec, train(prepare_run(spec))
 
 
 def _feature_folders(spec) -> list[str]:
@@ -51,6 +54,20 @@ def test_logistic_head_learns_with_fine_tuning_metric_keys(lr_run):
     assert outcome.metrics["method"] == "feature_extraction" and outcome.metrics["steps"] == 0
     assert outcome.metrics["feature_cache_hit"] is False
     assert outcome.checkpoint_path is None
+    # No regularization_c in the config: C was chosen by cross-validation on the training
+    # features, and the head is no worse than a plain scikit-learn logistic regression fitted
+    # on the same (cached) features.
+    assert outcome.metrics["head_regularization_c_from"] == "5-fold cross-validation"
+    assert 1e-4 <= outcome.metrics["head_regularization_c"] <= 100
+    from sklearn.linear_model import LogisticRegression
+
+    from trainers.features.head import read_features
+
+    [folder] = _feature_folders(spec)
+    x, y = read_features(os.path.join(folder, "train"))
+    xv, yv = read_features(os.path.join(folder, "validation"))
+    plain = LogisticRegression(max_iter=2000).fit(x, y).score(xv, yv)
+    assert final["eval/accuracy"] >= plain - 1e-9
     files = set(os.listdir(outcome.export_dir))
     assert {"head.safetensors", "feature_head.json", "labels.json", "metrics.json", "ferry_run.yaml",
             "tokenizer.json", "base"} <= files
@@ -61,7 +78,7 @@ def test_rerun_hits_the_feature_cache_and_a_changed_pooling_misses(lr_run, data_
     root, spec, first = lr_run
     folders = _feature_folders(spec)
     assert len(folders) == 1
-    again = train(_spec(root, data_dir, name="lr-again"))
+    again = train(prepare_run(_spec(root, data_dir, name="lr-again")))
     assert again.metrics["feature_cache_hit"] is True
     assert _feature_folders(spec) == folders  # nothing re-extracted
     assert again.metrics["final"]["eval/accuracy"] == first.metrics["final"]["eval/accuracy"]
@@ -109,7 +126,7 @@ def test_mlp_head_trains_data_parallel_on_ray_train(lr_run, data_dir):
     mlp = _spec(root, data_dir, name="mlp", train={"micro_batch_size_per_worker": 16},
                 features={"head": "mlp", "distributed_min_rows": 1, "mlp_epochs": 20,
                           "mlp_hidden_size": 32})
-    outcome = train(mlp)
+    outcome = train(prepare_run(mlp))
     assert outcome.metrics["head_trained"] == "ray_train"
     assert outcome.metrics["feature_cache_hit"] is True
     assert outcome.metrics["final"]["eval/accuracy"] >= 0.9
@@ -121,7 +138,7 @@ def test_layer_out_of_range_is_rejected_before_anything_runs(ray_session, tmp_pa
     spec = _spec(tmp_path, data_dir, features={"layer": 5})
     with pytest.raises(ConfigError, match=r"features\.layer=5: this model has 2 layers, so the layer "
                        r"must be between -3 and 2"):
-        train(spec)
+        train(prepare_run(spec))
     assert not os.path.exists(spec.cache_dir)  # nothing prepared
     assert check_features(_spec(tmp_path, data_dir, features={"layer": -3})) == []
 

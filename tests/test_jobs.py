@@ -28,7 +28,7 @@ from conftest import classification_rows, write_jsonl
 
 from cluster import jobs
 from cluster.session import free_port
-from trainers.config import ConfigError
+from trainers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_NAME = "FERRY_TEST_SECRET"
@@ -186,7 +186,7 @@ def test_package_stages_config_and_data_and_keeps_outputs_relative(tmp_path, mon
     assert env["env_vars"] == {SECRET_NAME: "s3cr3t-value-123"} and pkg.env_names == [SECRET_NAME]
     assert "s3cr3t-value-123" not in _files_text(stage)
     # The staged config validates on its own, from any directory, as it will on the cluster.
-    from trainers.config import load_config
+    from trainers.config_load import load_config
 
     spec = load_config(stage / "config.yaml")
     assert spec.data.train_files[0] == str(stage / "inputs/train_files/000_a.jsonl")

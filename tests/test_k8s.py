@@ -21,7 +21,9 @@ import pytest
 import yaml
 
 from cluster.k8s import dump_manifests, register_cli, render_manifests
-from trainers.config import ConfigError, RunSpec, build_spec
+from trainers.config import RunSpec
+from trainers.config_load import build_spec
+from trainers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"

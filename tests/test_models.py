@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import classification_rows, lm_rows, write_jsonl
 
-from trainers.config import build_spec
+from trainers.config_load import build_spec
 from trainers.model import build_model, check_lora_fits, load_tokenizer_for
 
 
@@ -36,7 +36,8 @@ def test_local_directory_loads_through_from_pretrained(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_encoder_lora_classification(ray_session, tmp_path):
-    from trainers.launch import train
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     f = write_jsonl(tmp_path / "cls.jsonl", classification_rows(120))
     spec = build_spec({
@@ -48,7 +49,7 @@ def test_minilm_encoder_lora_classification(ray_session, tmp_path):
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 1},
     })
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     assert outcome.metrics["steps"] == 6
     assert outcome.metrics["final"]["eval/loss"] < outcome.metrics["before"]["eval/loss"]
     assert os.path.exists(os.path.join(outcome.export_dir, "adapter_model.safetensors"))
@@ -56,7 +57,8 @@ def test_minilm_encoder_lora_classification(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_gguf_lora_causal_lm(ray_session, tmp_path):
-    from trainers.launch import train
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     f = write_jsonl(tmp_path / "lm.jsonl", lm_rows(60))
     spec = build_spec({
@@ -70,7 +72,7 @@ def test_smollm2_gguf_lora_causal_lm(ray_session, tmp_path):
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 1},
     })
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     final, before = outcome.metrics["final"], outcome.metrics["before"]
     assert outcome.metrics["steps"] == 3
     # A pretrained model already predicts this English text far better than chance (49k vocab).

@@ -17,8 +17,9 @@ import sys
 
 import pytest
 
-from trainers.config import ConfigError
-from trainers.launch import check_storage, train
+from trainers.errors import ConfigError
+from trainers.preflight import check_storage, prepare_run
+from trainers.train.launch import train
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def multinode(request, tmp_path_factory, data_dir):
 def _scenarios(request, tmp, data_dir) -> dict:
     from conftest import make_spec
 
-    from trainers.data import prepare_dataset
+    from trainers.data.prepare import prepare_dataset
     from trainers.model import load_tokenizer_for
 
     # While the nodes start, tokenize the data into a cache on the session's single-node Ray: the
@@ -144,14 +145,14 @@ def test_strict_spread_with_more_workers_than_nodes_is_refused_up_front(ray_sess
     with pytest.raises(ConfigError, match=r"scaling\.placement_strategy=STRICT_SPREAD: each of the "
                        r"scaling\.num_workers=2 workers needs its own node with 1 CPU, and the "
                        r"cluster has 1 such node \(of 1\)"):
-        train(spec)
+        train(prepare_run(spec))
 
 
 def test_k8s_render_declares_the_mounted_pvc_shared():
     import yaml
 
     from cluster.k8s import render_manifests
-    from trainers.config import build_spec
+    from trainers.config_load import build_spec
 
     base = {"model": {"preset": "tiny-llama"}, "task": {"type": "causal_lm"},
             "data": {"train_files": ["/mnt/ferry/data/x.jsonl"]}}

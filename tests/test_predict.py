@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import classification_rows, lm_rows, make_spec, write_jsonl
 
-from trainers.data import DataError
+from trainers.errors import DataError
 from trainers.model import build_model, load_tokenizer_for
 from trainers.predict import check_predict_inputs, predict_dataset
 
 
 def _export(tmp_path, data_dir, kind: str, method: str):
     """A random-init preset saved like a finished run's <run>/final (no training needed)."""
-    from trainers.loop import _save_preset_base
+    from trainers.export import _save_base
 
     spec = make_spec(tmp_path, kind, data_dir, method=method,
                      scaling={"num_workers": 1, "cpus_per_worker": 0.5})
@@ -29,7 +29,7 @@ def _export(tmp_path, data_dir, kind: str, method: str):
     final = tmp_path / "final"
     model.save_pretrained(final)
     if method == "lora":
-        _save_preset_base(model, model.state_dict(), str(final), str(final))
+        _save_base(model, model.state_dict(), str(final), str(final))
     tok.save_pretrained(final)
     if labels:
         (final / "labels.json").write_text(json.dumps(labels))

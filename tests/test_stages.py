@@ -11,7 +11,8 @@ import torch
 import yaml
 from conftest import classification_rows, write_jsonl
 
-from trainers.config import ConfigError, build_spec, load_config
+from trainers.config_load import build_spec, load_config
+from trainers.errors import ConfigError
 from trainers.stages import run_stages, stage_specs
 
 
@@ -76,7 +77,7 @@ def test_stage_file_paths_are_relative_to_the_config(tmp_path, data_dir):
 def test_masked_lm_masks_are_static_and_near_the_rate():
     from transformers import BertTokenizerFast
 
-    from trainers.config import build_spec as bs
+    from trainers.config_load import build_spec as bs
     from trainers.model import _train_tokenizer
     from trainers.tasks import masked_lm
 
@@ -104,7 +105,8 @@ def test_domain_adaptation_chain_resumes_in_stage_two(ray_session, tmp_path, dat
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-    from trainers.launch import TrainingFailedError
+    from trainers.errors import TrainingFailedError
+    from trainers.train.loop import KillAfterStep
 
     # Unlabeled in-domain text: the same review language as the task, without labels.
     domain = write_jsonl(tmp_path / "domain.jsonl",
@@ -115,10 +117,8 @@ def test_domain_adaptation_chain_resumes_in_stage_two(ray_session, tmp_path, dat
     task_run = tmp_path / "runs" / "da-task"
 
     # Stage 2 loses its worker after step 14 (stage 1 has only 12 steps, so it finishes).
-    env = {"FERRY_FAULT_KILL_AT_STEP": "14", "FERRY_FAULT_MARKER": str(tmp_path / "killed"),
-           "FERRY_FAULT_DELAY_S": "3"}
     with pytest.raises(TrainingFailedError):
-        run_stages(spec, worker_env=env)
+        run_stages(spec, fault=KillAfterStep(14, str(tmp_path / "killed"), delay_s=3))
     assert (tmp_path / "killed").exists()
     stage1_final = tmp_path / "runs" / "da-domain" / "final"
     stage1_mtime = os.path.getmtime(stage1_final / "metrics.json")
@@ -161,6 +161,6 @@ def test_domain_adaptation_chain_resumes_in_stage_two(ray_session, tmp_path, dat
 
     # A finished stage whose config changed is refused, naming the stage and the fix.
     raw["stages"][0]["set"]["train.max_steps"] = 13
-    with pytest.raises(ConfigError, match=r"stages\[0\] \(domain\): run.name=da-domain: this stage "
-                                          r"finished earlier with a different config"):
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(domain\): run.name=da-domain: this run "
+                                          r"finished earlier with a different config \(changed: "):
         run_stages(build_spec(raw))

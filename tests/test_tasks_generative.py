@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from trainers.config import build_spec
-from trainers.data import DataError
+from trainers.config_load import build_spec
+from trainers.errors import DataError
 from trainers.tasks import question_answering as qa
 from trainers.tasks import summarization
 
@@ -125,7 +125,7 @@ def test_best_span_stays_in_the_context_and_in_order():
 
 
 def test_preset_task_table_rejects_a_mismatch():
-    from trainers.config import ConfigError
+    from trainers.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.preset=tiny-t5: cannot be trained for "
                                           r"task.type=question_answering \(extractive\)"):
@@ -138,13 +138,14 @@ def test_preset_task_table_rejects_a_mismatch():
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_t5_summarization_learns_and_predicts_in_order(ray_session, tmp_path):
-    from trainers.launch import train
     from trainers.predict import predict_dataset
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     data = write_jsonl(tmp_path / "sum.jsonl", summary_rows(120))
     spec = _spec(tmp_path, "tiny-t5", {"type": "summarization"}, data,
                  train={"max_steps": 40, "eval_every_n_steps": 40})
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     before, final = outcome.metrics["before"], outcome.metrics["final"]
     assert final["eval/loss"] < before["eval/loss"] * 0.7
     for key in ("eval/rouge1", "eval/rouge2", "eval/rougeL"):
@@ -167,7 +168,8 @@ def test_t5_summarization_learns_and_predicts_in_order(ray_session, tmp_path):
 def test_decoder_summarization_lora_on_two_zero3_workers(ray_session, tmp_path):
     """Decoder-only prompt -> summary with LoRA; ZeRO-3 on 2 ranks generates with synced_gpus
     (an uneven validation split makes one rank decode a spare batch)."""
-    from trainers.launch import train
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     data = write_jsonl(tmp_path / "sum.jsonl", summary_rows(100, seed=1))
     spec = _spec(tmp_path, "tiny-llama", {"type": "summarization"}, data, method="lora",
@@ -176,7 +178,7 @@ def test_decoder_summarization_lora_on_two_zero3_workers(ray_session, tmp_path):
                         "micro_batch_size_per_worker": 4, "eval_batch_size_per_worker": 4},
                  deepspeed={"zero_stage": 3},
                  scaling={"num_workers": 2, "cpus_per_worker": 1})
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     final = outcome.metrics["final"]
     assert set(summarization.METRICS) <= set(final)
     assert final["eval/loss"] < outcome.metrics["before"]["eval/loss"]
@@ -186,13 +188,14 @@ def test_decoder_summarization_lora_on_two_zero3_workers(ray_session, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_extractive_qa_learns_and_predicts_spans(ray_session, tmp_path):
-    from trainers.launch import train
     from trainers.predict import predict_dataset
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     data = write_jsonl(tmp_path / "qa.jsonl", qa_rows(120))
     spec = _spec(tmp_path, "tiny-bert", {"type": "question_answering"}, data,
                  train={"max_steps": 45, "eval_every_n_steps": 45})
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     before, final = outcome.metrics["before"], outcome.metrics["final"]
     assert final["eval/loss"] < before["eval/loss"] * 0.7
     assert final["eval/exact_match"] > before["eval/exact_match"] + 0.5
@@ -213,7 +216,8 @@ def test_extractive_qa_learns_and_predicts_spans(ray_session, tmp_path):
 @pytest.mark.timeout(300)
 def test_generative_qa_t5_lora_export_evaluates_to_the_same_metrics(ray_session, tmp_path):
     from trainers.evaluate import evaluate_checkpoint
-    from trainers.launch import train
+    from trainers.preflight import prepare_run
+    from trainers.train.launch import train
 
     rows = qa_rows(80, seed=2)
     for r in rows[::2]:  # generative answers may be plain strings
@@ -222,7 +226,7 @@ def test_generative_qa_t5_lora_export_evaluates_to_the_same_metrics(ray_session,
     spec = _spec(tmp_path, "tiny-t5", {"type": "question_answering", "qa_style": "generative"},
                  data, method="lora", lora={"target_modules": ["q", "k", "v", "o", "wi", "wo"]},
                  train={"learning_rate": 1e-2, "max_steps": 10, "eval_every_n_steps": 10})
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     final = outcome.metrics["final"]
     assert set(qa.METRICS) <= set(final)
     assert final["eval/loss"] < outcome.metrics["before"]["eval/loss"]
@@ -234,7 +238,7 @@ def test_generative_qa_t5_lora_export_evaluates_to_the_same_metrics(ray_session,
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_qa_answer_outside_its_context_is_rejected_with_file_and_row(ray_session, tmp_path):
-    from trainers.data import prepare_dataset
+    from trainers.data.prepare import prepare_dataset
     from trainers.model import load_tokenizer_for
 
     rows = qa_rows(20)

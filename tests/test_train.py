@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainers.launch import has_checkpoint, train
+from trainers.preflight import has_checkpoint, prepare_run
+from trainers.train.launch import train
+from trainers.train.loop import KillAfterStep
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +67,7 @@ def test_two_worker_training_learns_and_exports(ray_session, spec_factory, kind,
     lora = {"target_modules": targets} if kind == "lm" else {"target_modules": ["query", "key", "value", "dense"]}
     spec = spec_factory(kind, method=method, deepspeed={"zero_stage": stage},
                         train={"learning_rate": lr}, lora=lora)
-    outcome = train(spec)
+    outcome = train(prepare_run(spec))
     before, final = outcome.metrics["before"], outcome.metrics["final"]
     assert outcome.metrics["steps"] == 2 * (outcome.data.train_rows // 2 // 4)
     # LoRA cannot touch a random-init model's embeddings, so the LM gains less than full tuning.
@@ -92,23 +94,24 @@ def test_two_worker_training_learns_and_exports(ray_session, spec_factory, kind,
     assert reloaded == pytest.approx(final["eval/loss"], rel=2e-3)
     if method == "lora":
         # --merge: the adapter merged into the base model is a plain transformers model.
-        from trainers.launch import merge_adapter
+        from trainers.saved import merge_adapter
 
         merged = merge_adapter(outcome.export_dir)
         assert _reload_eval_loss(merged, outcome.data, spec.task.type, "full") == pytest.approx(reloaded, rel=1e-4)
 
 
 def test_workers_that_would_starve_ray_data_are_refused_up_front(ray_session, spec_factory):
-    from trainers.config import ConfigError
+    from trainers.errors import ConfigError
 
     cpus = int(ray_session.cluster_resources()["CPU"])
     spec = spec_factory("cls", scaling={"num_workers": cpus, "cpus_per_worker": 1})
     with pytest.raises(ConfigError, match=rf"scaling\.num_workers={cpus}: .* = {cpus + 1} CPUs, but the cluster has {cpus}"):
-        train(spec)
+        train(prepare_run(spec))
 
 
 def test_nan_loss_stops_training():
-    from trainers.loop import DivergedError, _stop_if_diverged
+    from trainers.errors import DivergedError
+    from trainers.train.loop import _stop_if_diverged
 
     _stop_if_diverged(torch.tensor(0.5), step=3)
     with pytest.raises(DivergedError, match="training loss became nan at step 8: stopped; the last good checkpoint is kept"):
@@ -120,14 +123,13 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
     from conftest import write_jsonl
     from ray.train.torch import TorchTrainer
 
-    from trainers.data import prepare_dataset
-    from trainers.launch import _datasets, dataset_config
-    from trainers.model import load_tokenizer_for
+    from trainers.data.prepare import prepare_dataset
+    from trainers.train.launch import dataset_config, ray_datasets
 
     rows = [{"text": f"item number {i} is {'good' if i % 2 else 'bad'}", "label": str(i % 2)} for i in range(203)]
     f = write_jsonl(tmp_path / "unique.jsonl", rows)
     spec = spec_factory("cls", data={"train_files": [f]})
-    prepared = prepare_dataset(spec, lambda t: load_tokenizer_for(spec, t))
+    prepared = prepare_dataset(spec)
 
     def loop(_):
         shard = ray.train.get_dataset_shard("train")
@@ -137,7 +139,7 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
 
     TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=2),
                  run_config=ray.train.RunConfig(storage_path=str(tmp_path / "shards")),
-                 datasets=_datasets(prepared), dataset_config=dataset_config()).fit()
+                 datasets=ray_datasets(prepared), dataset_config=dataset_config()).fit()
     seen = [set(map(tuple, json.load(open(tmp_path / f"rank{r}.json")))) for r in range(2)]
     everything = {tuple(r["input_ids"]) for r in pq.read_table(prepared.train_path).to_pylist()}
     assert len(everything) == prepared.train_rows  # every row is unique
@@ -148,10 +150,10 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_session, spec_factory, tmp_path):
     common = dict(method="full", deepspeed={"zero_stage": 2}, train={"eval_every_n_steps": 5})
-    baseline = train(spec_factory("cls", run={"name": "base"}, **common))
+    baseline = train(prepare_run(spec_factory("cls", run={"name": "base"}, **common)))
     marker = tmp_path / "killed"
     spec = spec_factory("cls", run={"name": "killed"}, scaling={"max_failures": 1}, **common)
-    outcome = train(spec, worker_env={"FERRY_FAULT_KILL_AT_STEP": "12", "FERRY_FAULT_MARKER": str(marker)})
+    outcome = train(prepare_run(spec), fault=KillAfterStep(12, str(marker)))
     assert marker.exists()  # the worker really was killed
     state = _history(outcome)
     # Resumed from the step-10 checkpoint, not from scratch: the before-training eval ran once and
@@ -166,7 +168,7 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_session, spec_f
 
 
 def test_stopped_run_resumes_on_rerun_and_completed_run_is_not_retrained(ray_session, spec_factory, tmp_path):
-    from trainers.launch import TrainingFailedError
+    from trainers.errors import TrainingFailedError
 
     common = dict(method="lora", deepspeed={"zero_stage": 3}, train={"eval_every_n_steps": 5, "learning_rate": 1e-2},
                   run={"name": "stop"})
@@ -174,19 +176,19 @@ def test_stopped_run_resumes_on_rerun_and_completed_run_is_not_retrained(ray_ses
     marker = tmp_path / "stopped"
     with pytest.raises(TrainingFailedError):
         # max_failures=0: the kill stops the run, like a lost driver or node would.
-        train(spec, worker_env={"FERRY_FAULT_KILL_AT_STEP": "12", "FERRY_FAULT_MARKER": str(marker)})
+        train(prepare_run(spec), fault=KillAfterStep(12, str(marker)))
     assert has_checkpoint(spec)
-    resumed = train(spec_factory("lm", **{**common, "run": {"name": "stop", "resume": "must"}}))
+    resumed = train(prepare_run(spec_factory("lm", **{**common, "run": {"name": "stop", "resume": "must"}})))
     state = _history(resumed)
     assert [h["train/step"] for h in state["history"]][:2] == [5, 10]
     total = resumed.metrics["steps"]
     assert total == 2 * (resumed.data.train_rows // 2 // 4)
     # Rerunning a completed run continues from its last checkpoint: no extra steps, same metrics.
-    again = train(spec)
+    again = train(prepare_run(spec))
     assert again.metrics["steps"] == total
     assert again.metrics["final"]["eval/loss"] == pytest.approx(resumed.metrics["final"]["eval/loss"], rel=1e-6)
     # resume=never refuses, before anything starts, to touch a run that has checkpoints.
-    from trainers.config import ConfigError
+    from trainers.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"run\.resume=never: run\.name=stop already has checkpoints"):
-        train(spec_factory("lm", **{**common, "run": {"name": "stop", "resume": "never"}}))
+        prepare_run(spec_factory("lm", **{**common, "run": {"name": "stop", "resume": "never"}}))

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from conftest import classification_rows, write_jsonl
 
-from trainers.config import ConfigError, build_spec, load_config
+from trainers.config_load import build_spec, load_config
+from trainers.errors import ConfigError
 from tuning.config import OverfittingConfig, TuneConfig, check_space, load_search
 from tuning.report import tune_statuses
 from tuning.resources import size_trials

@@ -23,7 +23,10 @@ from collections import Counter
 from typing import Any
 
 from trainers.config import RunSpec
-from trainers.data import DataError, _format_of, _parse_file, _peek_columns, expand_files
+from trainers.data.files import expand_files, format_of, parse_file, peek_columns
+from trainers.errors import ConfigError, DataError
+from trainers.model import load_pretrained, load_tokenizer_for, model_config
+from trainers.storage import is_uri
 
 # Thresholds of the recommendation. Ratios compare the target with the source side.
 UNK_RATE_HIGH = 0.01
@@ -261,7 +264,7 @@ def write_report(report: dict[str, Any], path: str) -> str:
     import pyarrow.fs as pafs
 
     text = json.dumps(report, indent=2)
-    if "://" not in path:
+    if not is_uri(path):
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
     fs, p = pafs.FileSystem.from_uri(path)
@@ -313,13 +316,13 @@ def _read_source(spec: RunSpec, patterns: list[str], max_rows: int) -> tuple[lis
 def _read_file(path: str, spec: RunSpec, columns: list[str], key: str) -> tuple[list[dict], int]:
     """(good rows, bad-row count) of one file, with training's parsers; bad rows are counted,
     not fatal: the report needs a sample, not every row."""
-    fmt = _format_of(path, spec.data.format)
-    cols = _peek_columns(path, fmt)
+    fmt = format_of(path, spec.data.format)
+    cols = peek_columns(path, fmt)
     for col in columns:
         if cols is not None and col not in cols:
             raise DataError(f"{key}={path}: column '{col}' not found (has: "
                             f"{', '.join(sorted(cols))}). Set the matching data.*_column or fix the file.")
-    records, errors = _parse_file(path, fmt, columns)
+    records, errors = parse_file(path, fmt, columns)
     good = [rec for rec, err in zip(records, errors)
             if err is None and rec and all(rec.get(c) is not None and str(rec[c]).strip() for c in columns)]
     return good, len(records) - len(good)
@@ -333,8 +336,6 @@ def _sample(texts: list[str], n: int) -> list[str]:
 
 
 def _tokenizer(spec: RunSpec, target_texts: list[str], notes: list[str]):
-    from trainers.model import load_tokenizer_for
-
     if spec.model.preset:
         notes.append("the preset's tokenizer is trained here on the target sample, so target "
                      "unknown-token rate and fertility are low by construction")
@@ -356,12 +357,8 @@ def _load_base_model(spec: RunSpec, tokenizer):
     import torch
     import transformers
 
-    from trainers.model import model_config
-
     cfg = model_config(spec, tokenizer, None)
     if getattr(cfg, "is_encoder_decoder", False):
-        from trainers.config import ConfigError
-
         raise ConfigError([
             f"model={spec.model.preset or spec.model.name_or_path}: ferry analyze reads encoder or "
             f"decoder models; this {cfg.model_type} model is an encoder-decoder (not supported "
@@ -377,14 +374,11 @@ def _load_base_model(spec: RunSpec, tokenizer):
     torch.manual_seed(spec.run.seed)
     if spec.model.preset:
         return cls.from_config(cfg).eval(), kind, None
-    m = spec.model
     # A missing head is expected (and reported below): keep transformers' loading table quiet.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, info = cls.from_pretrained(
-            m.source, config=cfg, gguf_file=m.gguf_file, revision=m.revision,
-            trust_remote_code=m.trust_remote_code, dtype=torch.float32, output_loading_info=True)
+        model, info = load_pretrained(cls, spec.model, config=cfg, output_loading_info=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
     reason = None if kind else f"no language-model head for model type '{cfg.model_type}'"

@@ -1,7 +1,9 @@
 """Tokenizers and models: pretrained (HF id, local dir, GGUF) or a small random-init preset, + LoRA.
 
 `build_model` is the entry point on workers; `load_tokenizer_for` and `check_lora_fits` run on the
-driver before training starts.
+driver before training starts. `load_pretrained` is the one place a base model is loaded from its
+source (id or folder, GGUF file, revision, trust_remote_code): training, feature extraction and
+analysis all go through it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from trainers.config import RunSpec
+from trainers.config import ModelConfig, RunSpec
+from trainers.storage import is_uri, localize
+from trainers.tasks import TASKS
 
-_PRESETS = {
+PRESETS = {
     "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
     "small-llama": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -110,7 +114,7 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
             # No KV cache in training; with one, transformers skips packed-sequence masking.
             ids.update(tie_word_embeddings=True, use_cache=False)
         vocab = len(tokenizer) if tokenizer is not None else m.preset_vocab_size
-        return cls(vocab_size=vocab, **_PRESETS[m.preset], **ids, **extra)
+        return cls(vocab_size=vocab, **PRESETS[m.preset], **ids, **extra)
     cfg = transformers.AutoConfig.from_pretrained(
         m.source, gguf_file=m.gguf_file, revision=m.revision,
         trust_remote_code=m.trust_remote_code, **extra,
@@ -129,7 +133,6 @@ def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_conf
     """
     import transformers
 
-    from trainers.tasks import TASKS
 
     torch.manual_seed(spec.run.seed)
     cfg = model_config(spec, tokenizer, label_names)
@@ -138,16 +141,31 @@ def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_conf
         if spec.model.preset:
             model = cls.from_config(cfg)
         else:
-            m = spec.model
-            model = cls.from_pretrained(
-                m.source, config=cfg, gguf_file=m.gguf_file, revision=m.revision,
-                trust_remote_code=m.trust_remote_code, dtype=torch.float32,
-            )
-    if spec.model.gguf_file:
-        _drop_gguf_marker(model)
+            model = load_pretrained(cls, spec.model, config=cfg)
     if spec.method == "lora":
         model = apply_lora(model, spec)
     return model
+
+
+def load_pretrained(cls, m: ModelConfig, **kwargs):
+    """`cls.from_pretrained` on the base model `m` names, in float32 (kwargs pass through, e.g.
+    config=, output_loading_info=). A URI source is copied to a local folder first."""
+    source = m.source
+    if source and is_uri(source):
+        source = localize(source)
+    loaded = cls.from_pretrained(source, gguf_file=m.gguf_file, revision=m.revision,
+                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
+                                 **kwargs)
+    if m.gguf_file:
+        _drop_gguf_marker(loaded[0] if isinstance(loaded, tuple) else loaded)
+    return loaded
+
+
+def load_tokenizer(uri: str):
+    """Load a tokenizer Ferry saved (data cache, export; local path or URI)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(localize(uri))
 
 
 def _drop_gguf_marker(model) -> None:
@@ -221,7 +239,6 @@ def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> 
         return []
     import transformers
 
-    from trainers.tasks import TASKS
 
     cfg = model_config(spec, tokenizer, label_names)
     with torch.device("meta"):

@@ -30,16 +30,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainers.config import ConfigError, RunSpec
-from trainers.data import (
-    DataError,
-    PreparedData,
-    _format_of,
-    _parse_file,
-    _peek_columns,
-    _unwrap_data_errors,
-    expand_files,
-)
+from trainers.config import RunSpec
+from trainers.data.files import expand_files, format_of, parse_file, peek_columns
+from trainers.data.prepare import PreparedData
+from trainers.errors import ConfigError, DataError, unwrap_data_errors
+from trainers.model import load_tokenizer
+from trainers.preflight import prepare_data
+from trainers.saved import is_checkpoint, load_saved
+from trainers.storage import is_uri
+from trainers.tasks import TASKS
 
 log = logging.getLogger("ferry.predict")
 
@@ -114,7 +113,7 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
         num_gpus=spec.scaling.gpus_per_worker,
     )
     os.makedirs(output_dir, exist_ok=True)
-    with _unwrap_data_errors():
+    with unwrap_data_errors():
         predictions.write_parquet(os.path.abspath(output_dir))
     written = sorted(f for f in os.listdir(output_dir) if f.endswith(".parquet"))
     n = sum(pq.ParquetFile(os.path.join(output_dir, f)).metadata.num_rows for f in written)
@@ -133,7 +132,7 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
     if not os.path.isdir(checkpoint):
         problems.append(f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
                         "checkpoint_step_* folder of the run.")
-    if "://" in output_dir:
+    if is_uri(output_dir):
         problems.append(f"--output={output_dir}: must be a local folder. Write locally, then copy.")
     elif os.path.isdir(output_dir) and os.listdir(output_dir):
         problems.append(f"--output={output_dir}: folder is not empty (predictions would mix with its "
@@ -149,8 +148,8 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
         raise ConfigError(problems)
     files = expand_files(input_files, "--input")
     for path in files:
-        cols = _peek_columns(path, _format_of(path, spec.data.format))
-        for column, key in _input_columns(spec).values():
+        cols = peek_columns(path, format_of(path, spec.data.format))
+        for column, key in input_columns(spec).values():
             if cols is not None and column not in cols:
                 raise DataError(
                     f"--input={path}: column '{column}' not found (has: {', '.join(sorted(cols))}). "
@@ -159,37 +158,19 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
     return files
 
 
-def _text_column(spec: RunSpec) -> tuple[str, str]:
-    """The column the model reads, and its config key: the prompt for instruction-tuned LMs."""
-    if spec.task.type == "causal_lm" and spec.data.prompt_column:
-        return spec.data.prompt_column, "data.prompt_column"
-    if spec.task.type == "question_answering":
-        return spec.data.context_column, "data.context_column"
-    return spec.data.text_column, "data.text_column"
-
-
-def _input_columns(spec: RunSpec) -> dict[str, tuple[str, str]]:
-    """Canonical name -> (the input's column, its config key) for every column the model reads."""
-    if spec.task.type == "question_answering":
-        return {"question": (spec.data.question_column, "data.question_column"),
-                "context": (spec.data.context_column, "data.context_column")}
-    return {"text": _text_column(spec)}
+def input_columns(spec: RunSpec) -> dict[str, tuple[str, str]]:
+    """Canonical name -> (the input's column, its config key) for every column the model reads,
+    in the task's order (the first is the text a generative model continues)."""
+    task = TASKS[spec.task.type]
+    fields = task.columns(spec.data)
+    return {canon: (getattr(spec.data, fields[canon]), f"data.{fields[canon]}")
+            for canon in task.predict_inputs(spec.data)}
 
 
 def _prepared_data_for(spec: RunSpec, checkpoint: str) -> PreparedData | None:
     """A DeepSpeed checkpoint carries weights only: its tokenizer and labels come from the run's
     preprocessed data (a cache hit after training). An export carries its own."""
-    from trainers.loop import DS_TAG
-
-    if not os.path.isdir(os.path.join(checkpoint, DS_TAG)):
-        return None
-    from trainers.data import check_data, prepare_dataset
-    from trainers.model import load_tokenizer_for
-
-    problems = check_data(spec)
-    if problems:
-        raise ConfigError(problems)
-    return prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
+    return prepare_data(spec) if is_checkpoint(checkpoint) else None
 
 
 def _label_names(spec: RunSpec, checkpoint: str, data: PreparedData | None) -> list[str] | None:
@@ -216,7 +197,7 @@ def _label_names(spec: RunSpec, checkpoint: str, data: PreparedData | None) -> l
 def _read_inputs(files: list[str], spec: RunSpec):
     import ray.data
 
-    columns = [c for c, _ in _input_columns(spec).values()]
+    columns = [c for c, _ in input_columns(spec).values()]
     items = [{"path": p} for p in files]
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_file_batch,
@@ -232,7 +213,7 @@ def _read_file_batch(batch: pa.Table, columns: list[str], label_column: str, fmt
     """One input file -> file, row, [id], text columns[, label]; bad rows fail or are left out."""
     path = batch.column("path")[0].as_py()
     wanted = [ID_COLUMN, *columns, label_column]
-    records, errors = _parse_file(path, _format_of(path, fmt), wanted)
+    records, errors = parse_file(path, format_of(path, fmt), wanted)
     keep: list[tuple[int, dict]] = []
     skipped = 0
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
@@ -275,35 +256,27 @@ class _Predictor:
 
     def __init__(self, spec_dict: dict[str, Any], checkpoint: str, data_dict: dict | None,
                  label_names: list[str] | None, max_new_tokens: int | None):
-        from transformers import AutoTokenizer
-
-        from trainers.data import load_tokenizer
-        from trainers.evaluate import load_for_eval
-
         self.spec = RunSpec.model_validate(spec_dict)
         data = PreparedData(**data_dict) if data_dict else None
-        self.tokenizer = (load_tokenizer(data.tokenizer_path) if data
-                          else AutoTokenizer.from_pretrained(checkpoint))
+        self.tokenizer = load_tokenizer(data.tokenizer_path if data else checkpoint)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # `data` is only read for DeepSpeed checkpoints (to rebuild the model); exports load
         # from their own folder.
-        self.model = load_for_eval(self.spec, self.tokenizer, data, checkpoint)
-        self.column, _ = _text_column(self.spec)
+        self.model = load_saved(self.spec, self.tokenizer, data, checkpoint)
+        self.column = next(iter(input_columns(self.spec).values()))[0]
         self.label_names = label_names
         self.max_new_tokens = max_new_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from trainers.tasks import TASKS
-
         task = TASKS[self.spec.task.type]
         texts = batch.column(self.column).to_pylist()
         with torch.no_grad():
             if hasattr(task, "predict"):
                 inputs = {canon: batch.column(col).to_pylist()
-                          for canon, (col, _) in _input_columns(self.spec).items()}
+                          for canon, (col, _) in input_columns(self.spec).items()}
                 for name, values in task.predict(self.model, self.tokenizer, inputs, self.spec,
                                                  self.max_new_tokens).items():
                     batch = batch.append_column(name, pa.array(values))

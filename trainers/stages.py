@@ -17,15 +17,25 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.fs as pafs
-import yaml
-
-from trainers.config import ConfigError, RunSpec, build_spec, set_path
+from trainers.config import RunSpec
+from trainers.config_load import build_spec, set_path
+from trainers.errors import ConfigError
+from trainers.preflight import (
+    check_resources,
+    check_run,
+    check_storage,
+    has_checkpoint,
+    plan_checked,
+    recorded_config,
+)
+from trainers.saved import export_exists, read_export_metrics
+from trainers.storage import MERGED_DIR, exists, filesystem
+from trainers.train.launch import train
+from trainers.train.loop import KillAfterStep
 
 log = logging.getLogger("ferry.stages")
 
@@ -53,7 +63,7 @@ class StagesOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def run_stages(spec: RunSpec, worker_env: dict[str, str] | None = None) -> StagesOutcome:
+def run_stages(spec: RunSpec, fault: KillAfterStep | None = None) -> StagesOutcome:
     """Run `spec.stages` in order, each from the previous stage's model; write the report.
 
     Raises:
@@ -61,22 +71,19 @@ def run_stages(spec: RunSpec, worker_env: dict[str, str] | None = None) -> Stage
             the first one starts), or a finished stage's recorded config differs from this one.
         TrainingFailedError: a stage started and failed (rerun to resume it).
     """
-    from trainers.data import check_data
-    from trainers.launch import check_resources, check_storage
-
     plan = stage_specs(spec)
     problems: list[str] = []
     for label, stage_spec in plan:
-        problems += [f"{label}: {p}" for p in check_data(stage_spec) + _check_finished(stage_spec)]
+        problems += [f"{label}: {p}" for p in check_run(stage_spec)]
     problems += check_resources(plan[0][1]) + check_storage(plan[0][1])
     if problems:
         raise ConfigError(problems)
 
-    results = [_run_one(label, s, merge=i < len(plan) - 1, worker_env=worker_env)
+    results = [_run_one(label, s, merge=i < len(plan) - 1, fault=fault)
                for i, (label, s) in enumerate(plan) if not label.endswith("(baseline)")]
     baseline = None
     if plan[-1][0].endswith("(baseline)"):
-        baseline = _run_one(plan[-1][0], plan[-1][1], merge=False, worker_env=worker_env)
+        baseline = _run_one(plan[-1][0], plan[-1][1], merge=False, fault=fault)
     return _write_report(spec, results, baseline)
 
 
@@ -132,45 +139,26 @@ def stage_specs(spec: RunSpec) -> list[tuple[str, RunSpec]]:
 def _model_dir(spec: RunSpec) -> str:
     """Where a stage's model lands: its export, or the merged model for a LoRA stage (a plain
     checkpoint the next stage can load, fine-tune fully or adapt again)."""
-    return spec.run_dir + ("/final/merged" if spec.method == "lora" else "/final")
+    return spec.export_dir + (f"/{MERGED_DIR}" if spec.method == "lora" else "")
 
 
-def _check_finished(spec: RunSpec) -> list[str]:
-    recorded = _recorded_config(spec)
-    if recorded is None or recorded == spec.model_dump(mode="json"):
-        return []
-    return [f"run.name={spec.run.name}: this stage finished earlier with a different config "
-            f"({spec.run_dir}/final/ferry_run.yaml). Use a new run.name or delete {spec.run_dir}."]
-
-
-def _recorded_config(spec: RunSpec) -> dict[str, Any] | None:
-    """The config a finished stage recorded in its export, or None when it has not finished."""
-    fs, root = pafs.FileSystem.from_uri(_abs(spec.run_dir + "/final"))
-    if fs.get_file_info(f"{root}/metrics.json").type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(f"{root}/ferry_run.yaml") as f:
-        return yaml.safe_load(f.read())
-
-
-def _run_one(label: str, spec: RunSpec, merge: bool, worker_env) -> StageResult:
-    from trainers.launch import has_checkpoint, read_export_metrics, train
-
-    export_dir = spec.run_dir + "/final"
+def _run_one(label: str, spec: RunSpec, merge: bool, fault: KillAfterStep | None) -> StageResult:
     merge = merge and spec.method == "lora"
     t0 = time.perf_counter()
-    if _recorded_config(spec) is not None and (not merge or _exists(export_dir + "/merged")):
+    finished = export_exists(spec.export_dir) and recorded_config(spec) is not None
+    if finished and (not merge or exists(f"{spec.export_dir}/{MERGED_DIR}")):
         status = "complete"
-        log.info("%s: finished earlier, skipped (%s)", label, export_dir)
-        metrics = read_export_metrics(export_dir)
+        log.info("%s: finished earlier, skipped (%s)", label, spec.export_dir)
+        metrics = read_export_metrics(spec.export_dir)
     else:
         status = "resumed" if has_checkpoint(spec) else "ran"
         log.info("%s: %s %s/%s run %s", label, "resuming" if status == "resumed" else "starting",
                  spec.task.type, spec.method, spec.run.name)
-        metrics = train(spec, merge=merge, worker_env=worker_env).metrics
+        metrics = train(plan_checked(spec), merge=merge, fault=fault).metrics
     return StageResult(
-        name=label, run_name=spec.run.name, task=spec.task.type, method=spec.method, status=status,
-        export_dir=export_dir, before=metrics.get("before"), final=metrics.get("final") or {},
-        wall_s=round(time.perf_counter() - t0, 1),
+        name=label, run_name=spec.run.name, task=spec.task.type, method=spec.method,
+        status=status, export_dir=spec.export_dir, before=metrics.get("before"),
+        final=metrics.get("final") or {}, wall_s=round(time.perf_counter() - t0, 1),
     )
 
 
@@ -194,7 +182,7 @@ def _write_report(spec: RunSpec, results: list[StageResult], baseline: StageResu
     path = report_dir + "/stages.json"
     body = {"summary": summary, "stages": [asdict(r) for r in results],
             "baseline": asdict(baseline) if baseline else None}
-    fs, root = pafs.FileSystem.from_uri(_abs(report_dir))
+    fs, root = filesystem(report_dir)
     fs.create_dir(root)
     with fs.open_output_stream(f"{root}/stages.json") as f:
         f.write(json.dumps(body, indent=2).encode())
@@ -210,12 +198,3 @@ def _task_metric(result: StageResult, best_metric: str) -> str:
         if key in result.final:
             return key
     return "eval/loss"
-
-
-def _exists(path: str) -> bool:
-    fs, p = pafs.FileSystem.from_uri(_abs(path))
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def _abs(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)

@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainers.config import ConfigError, RunSpec, build_spec, load_raw, set_path
+from trainers.config import RunSpec
+from trainers.config_load import build_spec, load_raw, set_path
+from trainers.errors import ConfigError
 
 
 class _Strict(BaseModel):

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainers.config import ConfigError, build_spec
+from trainers.config_load import build_spec
+from trainers.errors import ConfigError
 from tuning.config import (
     TuneConfig,
     check_space,
@@ -72,9 +73,9 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     """
     from ray import tune
 
-    from trainers.data import check_data, load_tokenizer, prepare_dataset
-    from trainers.launch import check_resources, check_storage, plan_steps
-    from trainers.model import check_lora_fits, load_tokenizer_for
+    from trainers.data.files import check_data
+    from trainers.model import check_lora_fits, load_tokenizer
+    from trainers.preflight import check_resources, check_storage, plan_checked
     from trainers.tasks import TASKS
     from tuning.report import build_report, print_report
     from tuning.stoppers import OverfittingStopper
@@ -93,18 +94,16 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     if problems:
         raise ConfigError(problems)
 
-    # Prepare the data once here: every trial then hits the same cache instead of racing to build it.
-    data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
+    # Prepare the data once here: every trial trains on it, with no check or preparation of its own.
+    run_plan = plan_checked(spec)
+    data = run_plan.data
     tokenizer = load_tokenizer(data.tokenizer_path)
     for rank in extremes(tune_cfg, "lora.rank"):
         trial = build_spec(trial_config(raw, {"lora.rank": rank}))
         problems += [f"tune.space.lora.rank={rank}: {p}" for p in check_lora_fits(trial, tokenizer, data.label_names)]
-    plan = plan_steps(spec, data)
-    if plan["steps_per_epoch"] == 0:
-        problems.append(f"train.micro_batch_size_per_worker={spec.train.micro_batch_size_per_worker}: "
-                        f"one step needs {spec.global_batch} rows, the data has {data.train_rows}. Lower it.")
     if problems:
         raise ConfigError(problems)
+    plan = {"steps_per_epoch": run_plan.steps_per_epoch, "total_steps": run_plan.total_steps}
 
     os.makedirs(exp_dir, exist_ok=True)
     if not resume:
@@ -115,7 +114,7 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     every = spec.train.eval_every_n_steps
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=raw, settings={
-            "exp_dir": exp_dir, "cache_dir": spec.cache_dir}),
+            "exp_dir": exp_dir, "cache_dir": spec.cache_dir, "data": data.to_dict()}),
         {"CPU": tune_cfg.trial_cpus},
     )
     stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
@@ -165,9 +164,9 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str,
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.data import prepare_dataset
-    from trainers.launch import has_checkpoint, plan_steps, train
-    from trainers.model import load_tokenizer_for
+    from trainers.data.prepare import PreparedData
+    from trainers.preflight import has_checkpoint, plan_for
+    from trainers.train.launch import train
 
     trial_id = tune.get_context().get_trial_id()
     raw = trial_config(base, config)
@@ -176,10 +175,10 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str,
     run.update(name=f"trial-{trial_id}", storage_path=f"{settings['exp_dir']}/runs", resume="auto")
     raw.setdefault("data", {})["cache_dir"] = settings["cache_dir"]
     spec = build_spec(raw)
-    data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))  # a cache hit
+    plan = plan_for(spec, PreparedData(**settings["data"]))  # the driver prepared and checked
     _record_start(f"{settings['exp_dir']}/runs/trial-{trial_id}.json", config,
-                  plan_steps(spec, data)["total_steps"], resumed=has_checkpoint(spec))
-    train(spec, callbacks=[TuneReportCallback()])
+                  plan.total_steps, resumed=has_checkpoint(spec))
+    train(plan, callbacks=[TuneReportCallback()])
 
 
 def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: bool) -> None:
@@ -275,7 +274,7 @@ def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
     spec = build_spec(trial_config(raw, best["params"]))
     out = os.path.join(exp_dir, "best")
     shutil.rmtree(out, ignore_errors=True)
-    export_checkpoint(spec, data, best["best_checkpoint"], out, summary={
+    export_checkpoint(spec, data, best["best_checkpoint"], out, extra={
         "search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]})
     log.info("best trial %s (%s=%.4g at step %s) exported to %s", best["trial_id"],
              report.metric, best["best_metric"], best["best_step"], out)

@@ -1,7 +1,9 @@
 """Tasks: each a small module with the same few functions, chosen by name from `TASKS`.
 
 Every task module provides:
-    required_columns(data_cfg) -> list[str]       raw columns a row must have
+    columns(data_cfg) -> {canonical: data field}   raw columns a row must have, e.g.
+        {"text": "text_column"}: rows are read into the canonical names
+    predict_inputs(data_cfg) -> [canonical]         the columns the model reads in `ferry predict`
     tokenize(table, tokenizer, spec, label_index) -> (pa.Table, n_overlong)
     collate(rows, pad_id) -> dict[str, torch.Tensor]
     model_class(transformers, spec, config) -> the AutoModel class to load (config: the model's

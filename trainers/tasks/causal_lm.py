@@ -24,10 +24,17 @@ IGNORE = -100
 METRICS = ("eval/loss", "eval/perplexity", "eval/tokens")
 
 
-def required_columns(data_cfg) -> list[str]:
+def columns(data_cfg) -> dict[str, str]:
+    """Canonical column -> the `data.` field naming the user's column: instruction pairs when a
+    prompt column is set, else plain text."""
     if data_cfg.prompt_column:
-        return [data_cfg.prompt_column, data_cfg.response_column]
-    return [data_cfg.text_column]
+        return {"prompt": "prompt_column", "response": "response_column"}
+    return {"text": "text_column"}
+
+
+def predict_inputs(data_cfg) -> list[str]:
+    """What the model reads at prediction time: the prompt (or the text to continue)."""
+    return ["prompt"] if data_cfg.prompt_column else ["text"]
 
 
 def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Table, int]:

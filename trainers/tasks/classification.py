@@ -14,8 +14,13 @@ from trainers.tasks.common import overlong_policy, pad_inputs
 METRICS = ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1")
 
 
-def required_columns(data_cfg) -> list[str]:
-    return [data_cfg.text_column, data_cfg.label_column]
+def columns(data_cfg) -> dict[str, str]:
+    """Canonical column -> the `data.` field naming the user's column."""
+    return {"text": "text_column", "label": "label_column"}
+
+
+def predict_inputs(data_cfg) -> list[str]:
+    return ["text"]
 
 
 def tokenize(table: pa.Table, tokenizer, spec, label_index: dict[str, int]) -> tuple[pa.Table, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trainers.errors import DataError
+
 
 def overlong_policy(n_tokens: int, spec, file: str, row: int, fix: str = "") -> str | None:
     """What to do with a row of `n_tokens` tokens under data.overlong.
@@ -20,8 +22,6 @@ def overlong_policy(n_tokens: int, spec, file: str, row: int, fix: str = "") -> 
     if n_tokens <= max_len:
         return None
     if spec.data.overlong == "error":
-        from trainers.data import DataError  # trainers.data imports the tasks
-
         raise DataError(
             f"{file} row {row}: {n_tokens} tokens > data.max_seq_length={max_len}. "
             f"Raise data.max_seq_length{fix} or set data.overlong=truncate|drop."

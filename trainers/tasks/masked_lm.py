@@ -17,18 +17,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trainers.errors import DataError
 from trainers.tasks.causal_lm import IGNORE, METRICS, metrics  # noqa: F401  same loss/perplexity metrics
 from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
 
-def required_columns(data_cfg) -> list[str]:
-    return [data_cfg.text_column]
+def columns(data_cfg) -> dict[str, str]:
+    """Canonical column -> the `data.` field naming the user's column."""
+    return {"text": "text_column"}
+
+
+def predict_inputs(data_cfg) -> list[str]:
+    return []  # nothing to predict per row (refused by ferry predict)
 
 
 def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Table, int]:
     """Token ids with static masks; over-long rows are cut, dropped or rejected per data.overlong."""
-    from trainers.data import DataError
-
     if tokenizer.mask_token_id is None:
         raise DataError(
             f"task.type=masked_lm: the tokenizer of model {spec.model.name_or_path or spec.model.preset} "

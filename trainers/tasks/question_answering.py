@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from trainers.errors import DataError
 from trainers.tasks import summarization as seq
 from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
@@ -37,8 +38,14 @@ PROMPT_SUFFIX = "\nanswer: "  # generative, decoder-only models: between the pro
 METRICS = ("eval/loss", "eval/exact_match", "eval/f1")
 
 
-def required_columns(data_cfg) -> list[str]:
-    return [data_cfg.question_column, data_cfg.context_column, data_cfg.answers_column]
+def columns(data_cfg) -> dict[str, str]:
+    """Canonical column -> the `data.` field naming the user's column."""
+    return {"question": "question_column", "context": "context_column",
+            "answers": "answers_column"}
+
+
+def predict_inputs(data_cfg) -> list[str]:
+    return ["question", "context"]
 
 
 def parse_answers(value: str, extractive: bool) -> tuple[list[str], list[int] | None]:
@@ -106,9 +113,7 @@ def prompt(question: str, context: str) -> str:
 
 def _encode(tokenizer, questions, contexts, max_len):
     if not getattr(tokenizer, "is_fast", False):
-        from trainers.data import DataError
-
-        raise DataError("task.qa_style=extractive: needs a fast tokenizer (character offsets). "
+            raise DataError("task.qa_style=extractive: needs a fast tokenizer (character offsets). "
                         "Use a model whose tokenizer has a tokenizer.json, or qa_style=generative.")
     return tokenizer(questions, contexts, truncation="only_second", max_length=max_len,
                      return_offsets_mapping=True)

@@ -31,8 +31,13 @@ PROMPT_SUFFIX = "\nTL;DR: "  # decoder-only models: what follows the document, b
 METRICS = ("eval/loss", "eval/perplexity", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/gen_len")
 
 
-def required_columns(data_cfg) -> list[str]:
-    return [data_cfg.text_column, data_cfg.summary_column]
+def columns(data_cfg) -> dict[str, str]:
+    """Canonical column -> the `data.` field naming the user's column."""
+    return {"text": "text_column", "summary": "summary_column"}
+
+
+def predict_inputs(data_cfg) -> list[str]:
+    return ["text"]
 
 
 def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Table, int]:

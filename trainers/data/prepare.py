@@ -13,37 +13,30 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import glob
 import hashlib
-import io
 import json
 import logging
 import os
-import re
 import shutil
+import tempfile
 import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from trainers.config import RunSpec
+from trainers.data.files import expand_files, format_of, parse_file, raw_columns
+from trainers.errors import DataError, unwrap_data_errors
+from trainers.model import load_tokenizer, load_tokenizer_for
+from trainers.storage import filesystem, is_uri, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
 
 log = logging.getLogger("ferry.data")
 
-_MARKER = "_FERRY_COMPLETE"
 _CACHE_VERSION = 3  # bump when the preprocessed format changes
-
-
-class DataError(ValueError):
-    """Bad input data: names the file, row and the fix."""
 
 
 @dataclass
@@ -71,21 +64,24 @@ class PreparedData:
         return asdict(self)
 
 
-def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
+def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
     """Read, check, tokenize and cache the run's data; reuse the cache when nothing changed.
 
     Args:
         spec: the validated run config.
-        tokenizer_source: callable(text_iterator_factory) -> tokenizer. Presets train their
-            tokenizer on the training text, pretrained models ignore the argument.
+        tokenizer_source: callable(text_iterator_factory) -> tokenizer; default the run's own
+            (`trainers.model.load_tokenizer_for`: presets train theirs on the training text).
 
     Raises:
         DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
     """
+    if tokenizer_source is None:
+        def tokenizer_source(texts):
+            return load_tokenizer_for(spec, texts)
     files = {"train": expand_files(spec.data.train_files, "data.train_files")}
     if spec.data.validation_files:
         files["validation"] = expand_files(spec.data.validation_files, "data.validation_files")
-    fs, cache_root = pafs.FileSystem.from_uri(_as_uri(spec.cache_dir))
+    fs, cache_root = filesystem(spec.cache_dir)
     settings = _preprocess_settings(spec)
     files_id = [_file_identity(p) for split in files.values() for p in split]
 
@@ -95,11 +91,10 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     tok_id = spec.model.preset + str(spec.model.preset_vocab_size) if spec.model.preset else _tokenizer_identity(tokenizer)
     key = hashlib.sha256(json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()).hexdigest()[:20]
     final = f"{cache_root}/{key}"
-    if fs.get_file_info(f"{final}/{_MARKER}").type == pafs.FileType.File:
-        with fs.open_input_stream(f"{final}/{_MARKER}") as f:
-            meta = json.loads(f.read())
+    meta = read_marker(fs, final)
+    if meta is not None:
         log.info("preprocessing cache hit: %s", final)
-        return PreparedData(**{**meta, "cache_path": _with_scheme(spec.cache_dir, final), "cache_hit": True})
+        return PreparedData(**{**meta, "cache_path": with_scheme(spec.cache_dir, final), "cache_hit": True})
 
     rows = _read_rows(files, spec)
     rows, bad = _check_rows(rows, spec)
@@ -129,10 +124,10 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     tok_dir = f"{partial}/tokenizer"
     _save_tokenizer(tokenizer, fs, tok_dir)
     label_index = {name: i for i, name in enumerate(label_names or [])}
-    tok_uri = _with_scheme(spec.cache_dir, tok_dir)
+    tok_uri = with_scheme(spec.cache_dir, tok_dir)
     counts = {}
     for split, ds in (("train", train_rows), ("validation", val_rows)):
-        with _unwrap_data_errors():
+        with unwrap_data_errors():
             out = ds.map_batches(
                 _tokenize_batch,
                 batch_format="pyarrow",
@@ -149,145 +144,24 @@ def prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
             log.warning("%s: %d rows longer than data.max_seq_length (%s)", split, overlong, spec.data.overlong)
         out = out.drop_columns(["_overlong", "_tokens"])
         counts[split] = (n, tokens)
-        out.write_parquet(_with_scheme(spec.cache_dir, f"{partial}/{split}"))
+        out.write_parquet(with_scheme(spec.cache_dir, f"{partial}/{split}"))
     meta = {
-        "tokenizer_path": _with_scheme(spec.cache_dir, f"{final}/tokenizer"),
+        "tokenizer_path": with_scheme(spec.cache_dir, f"{final}/tokenizer"),
         "label_names": label_names,
         "train_rows": counts["train"][0],
         "validation_rows": counts["validation"][0],
         "train_tokens": counts["train"][1],
         "bad_rows": bad,
     }
-    with fs.open_output_stream(f"{partial}/{_MARKER}") as f:
-        f.write(json.dumps(meta).encode())
-    _publish(fs, partial, final)
-    return PreparedData(**meta, cache_path=_with_scheme(spec.cache_dir, final))
-
-
-@contextlib.contextmanager
-def _unwrap_data_errors():
-    """Re-raise a DataError raised inside a Ray Data task as itself: Ray wraps it in a task
-    error whose message names a Ray task, not the file and row."""
-    try:
-        yield
-    except DataError:
-        raise
-    except Exception as e:
-        # The remote traceback travels as text; the original message is its DataError line.
-        found = re.search(r"trainers\.data\.DataError: (.+)", str(e))
-        if found:
-            raise DataError(found.group(1).strip()) from None
-        raise
-
-
-def expand_files(patterns: list[str], key: str) -> list[str]:
-    """Expand local globs; check URIs exist. Raises DataError naming the pattern."""
-    out: list[str] = []
-    for pat in patterns:
-        if "://" in pat:
-            fs, path = pafs.FileSystem.from_uri(pat)
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                raise DataError(f"{key}={pat}: file not found. Check the URI and credentials.")
-            if info.type == pafs.FileType.Directory:
-                sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                out += [pat.split("://")[0] + "://" + i.path for i in sel if i.type == pafs.FileType.File]
-            else:
-                out.append(pat)
-            continue
-        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        if os.path.isdir(pat):
-            matches = sorted(
-                os.path.join(d, f) for d, _, fs_ in os.walk(pat) for f in fs_ if not f.startswith((".", "_"))
-            )
-        if not matches:
-            raise DataError(f"{key}={pat}: file not found. Fix the path or glob.")
-        out += [os.path.abspath(m) for m in matches if os.path.isfile(m)]
-    return out
-
-
-def check_data(spec: RunSpec) -> list[str]:
-    """Driver-side checks before anything starts: files exist, formats known, columns present."""
-    problems: list[str] = []
-    needed = _raw_columns(spec)
-    for key in ("train_files", "validation_files"):
-        try:
-            paths = expand_files(getattr(spec.data, key), f"data.{key}")
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        for path in paths:
-            try:
-                fmt = _format_of(path, spec.data.format)
-                cols = _peek_columns(path, fmt)
-            except DataError as e:
-                problems.append(str(e))
-                continue
-            except Exception as e:  # unreadable header: reported with the file, not a traceback
-                problems.append(f"data.{key}={path}: cannot read ({e}). Check the file and data.format.")
-                continue
-            for col in needed.values():
-                if cols is not None and col not in cols:
-                    problems.append(
-                        f"data.{key}={path}: column '{col}' not found (has: {', '.join(sorted(cols))}). "
-                        f"Set the matching data.*_column or fix the file."
-                    )
-    return problems
-
-
-def _raw_columns(spec: RunSpec) -> dict[str, str]:
-    """Canonical name -> the user's column name, for the columns the task needs."""
-    d = spec.data
-    if spec.task.type == "causal_lm" and d.prompt_column:
-        return {"prompt": d.prompt_column, "response": d.response_column}
-    if spec.task.type == "question_answering":
-        return {"question": d.question_column, "context": d.context_column, "answers": d.answers_column}
-    cols = {"text": d.text_column}
-    if spec.task.type == "sequence_classification":
-        cols["label"] = d.label_column
-    if spec.task.type == "summarization":
-        cols["summary"] = d.summary_column
-    return cols
-
-
-def _format_of(path: str, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    name = path.lower().removesuffix(".gz")
-    for ext, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
-        if name.endswith(ext):
-            return f
-    raise DataError(
-        f"data.format=auto: cannot tell the format of {path} from its extension. "
-        "Set data.format to jsonl, csv or parquet."
-    )
-
-
-def _peek_columns(path: str, fmt: str) -> set[str] | None:
-    fs, p = pafs.FileSystem.from_uri(_as_uri(path))
-    if fmt == "parquet":
-        with fs.open_input_file(p) as f:
-            return set(pq.ParquetFile(f).schema_arrow.names)
-    with fs.open_input_stream(p) as f:
-        head = f.read(1 << 16)
-    if fmt == "csv":
-        first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace")
-        return set(next(csv.reader([first])))
-    line = head.split(b"\n", 1)[0].strip()
-    if not line:
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None  # reported with its row by the reader
-    return set(obj) if isinstance(obj, dict) else None
+    publish(fs, partial, final, meta)
+    return PreparedData(**meta, cache_path=with_scheme(spec.cache_dir, final))
 
 
 def _read_rows(files: dict[str, list[str]], spec: RunSpec):
     import ray.data
 
     items = [{"path": p, "split": split} for split, paths in files.items() for p in paths]
-    cols = _raw_columns(spec)
+    cols = raw_columns(spec)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_file_batch,
         batch_size=1,
@@ -314,7 +188,7 @@ def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows,
     check_row = getattr(TASKS[spec.task.type], "check_row", None) if spec else None
     path = batch.column("path")[0].as_py()
     split = batch.column("split")[0].as_py()
-    records, errors = _parse_file(path, _format_of(path, fmt), list(columns.values()))
+    records, errors = parse_file(path, format_of(path, fmt), list(columns.values()))
     if max_rows:
         records, errors = records[:max_rows], errors[:max_rows]
     out: dict[str, list] = {k: [] for k in columns}
@@ -353,79 +227,9 @@ def _in_validation(name: str, row: int, seed: int, fraction: float) -> bool:
     return zlib.crc32(f"{seed}:{name}:{row}".encode()) / 2**32 < fraction
 
 
-def _parse_file(path: str, fmt: str, columns: list[str]) -> tuple[list[dict | None], list[str | None]]:
-    fs, p = pafs.FileSystem.from_uri(_as_uri(path))
-    if fmt == "parquet":
-        with fs.open_input_file(p) as f:
-            t = pq.read_table(f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names])
-        return t.to_pylist(), [None] * t.num_rows
-    with fs.open_input_stream(p, compression="detect") as f:
-        raw = f.read()
-    if fmt == "csv":
-        return _parse_csv(raw)
-    records: list[dict | None] = []
-    errors: list[str | None] = []
-    for line in raw.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
-            records.append(obj)
-            errors.append(None)
-        except UnicodeDecodeError:
-            records.append(None)
-            errors.append("not valid UTF-8")
-        except ValueError as e:
-            records.append(None)
-            errors.append(f"malformed JSON ({str(e)[:60]})")
-    return records, errors
-
-
-def _parse_csv(raw: bytes) -> tuple[list[dict | None], list[str | None]]:
-    try:
-        t = pacsv.read_csv(
-            io.BytesIO(raw),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False),
-            read_options=pacsv.ReadOptions(use_threads=False),
-        )
-        return t.to_pylist(), [None] * t.num_rows
-    except (pa.ArrowInvalid, UnicodeDecodeError):
-        pass  # fall back to a line-by-line read that finds the offending row
-    records: list[dict | None] = []
-    errors: list[str | None] = []
-    lines = raw.split(b"\n")
-    header = next(csv.reader([lines[0].decode("utf-8", errors="replace")]))
-    text_lines = []
-    for line in lines[1:]:
-        try:
-            text_lines.append((line.decode("utf-8"), None))
-        except UnicodeDecodeError:
-            text_lines.append(("", "not valid UTF-8"))
-    reader_input = [t for t, _ in text_lines]
-    try:
-        parsed = list(csv.reader(reader_input, strict=True))
-    except csv.Error as e:
-        raise DataError(f"csv parse error ({e}). Fix quoting in the file.") from e
-    for (_, enc_err), fields in zip(text_lines, parsed):
-        if not fields and enc_err is None:
-            continue
-        if enc_err:
-            records.append(None)
-            errors.append(enc_err)
-        elif len(fields) != len(header):
-            records.append(None)
-            errors.append(f"expected {len(header)} fields, got {len(fields)}")
-        else:
-            records.append(dict(zip(header, fields)))
-            errors.append(None)
-    return records, errors
-
-
 def _check_rows(rows, spec: RunSpec):
     """Apply data.on_bad_rows; return good rows and bad-row counts by reason."""
-    with _unwrap_data_errors():
+    with unwrap_data_errors():
         rows = rows.materialize()
     bad_ds = rows.filter(lambda r: r["_error"] is not None)
     n_bad = bad_ds.count()
@@ -532,27 +336,7 @@ def _load_tokenizer_cached(uri: str):
     return _TOKENIZERS[uri]
 
 
-def load_tokenizer(uri: str):
-    """Load a tokenizer saved in the cache (local path or URI, downloaded to a temp dir)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(localize(uri))
-
-
-def localize(uri: str) -> str:
-    """A local directory holding `uri`'s files (the path itself when already local)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    import tempfile
-
-    local = tempfile.mkdtemp(prefix="ferry-")
-    pafs.copy_files(uri, local)
-    return local
-
-
 def _save_tokenizer(tokenizer, fs, path: str) -> None:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         fs.create_dir(path)
@@ -565,7 +349,7 @@ def _preprocess_settings(spec: RunSpec) -> dict[str, Any]:
 
 
 def _file_identity(path: str) -> list:
-    fs, p = pafs.FileSystem.from_uri(_as_uri(path))
+    fs, p = filesystem(path)
     info = fs.get_file_info(p)
     return [path, info.size, info.mtime_ns]
 
@@ -577,31 +361,9 @@ def _tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256((text + extra).encode()).hexdigest()
 
 
-def _publish(fs, partial: str, final: str) -> None:
-    try:
-        fs.move(partial, final)
-    except OSError:
-        # Another run published the same key first (identical content) or the filesystem cannot
-        # rename directories: keep theirs / fall back to copy; the marker decides validity.
-        if fs.get_file_info(f"{final}/{_MARKER}").type != pafs.FileType.File:
-            pafs.copy_files(partial, final, source_filesystem=fs, destination_filesystem=fs)
-        fs.delete_dir(partial)
-
-
-def _as_uri(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
-def _with_scheme(template: str, path: str) -> str:
-    """Re-attach the scheme of `template` (e.g. s3://) to a filesystem-relative `path`."""
-    if "://" in template and not template.startswith("file://"):
-        return template.split("://")[0] + "://" + path.lstrip("/")
-    return path
-
-
 def clear_partial_caches(cache_dir: str) -> int:
     """Delete half-written caches left by interrupted runs (local caches only)."""
-    if "://" in cache_dir or not os.path.isdir(cache_dir):
+    if is_uri(cache_dir) or not os.path.isdir(cache_dir):
         return 0
     stale = [d for d in os.listdir(cache_dir) if ".partial-" in d]
     for d in stale:

@@ -1,0 +1,217 @@
+"""Reading the user's data files: formats, row parsers with file and row numbers, column checks.
+
+`check_data` is the driver-side entry point (files exist, formats known, columns present, before
+anything starts); `parse_file` is what every reader (training data, prediction inputs, analysis)
+uses, so a bad row is reported the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from trainers.config import RunSpec
+from trainers.errors import DataError
+from trainers.storage import absolute, is_uri
+from trainers.tasks import TASKS
+
+
+def check_data(spec: RunSpec) -> list[str]:
+    """Driver-side checks before anything starts: files exist, formats known, columns present."""
+    problems: list[str] = []
+    needed = raw_columns(spec)
+    for key in ("train_files", "validation_files"):
+        try:
+            paths = expand_files(getattr(spec.data, key), f"data.{key}")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        for path in paths:
+            try:
+                fmt = format_of(path, spec.data.format)
+                cols = peek_columns(path, fmt)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            except Exception as e:  # unreadable header: reported with the file, not a traceback
+                problems.append(f"data.{key}={path}: cannot read ({e}). Check the file and data.format.")
+                continue
+            for col in needed.values():
+                if cols is not None and col not in cols:
+                    problems.append(
+                        f"data.{key}={path}: column '{col}' not found (has: {', '.join(sorted(cols))}). "
+                        f"Set the matching data.*_column or fix the file."
+                    )
+    return problems
+
+
+def expand_files(patterns: list[str], key: str) -> list[str]:
+    """Expand local globs; check URIs exist. Raises DataError naming the pattern."""
+    out: list[str] = []
+    for pat in patterns:
+        if is_uri(pat):
+            fs, path = pafs.FileSystem.from_uri(pat)
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.NotFound:
+                raise DataError(f"{key}={pat}: file not found. Check the URI and credentials.")
+            if info.type == pafs.FileType.Directory:
+                sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                out += [pat.split("://")[0] + "://" + i.path for i in sel if i.type == pafs.FileType.File]
+            else:
+                out.append(pat)
+            continue
+        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
+        if os.path.isdir(pat):
+            matches = sorted(
+                os.path.join(d, f) for d, _, fs_ in os.walk(pat) for f in fs_ if not f.startswith((".", "_"))
+            )
+        if not matches:
+            raise DataError(f"{key}={pat}: file not found. Fix the path or glob.")
+        out += [os.path.abspath(m) for m in matches if os.path.isfile(m)]
+    return out
+
+
+def raw_columns(spec: RunSpec) -> dict[str, str]:
+    """Canonical name -> the user's column name, for the columns the task reads (the task says
+    which; the config says what they are called)."""
+    return {canon: getattr(spec.data, field)
+            for canon, field in TASKS[spec.task.type].columns(spec.data).items()}
+
+
+def format_of(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = path.lower().removesuffix(".gz")
+    for ext, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+        if name.endswith(ext):
+            return f
+    raise DataError(
+        f"data.format=auto: cannot tell the format of {path} from its extension. "
+        "Set data.format to jsonl (JSON Lines or a JSON array), csv or parquet."
+    )
+
+
+def peek_columns(path: str, fmt: str) -> set[str] | None:
+    fs, p = pafs.FileSystem.from_uri(absolute(path))
+    if fmt == "parquet":
+        with fs.open_input_file(p) as f:
+            return set(pq.ParquetFile(f).schema_arrow.names)
+    with fs.open_input_stream(p) as f:
+        head = f.read(1 << 16)
+    if fmt == "csv":
+        first = head.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+        return set(next(csv.reader([first])))
+    if head.lstrip().startswith(b"["):  # a JSON array of row objects (e.g. Alpaca's .json)
+        with fs.open_input_stream(p) as f:
+            try:
+                rows = json.loads(f.read())
+            except ValueError:
+                return None  # reported with the file by the reader
+        first = next((r for r in rows if isinstance(r, dict)), None)
+        return set(first) if first is not None else None
+    line = head.split(b"\n", 1)[0].strip()
+    if not line:
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None  # reported with its row by the reader
+    return set(obj) if isinstance(obj, dict) else None
+
+
+def parse_file(path: str, fmt: str, columns: list[str]) -> tuple[list[dict | None], list[str | None]]:
+    fs, p = pafs.FileSystem.from_uri(absolute(path))
+    if fmt == "parquet":
+        with fs.open_input_file(p) as f:
+            t = pq.read_table(f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names])
+        return t.to_pylist(), [None] * t.num_rows
+    with fs.open_input_stream(p, compression="detect") as f:
+        raw = f.read()
+    if fmt == "csv":
+        return _parse_csv(raw)
+    if raw.lstrip().startswith(b"["):
+        return _parse_json_array(path, raw)
+    records: list[dict | None] = []
+    errors: list[str | None] = []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            records.append(obj)
+            errors.append(None)
+        except UnicodeDecodeError:
+            records.append(None)
+            errors.append("not valid UTF-8")
+        except ValueError as e:
+            records.append(None)
+            errors.append(f"malformed JSON ({str(e)[:60]})")
+    return records, errors
+
+
+def _parse_json_array(path: str, raw: bytes) -> tuple[list[dict | None], list[str | None]]:
+    """A JSON array of row objects (a `.json` file, e.g. Alpaca's): row N is element N."""
+    try:
+        rows = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start}). Save the file as UTF-8.") from e
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}). Fix the file, or write one JSON object per "
+                        "line (JSON Lines).") from e
+    records: list[dict | None] = []
+    errors: list[str | None] = []
+    for row in rows:
+        ok = isinstance(row, dict)
+        records.append(row if ok else None)
+        errors.append(None if ok else f"not a JSON object ({type(row).__name__})")
+    return records, errors
+
+
+def _parse_csv(raw: bytes) -> tuple[list[dict | None], list[str | None]]:
+    try:
+        t = pacsv.read_csv(
+            io.BytesIO(raw),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False),
+            read_options=pacsv.ReadOptions(use_threads=False),
+        )
+        return t.to_pylist(), [None] * t.num_rows
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass  # fall back to a line-by-line read that finds the offending row
+    records: list[dict | None] = []
+    errors: list[str | None] = []
+    lines = raw.split(b"\n")
+    header = next(csv.reader([lines[0].decode("utf-8", errors="replace")]))
+    text_lines = []
+    for line in lines[1:]:
+        try:
+            text_lines.append((line.decode("utf-8"), None))
+        except UnicodeDecodeError:
+            text_lines.append(("", "not valid UTF-8"))
+    reader_input = [t for t, _ in text_lines]
+    try:
+        parsed = list(csv.reader(reader_input, strict=True))
+    except csv.Error as e:
+        raise DataError(f"csv parse error ({e}). Fix quoting in the file.") from e
+    for (_, enc_err), fields in zip(text_lines, parsed):
+        if not fields and enc_err is None:
+            continue
+        if enc_err:
+            records.append(None)
+            errors.append(enc_err)
+        elif len(fields) != len(header):
+            records.append(None)
+            errors.append(f"expected {len(header)} fields, got {len(fields)}")
+        else:
+            records.append(dict(zip(header, fields)))
+            errors.append(None)
+    return records, errors

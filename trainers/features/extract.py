@@ -1,0 +1,281 @@
+"""method=feature_extraction: a frozen model's pooled embeddings -> a feature cache -> a small head.
+
+`trainers.features.train.train_features` is the entry point (driver side; `trainers.train.launch.train`
+dispatches there after preflight); this module extracts and caches the features. Stages:
+  prepare_dataset (the spine's tokenized Parquet cache; a preset's tokenizer is trained there)
+  -> extract_features: Ray Data `read_parquet` of the tokenized splits -> `map_batches` on an
+     actor pool of features.num_actors (each actor loads the frozen model once) -> pooled hidden
+     states of features.layer -> Parquet at `<cache_dir>/features-<key>/{train,validation}`,
+     key = hash(tokenized cache key, model identity, pooling, layer). Written to a temporary
+     folder and published by rename with a completion marker last, like the spine's cache; a
+     rerun with the same key skips extraction ("feature cache hit").
+  -> train_head: logistic regression (scikit-learn, on the driver) or a small MLP (torch; in
+     process, or data-parallel through Ray Train when train rows >= features.distributed_min_rows)
+  -> evaluate with `trainers.tasks.classification.metrics` (the keys fine-tuning reports)
+  -> export `<run>/final`: head.safetensors, feature_head.json (head, pooling, layer, labels and a
+     pointer to the frozen base; a preset's random-init base is saved in `final/base`), tokenizer,
+     labels.json, metrics.json, ferry_run.yaml. `load_feature_model` loads it for predict/eval.
+
+Train fields the MLP head uses: learning_rate, weight_decay, micro_batch_size_per_worker (rows per
+step and worker), max_grad_norm; features.mlp_epochs replaces num_epochs. Scaling: actors reserve
+scaling.cpus_per_worker/gpus_per_worker each; the distributed MLP uses scaling.num_workers.
+LoRA and DeepSpeed settings do not apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from trainers.config import ModelConfig, RunSpec
+from trainers.data.prepare import PreparedData
+from trainers.model import PRESETS, load_pretrained, load_tokenizer, model_config
+from trainers.storage import filesystem, publish, read_marker, with_scheme
+from trainers.tasks import classification
+
+log = logging.getLogger("ferry.features")
+
+_FEATURES_VERSION = 1  # bump when the feature cache format or the pooling code changes
+
+
+@dataclass
+class FeatureCache:
+    """Where the extracted features live (travels to head workers as a dict)."""
+
+    path: str
+    dim: int
+    train_rows: int
+    validation_rows: int
+    base_path: str | None  # a preset's frozen base, saved in the cache; None for pretrained models
+    cache_hit: bool = False
+    extract_s: float = 0.0
+
+    @property
+    def train_path(self) -> str:
+        return self.path + "/train"
+
+    @property
+    def validation_path(self) -> str:
+        return self.path + "/validation"
+
+
+def check_features(spec: RunSpec) -> list[str]:
+    """Driver-side checks of the features block against the model's config (no weights loaded),
+    and of the actor pool against the cluster when Ray is connected."""
+    if spec.method != "feature_extraction":
+        return []
+    f, problems = spec.features, []
+    try:
+        cfg = model_config(spec, None, None)
+    except (OSError, ValueError) as e:
+        return [f"model.name_or_path={spec.model.name_or_path}: cannot read the model config ({e}). "
+                "Fix the path or model id."]
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if layers is not None and not -(layers + 1) <= f.layer <= layers:
+        problems.append(
+            f"features.layer={f.layer}: this model has {layers} layers, so the layer must be between "
+            f"{-(layers + 1)} and {layers} (0 = embeddings, -1 = last). Pick a layer in that range."
+        )
+    if f.pooling == "cls" and _is_decoder_only(cfg):
+        log.warning("features.pooling=cls on a decoder-only model (%s): its first token has seen "
+                    "nothing else; mean or last_token pooling usually works better.", cfg.model_type)
+    if "lora" in spec.model_fields_set or "deepspeed" in spec.model_fields_set:
+        log.warning("method=feature_extraction: the lora and deepspeed blocks are ignored "
+                    "(the model is frozen; the head trains without DeepSpeed).")
+    import ray
+
+    if ray.is_initialized():
+        s = spec.scaling
+        need = f.num_actors * s.cpus_per_worker + s.data_cpus
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        if need > cpus + 1e-9:
+            problems.append(
+                f"features.num_actors={f.num_actors}: {f.num_actors} actors x scaling.cpus_per_worker="
+                f"{s.cpus_per_worker:g} + scaling.data_cpus={s.data_cpus:g} = {need:g} CPUs, but the "
+                f"cluster has {cpus:g}. Lower features.num_actors or scaling.cpus_per_worker."
+            )
+    return problems
+
+
+def _is_decoder_only(cfg) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = cfg.model_type
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
+    """Pooled embeddings of every tokenized row, cached; a cache hit skips the model entirely."""
+    import ray.data
+
+    t0 = time.perf_counter()
+    fs, root = filesystem(spec.cache_dir)
+    key = feature_cache_key(spec, data)
+    final = f"{root}/features-{key}"
+    meta = read_marker(fs, final)
+    if meta is not None:
+        log.info("feature cache hit: %s", final)
+        return FeatureCache(**{**meta, "path": with_scheme(spec.cache_dir, final),
+                               "base_path": with_scheme(spec.cache_dir, meta["base_path"])
+                               if meta["base_path"] else None,
+                               "cache_hit": True, "extract_s": time.perf_counter() - t0})
+
+    partial = f"{root}/features-{key}.partial-{uuid.uuid4().hex[:8]}"
+    fs.create_dir(partial)
+    base_ref = pretrained_ref(spec)
+    base_path = None
+    if spec.model.preset:
+        # A preset's random-init base exists nowhere else: build it once here (seeded), keep it
+        # with its features, and let every actor (and later the export) load the same weights.
+        _save_pretrained(_build_preset_base(spec, load_tokenizer(data.tokenizer_path)), fs, f"{partial}/base")
+        base_path = f"{final}/base"
+        base_ref = {"name_or_path": with_scheme(spec.cache_dir, f"{partial}/base")}
+    f = spec.features
+    # Both splits in one pass through one actor pool (each actor loads the model once; an actor
+    # start costs seconds), written partitioned by split, then moved to train/ and validation/.
+    tagged = [ray.data.read_parquet(source).map_batches(_tag_split, batch_format="pyarrow",
+                                                        fn_kwargs={"split": split})
+              for split, source in (("train", data.train_path), ("validation", data.validation_path))]
+    embedded = tagged[0].union(tagged[1]).map_batches(
+        _Embedder,
+        batch_size=f.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=f.num_actors),
+        fn_constructor_kwargs={"base_ref": base_ref, "tokenizer_path": data.tokenizer_path,
+                               "pooling": f.pooling, "layer": f.layer},
+        num_cpus=spec.scaling.cpus_per_worker,
+        num_gpus=spec.scaling.gpus_per_worker,
+    )
+    embedded.write_parquet(with_scheme(spec.cache_dir, f"{partial}/by_split"), partition_cols=["split"])
+    counts = {}
+    for split in ("train", "validation"):
+        fs.move(f"{partial}/by_split/split={split}", f"{partial}/{split}")
+        counts[split] = _row_count(with_scheme(spec.cache_dir, f"{partial}/{split}"))
+    fs.delete_dir(f"{partial}/by_split")
+    dim = _feature_dim(with_scheme(spec.cache_dir, f"{partial}/train"))
+    meta = {"dim": dim, "train_rows": counts["train"], "validation_rows": counts["validation"],
+            "base_path": base_path}
+    publish(fs, partial, final, meta)
+    elapsed = time.perf_counter() - t0
+    log.info("features extracted: %d + %d rows x %d dims in %.1fs -> %s", counts["train"],
+             counts["validation"], dim, elapsed, final)
+    return FeatureCache(**{**meta, "path": with_scheme(spec.cache_dir, final),
+                           "base_path": with_scheme(spec.cache_dir, base_path) if base_path else None,
+                           "extract_s": elapsed})
+
+
+def feature_cache_key(spec: RunSpec, data: PreparedData) -> str:
+    """Hash of what determines the features: the tokenized data (its own content-hash key covers
+    the files, tokenizer and preprocessing settings), the frozen model, pooling and layer."""
+    tokenized_key = data.cache_path.rstrip("/").rsplit("/", 1)[-1]
+    parts = [_FEATURES_VERSION, tokenized_key, _model_identity(spec), spec.features.pooling,
+             spec.features.layer]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def _model_identity(spec: RunSpec) -> list:
+    m = spec.model
+    if m.preset:
+        # A preset's weights are its shape plus the seed of its random init.
+        return ["preset", m.preset, m.preset_vocab_size, PRESETS.get(m.preset), spec.run.seed]
+    ident: list = [m.name_or_path, m.revision, m.gguf_file]
+    source = m.source
+    if source and os.path.isdir(source):
+        # A local folder can be overwritten in place: its files' sizes and times identify it.
+        for name in sorted(os.listdir(source)):
+            st = os.stat(os.path.join(source, name))
+            ident.append([name, st.st_size, st.st_mtime_ns])
+    return ident
+
+
+def _tag_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.append_column("split", pa.array([split] * batch.num_rows, type=pa.string()))
+
+
+class _Embedder:
+    """One frozen model replica (a Ray Data actor): token ids -> pooled float32 features."""
+
+    def __init__(self, base_ref: dict, tokenizer_path: str, pooling: str, layer: int):
+        tokenizer = load_tokenizer(tokenizer_path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.model = load_backbone(base_ref)
+        self.pooling, self.layer = pooling, layer
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = {"input_ids": batch.column("input_ids").to_pylist(),
+                "labels": batch.column("labels").to_pylist()}
+        enc = classification.collate(rows, self.pad_id)
+        with torch.inference_mode():
+            vectors = embed(self.model, enc["input_ids"], enc["attention_mask"], self.pooling, self.layer)
+        flat = pa.array(vectors.numpy().reshape(-1), type=pa.float32())
+        features = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+        return batch.drop_columns(["input_ids"]).append_column("features", features)
+
+
+def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
+          layer: int) -> torch.Tensor:
+    """Pooled hidden states [batch, hidden] of `layer` (0 = embeddings, -1 = last). Works with
+    left or right padding: positions come from the attention mask."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    states = out.hidden_states[layer].float()
+    mask = attention_mask.to(states.dtype)
+    rows = torch.arange(states.shape[0])
+    if pooling == "mean":
+        return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    if pooling == "cls":
+        return states[rows, attention_mask.argmax(1)]  # first real token
+    positions = torch.arange(states.shape[1]).expand_as(attention_mask)
+    return states[rows, (positions * attention_mask).argmax(1)]  # last real token
+
+
+def load_backbone(ref: dict):
+    """The frozen AutoModel (no task head) named by `ref` (a model config's name_or_path,
+    revision, gguf_file, trust_remote_code), in eval mode without gradients."""
+    import transformers
+
+    model = load_pretrained(transformers.AutoModel, ModelConfig.model_validate(ref))
+    return model.eval().requires_grad_(False)
+
+
+def pretrained_ref(spec: RunSpec) -> dict:
+    m = spec.model
+    return {"name_or_path": m.name_or_path, "revision": m.revision, "gguf_file": m.gguf_file,
+            "trust_remote_code": m.trust_remote_code}
+
+
+def _build_preset_base(spec: RunSpec, tokenizer):
+    import transformers
+
+    torch.manual_seed(spec.run.seed)
+    return transformers.AutoModel.from_config(model_config(spec, tokenizer, None)).eval()
+
+
+def _save_pretrained(obj, fs, path: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="ferry-") as tmp:
+        obj.save_pretrained(tmp)
+        fs.create_dir(path)
+        pafs.copy_files(tmp, path, destination_filesystem=fs)
+
+
+def _row_count(path: str) -> int:
+    fs, p = filesystem(path)
+    return sum(f.metadata.num_rows for f in pq.ParquetDataset(p, filesystem=fs).fragments)
+
+
+def _feature_dim(path: str) -> int:
+    fs, p = filesystem(path)
+    return pq.ParquetDataset(p, filesystem=fs).schema.field("features").type.list_size

@@ -1,0 +1,120 @@
+"""Where a run's files live: local paths and pyarrow URIs (s3://, gs://) alike.
+
+One home for the path rules every module needs: what counts as a URI, how a local path is pinned,
+how a finished folder is published (written elsewhere, then moved into place with a completion
+marker last, so a half-written folder is never read) and which checkpoints of a run are committed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MARKER = "_FERRY_COMPLETE"
+# A run's layout under <run.storage_path>/<run.name>: Ray Train's checkpoint_step_* folders (each
+# with DeepSpeed's DS_TAG folder and the loop's STATE_FILE), the config the run started with
+# (RUN_CONFIG_FILE) and the export (EXPORT_DIR; a LoRA export may carry BASE_DIR, and --merge
+# adds MERGED_DIR).
+EXPORT_DIR = "final"
+BASE_DIR = "base"
+MERGED_DIR = "merged"
+STATE_FILE = "ferry_state.json"
+DS_TAG = "ds"
+RUN_CONFIG_FILE = "ferry_run.yaml"
+
+
+def is_uri(path: str) -> bool:
+    """A pyarrow URI (s3://, gs://, file://, ...) rather than a plain local path."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """URIs as they are, local paths made absolute (workers run in other directories)."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a local path or a URI (never os.path.join: it would mangle URIs)."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of `path` and the path inside it."""
+    return pafs.FileSystem.from_uri(absolute(path))
+
+
+def with_scheme(template: str, path: str) -> str:
+    """Re-attach the scheme of `template` (e.g. s3://) to a filesystem-relative `path`."""
+    if is_uri(template) and not template.startswith("file://"):
+        return template.split("://")[0] + "://" + path.lstrip("/")
+    return path
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def localize(uri: str) -> str:
+    """A local directory holding `uri`'s files (the path itself when already local)."""
+    if not is_uri(uri) or uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    local = tempfile.mkdtemp(prefix="ferry-")
+    pafs.copy_files(uri, local)
+    return local
+
+
+def upload_dir(local_dir: str, target: str) -> None:
+    """Copy a finished local folder to `target` (a local path or URI), creating it."""
+    fs, path = filesystem(target)
+    fs.create_dir(path)
+    pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+def read_json(path: str) -> Any:
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def read_marker(fs: pafs.FileSystem, folder: str) -> dict | None:
+    """The metadata a published folder's completion marker holds; None if not (yet) complete."""
+    marker = f"{folder}/{MARKER}"
+    if fs.get_file_info(marker).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(marker) as f:
+        return json.loads(f.read())
+
+
+def publish(fs: pafs.FileSystem, partial: str, final: str, meta: dict) -> None:
+    """Write the completion marker into `partial`, then move it to `final`."""
+    with fs.open_output_stream(f"{partial}/{MARKER}") as f:
+        f.write(json.dumps(meta).encode())
+    try:
+        fs.move(partial, final)
+    except OSError:
+        # Another run published the same key first (identical content) or the filesystem cannot
+        # rename directories: keep theirs / fall back to copy; the marker decides validity.
+        if fs.get_file_info(f"{final}/{MARKER}").type != pafs.FileType.File:
+            pafs.copy_files(partial, final, source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(partial)
+
+
+def committed_checkpoints(run_dir: str):
+    """Ray Train's record of a run's committed checkpoints (a `ray.train.Result`), or None when
+    the run never committed one. A checkpoint folder on disk proves nothing: report() returns
+    before the controller commits it, so an interrupted run can leave an uncommitted folder."""
+    import ray.train
+
+    fs, path = filesystem(run_dir)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    try:
+        result = ray.train.Result.from_path(absolute(run_dir))
+    except RuntimeError:  # the folder exists but Ray never wrote its checkpoint record
+        return None
+    return result if result.checkpoint is not None else None

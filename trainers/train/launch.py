@@ -1,0 +1,107 @@
+"""Driver side of a training run: a checked `RunPlan` -> Ray Train fit -> export.
+
+`train` is the entry point (the CLI, stages and the tuner call it with a plan from
+`trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from trainers.data.prepare import PreparedData
+from trainers.errors import TrainingFailedError, root_message
+from trainers.export import TrainOutcome
+from trainers.features.train import train_features
+from trainers.preflight import RunPlan, record_config
+from trainers.saved import merge_adapter, read_export_metrics
+from trainers.storage import absolute, filesystem
+from trainers.train.loop import KillAfterStep, train_loop_per_worker
+
+log = logging.getLogger("ferry.launch")
+
+
+def train(plan: RunPlan, merge: bool = False, callbacks: list | None = None,
+          worker_env: dict[str, str] | None = None,
+          fault: KillAfterStep | None = None) -> TrainOutcome:
+    """Run one checked job end to end on the connected Ray cluster (method=feature_extraction:
+    `trainers.features.train.train_features`).
+
+    Raises:
+        TrainingFailedError: the run started and failed.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    spec, data = plan.spec, plan.data
+    record_config(spec)
+    if spec.method == "feature_extraction":
+        # No checkpoints to resume: a rerun reuses the cached features and retrains the head.
+        return train_features(plan)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(), "data": data.to_dict(),
+                           "steps_per_epoch": plan.steps_per_epoch,
+                           "total_steps": plan.total_steps, "fault": fault},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.gpus_per_worker > 0,
+            resources_per_worker=spec.scaling.resources_per_worker,
+            placement_strategy=spec.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=spec.run.name,
+            storage_path=absolute(spec.run.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=spec.train.keep_best_checkpoints,
+                checkpoint_score_attribute=spec.train.best_metric,
+                checkpoint_score_order=spec.train.best_metric_mode,
+            ),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+        ),
+        datasets=ray_datasets(data),
+        dataset_config=dataset_config(),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; surface the worker's own message
+        raise TrainingFailedError(root_message(e)) from e
+    if result.error is not None:
+        raise TrainingFailedError(root_message(result.error))
+    metrics = read_export_metrics(spec.export_dir)
+    if merge and spec.method == "lora":
+        merge_adapter(spec.export_dir)
+    best = result.best_checkpoints[0][0].path if getattr(result, "best_checkpoints", None) else None
+    return TrainOutcome(spec.export_dir, metrics,
+                        result.checkpoint.path if result.checkpoint else None, best, data)
+
+
+def ray_datasets(data: PreparedData, splits: tuple[str, ...] = ("train", "validation")) -> dict:
+    """The cached Parquet as Ray Datasets. Small sets are read once on the driver and put in the
+    object store, so neither start-up nor each epoch's streaming split pays for read tasks
+    (seconds each on a small machine); large ones stream from storage."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    out = {}
+    for name in splits:
+        path = data.train_path if name == "train" else data.validation_path
+        if data.train_tokens * 8 < _IN_MEMORY_BYTES:
+            fs, p = filesystem(path)
+            out[name] = ray.data.from_arrow(pq.read_table(p, filesystem=fs))
+        else:
+            out[name] = ray.data.read_parquet(path)
+    return out
+
+
+_IN_MEMORY_BYTES = 256 << 20
+
+
+def dataset_config():
+    """Train is split into disjoint equal shards. Validation is not split: each worker evaluates
+    every world-th batch of the whole set, so every validation row counts exactly once (an equal
+    split would drop up to num_workers-1 rows)."""
+    import ray.train
+
+    return ray.train.DataConfig(datasets_to_split=["train"])
