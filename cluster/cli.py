@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+from cluster.session import ray_session
+
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
@@ -149,7 +151,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config import load_config
     from trainers.launch import train
 
@@ -158,13 +159,9 @@ def cmd_train(args) -> int:
         return _train_stages(spec, args)
     _check_inputs_before_starting_ray(spec)
     s = spec.scaling
-    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
     t0 = time.perf_counter()
-    try:
+    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
         outcome = train(spec, merge=args.merge)
-    finally:
-        if session.embedded:
-            disconnect(session)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
     print(f"model: {outcome.export_dir}")
     return 0
@@ -172,20 +169,15 @@ def cmd_train(args) -> int:
 
 def _train_stages(spec, args) -> int:
     """A config with `stages:`: run them in order (finished ones skipped, an interrupted one resumed)."""
-    from cluster.session import connect, disconnect
     from trainers.stages import run_stages, stage_specs
 
     plan = stage_specs(spec)  # every stage's config checked before Ray starts
     for _, stage_spec in plan:
         _check_inputs_before_starting_ray(stage_spec)
     need = max(s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan)
-    session = connect(args.address, needed_cpus=need)
     t0 = time.perf_counter()
-    try:
+    with ray_session(args.address, needed_cpus=need):
         outcome = run_stages(spec)
-    finally:
-        if session.embedded:
-            disconnect(session)
     for stage in outcome.stages + ([outcome.baseline] if outcome.baseline else []):
         print(f"{stage.name}: {stage.task}/{stage.method} {stage.status} in {stage.wall_s:,.0f}s "
               f"-> {stage.export_dir}")
@@ -201,25 +193,19 @@ def _train_stages(spec, args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config import load_config
     from trainers.evaluate import evaluate_checkpoint
 
     spec = load_config(args.config, args.overrides)
     _check_inputs_before_starting_ray(spec)
     s = spec.scaling
-    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
-    try:
+    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
         metrics = evaluate_checkpoint(spec, args.checkpoint)
-    finally:
-        if session.embedded:
-            disconnect(session)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config import load_config
     from trainers.predict import check_predict_inputs, predict_dataset
 
@@ -229,14 +215,10 @@ def cmd_predict(args) -> int:
                          args.max_new_tokens)
     s = spec.scaling
     actors = args.num_actors or s.num_workers
-    session = connect(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus)
-    try:
+    with ray_session(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus):
         summary = predict_dataset(spec, args.checkpoint, args.inputs, args.output,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   num_actors=actors)
-    finally:
-        if session.embedded:
-            disconnect(session)
     print(summary.line())
     return 0
 
@@ -256,7 +238,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config import ConfigError, build_spec
 
     if args.report:
@@ -277,13 +258,9 @@ def cmd_tune(args) -> int:
     spec = build_spec(dict(raw))
     _check_inputs_before_starting_ray(spec)
     s = spec.scaling
-    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus
-                      + tune_cfg.trial_cpus)
-    try:
+    need = s.num_workers * s.cpus_per_worker + s.data_cpus + tune_cfg.trial_cpus
+    with ray_session(args.address, needed_cpus=need):
         outcome = run_search(raw, tune_cfg, resume=args.resume)
-    finally:
-        if session.embedded:
-            disconnect(session)
     print(f"search: {outcome.experiment_dir}")
     return 0
 
