@@ -2,7 +2,8 @@
 
 `submit_job` is the entry point (`ferry submit`); `package_job` builds what it sends, and
 `list_jobs`, `job_status`, `job_logs`, `follow_job` and `stop_job` back `ferry jobs ...`
-(`register_cli`). All talk to the cluster's Jobs API over HTTP (the dashboard, port 8265).
+(cluster/cli.py parses their flags). All talk to the cluster's Jobs API over HTTP (the
+dashboard, port 8265).
 
 What a submitted job carries (its Ray runtime environment):
 
@@ -36,7 +37,6 @@ client's environment; a refused request becomes one `AuthError` that says what t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -286,7 +286,7 @@ def follow_job(
 
 
 def stop_job(job_id: str, address: str | None = None, token_file: str | None = None) -> str:
-    """Ask the cluster to stop a job and wait (up to STOP_WAIT_S) until it has; return its status."""
+    """Ask the cluster to stop a job, wait (up to STOP_WAIT_S) until it has; return its status."""
     client = _client(address, token_file)
     _call(client, "stop", lambda: client.stop_job(job_id), job_id)
     return str(_wait_until_done(client, job_id, timeout_s=STOP_WAIT_S).status)
@@ -303,157 +303,6 @@ def resolve_address(address: str | None) -> str:
         if value.startswith(("http://", "https://")):
             return value.rstrip("/")
     return DEFAULT_ADDRESS
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ferry submit CONFIG ...` and `ferry jobs list|status|logs|stop` to the command line."""
-    from cluster.cli import add_config_args  # here: cluster.cli imports this module
-
-
-    def cluster_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--address",
-            default=None,
-            help=f"the cluster's Jobs API (default: RAY_JOB_ADDRESS or RAY_ADDRESS if http(s), "
-            f"else {DEFAULT_ADDRESS})",
-        )
-        sp.add_argument(
-            "--token-file",
-            default=None,
-            help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, "
-            "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
-        )
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
-
-    s = subparsers.add_parser(
-        "submit",
-        usage="ferry submit CONFIG [options] [-- [train|tune] [ARGS ...]]",
-        help="run `ferry train CONFIG` (or tune) as a job on a Ray cluster",
-        description="Validate CONFIG here, ship it with its local data files and this Ferry to a "
-        "Ray cluster, and run `ferry train` there. Arguments after `--` go to the command on the "
-        "cluster: `-- tune ...`, `-- --merge`.",
-    )
-    # argparse cannot put `-- ARGS` after options that follow a positional; split it off first.
-    s.__class__ = _ArgsAfterDoubleDash
-    add_config_args(s)
-    s.add_argument(
-        "--follow",
-        action="store_true",
-        help="stream the job's logs until it ends; exit 0 if it SUCCEEDED, else 1",
-    )
-    s.add_argument(
-        "--env",
-        dest="env_names",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="pass this environment variable (e.g. HF_TOKEN) to the job; repeatable",
-    )
-    s.add_argument(
-        "--env-file",
-        default=None,
-        metavar="FILE",
-        help="pass the NAME=value lines of this dotenv-style file to the job",
-    )
-    s.add_argument(
-        "--pip",
-        action="append",
-        default=[],
-        metavar="REQ",
-        help="extra pip requirement installed for the job; repeatable",
-    )
-    cluster_opts(s)
-    s.set_defaults(func=_cmd_submit)
-
-    jobs = subparsers.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
-    sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    ls = sub.add_parser("list", help="every job: id, status, start time, command")
-    cluster_opts(ls)
-    ls.set_defaults(func=_cmd_list)
-    st = sub.add_parser("status", help="a job's status and message")
-    st.add_argument("job_id")
-    cluster_opts(st)
-    st.set_defaults(func=_cmd_status)
-    lg = sub.add_parser("logs", help="a job's output so far, or --follow it until it ends")
-    lg.add_argument("job_id")
-    lg.add_argument("--follow", action="store_true", help="stream until the job ends")
-    cluster_opts(lg)
-    lg.set_defaults(func=_cmd_logs)
-    sp = sub.add_parser("stop", help="stop a job and wait until it has stopped")
-    sp.add_argument("job_id")
-    cluster_opts(sp)
-    sp.set_defaults(func=_cmd_stop)
-
-
-class _ArgsAfterDoubleDash(argparse.ArgumentParser):
-    """Moves everything after the first `--` into `command_args` before normal parsing."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        rest: list[str] = []
-        if "--" in args:
-            i = args.index("--")
-            args, rest = args[:i], args[i + 1 :]
-        ns, extra = super().parse_known_args(args, namespace)
-        ns.command_args = rest
-        return ns, extra
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    rest = list(args.command_args)
-    command = rest.pop(0) if rest and not rest[0].startswith("-") else "train"
-    address = resolve_address(args.address)
-    job_id = submit_job(
-        args.config,
-        address=address,
-        overrides=args.overrides,
-        command=command,
-        command_args=rest,
-        env_names=args.env_names,
-        env_file=args.env_file,
-        pip=args.pip,
-        token_file=args.token_file,
-    )
-    print(job_id, flush=True)
-    if not args.follow:
-        print(f"follow it: ferry jobs logs {job_id} --follow --address {address}", file=sys.stderr)
-        return 0
-    follow_job(job_id, address, args.token_file)
-    return 0
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    rows = list_jobs(args.address, args.token_file)
-    print(f"{'JOB ID':<32} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
-    for r in rows:
-        started = (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start_time"] / 1000))
-            if r["start_time"]
-            else "-"
-        )
-        print(f"{r['id']:<32} {r['status']:<10} {started:<19} {r['entrypoint']}")
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    status, message = job_status(args.job_id, args.address, args.token_file)
-    print(status)
-    if message:
-        print(message)
-    return 0
-
-
-def _cmd_logs(args: argparse.Namespace) -> int:
-    if args.follow:
-        follow_job(args.job_id, args.address, args.token_file)
-    else:
-        sys.stdout.write(job_logs(args.job_id, args.address, args.token_file))
-    return 0
-
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    print(stop_job(args.job_id, args.address, args.token_file))
-    return 0
 
 
 # --- packaging -----------------------------------------------------------------------------
@@ -488,9 +337,10 @@ def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
         limit = MAX_STAGED_BYTES / 2**20
         raise ConfigError(
             [
-                f"{key}={shown}: {sizes[key] / 2**20:.1f} MiB of local files ({total / 2**20:.1f} MiB in "
-                f"all) is over the {limit:.0f} MiB a job carries. Put the data on shared storage or a URI "
-                f"(s3://, gs://) and set {key} to that path."
+                f"{key}={shown}: {sizes[key] / 2**20:.1f} MiB of local files "
+                f"({total / 2**20:.1f} MiB in all) is over the {limit:.0f} MiB a job carries. "
+                "Put the data on shared storage or a URI (s3://, gs://) and set "
+                f"{key} to that path."
                 for key, shown, _ in plan
                 if sizes[key]
             ]
@@ -587,8 +437,9 @@ def _client(address: str | None, token_file: str | None) -> JobSubmissionClient:
             raise _auth_error(url, source, str(e)) from None
         except ConnectionError as e:
             raise JobSubmitError(
-                f"--address={url}: cannot reach the Ray Jobs API ({str(e).rstrip('.')}). Start the cluster, or pass "
-                "--address http://HEAD:8265 (or set RAY_JOB_ADDRESS) to its dashboard."
+                f"--address={url}: cannot reach the Ray Jobs API ({str(e).rstrip('.')}). "
+                "Start the cluster, or pass --address http://HEAD:8265 (or set RAY_JOB_ADDRESS) "
+                "to its dashboard."
             ) from None
         except RuntimeError as e:
             raise JobSubmitError(f"--address={url}: {e}. Is this a Ray dashboard?") from None

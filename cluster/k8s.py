@@ -1,6 +1,6 @@
 """KubeRay manifests for a run: run config -> ConfigMap + RayJob (+ a long-lived RayCluster).
 
-`render_manifests` is the entry point and `ferry k8s render` prints its output (`register_cli`).
+`render_manifests` is the entry point and `ferry k8s render` prints its output (`dump_manifests`).
 The output has the shape of the shipped `k8s/ray-job.train.yaml` and `k8s/ray-cluster.gpu.yaml`
 (tests/test_k8s.py validates all of them against the KubeRay v1 CRD schemas and compares them):
 token auth from the Secret `ferry-secrets`, non-root pods, requests == limits, one Ray worker pod
@@ -10,11 +10,9 @@ volume when the storage path is a bucket URI). k8s/README.md walks through using
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -153,89 +151,6 @@ def render_manifests(
 def dump_manifests(docs: list[dict[str, Any]]) -> str:
     """Objects -> one multi-document YAML string (multi-line strings as `|` blocks)."""
     return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False)
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ferry k8s render CONFIG ...` to the `ferry` command line."""
-    from cluster.cli import add_config_args  # here: cluster.cli imports this module
-
-    k8s = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a run")
-    sub = k8s.add_subparsers(dest="k8s_command", required=True)
-    r = sub.add_parser(
-        "render",
-        help="print the ConfigMap + RayJob (+ RayCluster) that run CONFIG on KubeRay",
-        description="Print Kubernetes YAML for `kubectl apply -f -`. See k8s/README.md.",
-    )
-    add_config_args(r)
-    r.add_argument(
-        "--image",
-        default=None,
-        help="container image with Ferry installed, tagged with its Ray version",
-    )
-    r.add_argument("--namespace", default="default", help="namespace of every object")
-    r.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="override scaling.gpus_per_worker (pods and config)",
-    )
-    # dest: `command` is taken by the top-level subcommand of `ferry`.
-    r.add_argument(
-        "--command",
-        dest="run_command",
-        choices=COMMANDS,
-        default="train",
-        help="ferry command to run",
-    )
-    r.add_argument(
-        "--with-cluster",
-        action="store_true",
-        help="also render a long-lived autoscaling RayCluster that the RayJob selects",
-    )
-    r.add_argument(
-        "--ray-version",
-        default=None,
-        help="Ray version of the image, when its tag does not start with one",
-    )
-    r.add_argument(
-        "--mount-path",
-        default=None,
-        help="where the shared PVC is mounted (default: run.storage_path)",
-    )
-    r.add_argument(
-        "--memory-per-worker",
-        default=None,
-        help="memory of each worker pod, e.g. 64Gi (default: from CPUs and GPUs)",
-    )
-    r.add_argument(
-        "--deadline-s",
-        type=int,
-        default=86400,
-        help="RayJob activeDeadlineSeconds (default: one day)",
-    )
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
-    r.set_defaults(func=_cmd_render)
-
-
-def _cmd_render(args: argparse.Namespace) -> int:
-    from trainers.config import load_config
-
-    spec = load_config(args.config, args.overrides)
-    docs = render_manifests(
-        spec,
-        args.image,
-        namespace=args.namespace,
-        gpus_per_worker=args.gpus_per_worker,
-        command=args.run_command,
-        include_cluster=args.with_cluster,
-        ray_version=args.ray_version,
-        mount_path=args.mount_path,
-        memory_per_worker=args.memory_per_worker,
-        active_deadline_s=args.deadline_s,
-    )
-    sys.stdout.write(f"# ferry k8s render {args.config}: apply with `kubectl apply -f -`\n")
-    sys.stdout.write(dump_manifests(docs))
-    return 0
 
 
 @dataclass(frozen=True)

@@ -215,13 +215,13 @@ def test_package_refuses_large_data_and_bad_flags_naming_them(tmp_path, monkeypa
 
 
 def test_submit_takes_command_and_args_after_double_dash(monkeypatch):
-    from cluster.cli import _parser
+    from cluster.cli import build_parser
 
-    args = _parser().parse_args(["submit", "run.yaml", "--follow", "--set", "a.b=1", "--",
+    args = build_parser().parse_args(["submit", "run.yaml", "--follow", "--set", "a.b=1", "--",
                                  "tune", "--resume", "--set", "x=2"])
     assert (args.config, args.follow, args.overrides) == ("run.yaml", True, ["a.b=1"])
     assert args.command_args == ["tune", "--resume", "--set", "x=2"]
-    assert _parser().parse_args(["submit", "run.yaml"]).command_args == []
+    assert build_parser().parse_args(["submit", "run.yaml"]).command_args == []
     assert jobs.resolve_address("head:8265") == "http://head:8265"
     for name in ("RAY_JOB_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)

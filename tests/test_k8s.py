@@ -9,7 +9,6 @@ Pod) get small schemas of their own, reusing the CRDs' Kubernetes sub-schemas wh
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -20,7 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.k8s import dump_manifests, register_cli, render_manifests
+from cluster.cli import build_parser
+from cluster.k8s import dump_manifests, render_manifests
 from trainers.config import ConfigError, RunSpec, build_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -659,8 +659,7 @@ def test_cli_render_prints_valid_manifests(tmp_path, capsys, validators):
             }
         )
     )
-    parser = argparse.ArgumentParser(prog="ferry")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(
         [
             "k8s",
