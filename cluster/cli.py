@@ -499,9 +499,16 @@ def cmd_tune(args) -> int:
 
 
 def cmd_k8s_render(args) -> int:
-    from trainers.config import load_config
+    from trainers.config import build_spec, load_config
+    from tuning.config import load_search
 
-    spec = load_config(args.config, args.overrides)
+    tune_cfg = None
+    if args.run_command == "tune":
+        # The whole search file: `ferry tune` in the pod reads its tune: block.
+        raw, tune_cfg = load_search(args.config, args.overrides)
+        spec = build_spec(raw)
+    else:
+        spec = load_config(args.config, args.overrides)
     docs = render_manifests(
         spec,
         args.image,
@@ -513,6 +520,7 @@ def cmd_k8s_render(args) -> int:
         mount_path=args.mount_path,
         memory_per_worker=args.memory_per_worker,
         active_deadline_s=args.deadline_s,
+        tune=tune_cfg,
     )
     sys.stdout.write(f"# ferry k8s render {args.config}: apply with `kubectl apply -f -`\n")
     sys.stdout.write(dump_manifests(docs))
