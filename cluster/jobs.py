@@ -9,7 +9,8 @@ What a submitted job carries (its Ray runtime environment):
 
 * `working_dir`: a temporary folder holding `config.yaml` and copies of the local files the config
   reads: `data.train_files`, `data.validation_files` (globs and folders expanded) and
-  `deepspeed.config_file`, at most `MAX_STAGED_BYTES` in all; bigger data belongs on shared storage
+  `deepspeed.config_file`, at the top level and in each stage's `set:` (under
+  `inputs/stages/<name>/`), at most `MAX_STAGED_BYTES` in all; bigger data belongs on shared storage
   or a URI, and is then passed as given. `config.yaml` is the user's YAML with the `--set`
   overrides applied and those paths pointed at the copies. `run.storage_path` and
   `data.cache_dir` are *not* rewritten: a URI or an absolute path (a volume every node mounts) is
@@ -179,7 +180,6 @@ def package_job(
         ConfigError: every problem found, each naming the key or flag.
     """
     from trainers.config import ConfigError, _apply_override, load_config
-    from trainers.data import check_data
 
     problems: list[str] = []
     if command not in COMMANDS:
@@ -189,7 +189,7 @@ def package_job(
         spec = load_config(config, overrides)
     except ConfigError as e:
         raise ConfigError(problems + e.problems) from None
-    problems += check_data(spec)
+    problems += _check_data_of_every_run(spec)
     if problems:
         raise ConfigError(problems)
 
@@ -309,27 +309,51 @@ def resolve_address(address: str | None) -> str:
 
 
 def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
-    """Copy local input files into stage_dir and point `raw` at the copies; return the bytes."""
+    """Copy the local files the run and each of its stages read into stage_dir, point `raw` at
+    the copies (URIs stay as given); return the bytes."""
     from trainers.config import ConfigError
     from trainers.data import expand_files
 
     plan: list[tuple[str, str, list[tuple[str, str]]]] = []  # (key, shown value, [(src, dst)])
+
+    def files(key: str, patterns: list[str], folder: str) -> list[str]:
+        local = [p for p in patterns if "://" not in p]
+        found = expand_files(local, key) if local else []
+        copies = [(src, f"{folder}/{i:03d}_{os.path.basename(src)}") for i, src in enumerate(found)]
+        plan.append((key, str(patterns), copies))
+        return [dst for _, dst in copies] + [p for p in patterns if "://" in p]
+
+    def config_file(key: str, path: str, dst: str) -> str:
+        if "://" in path:
+            return path
+        plan.append((key, path, [(path, dst)]))
+        return dst
+
     for section, key in _STAGED_INPUTS:
         patterns = getattr(getattr(spec, section), key)
-        if not patterns:
-            continue
-        local = [p for p in patterns if "://" not in p]
-        files = expand_files(local, f"{section}.{key}") if local else []
-        copies = [
-            (src, f"inputs/{key}/{i:03d}_{os.path.basename(src)}") for i, src in enumerate(files)
-        ]
-        plan.append((f"{section}.{key}", str(patterns), copies))
-        uris = [p for p in patterns if "://" in p]
-        raw.setdefault(section, {})[key] = [dst for _, dst in copies] + uris
-    ds_file = spec.deepspeed.config_file
-    if ds_file and "://" not in ds_file:
-        plan.append(("deepspeed.config_file", ds_file, [(ds_file, "inputs/deepspeed.json")]))
-        raw.setdefault("deepspeed", {})["config_file"] = "inputs/deepspeed.json"
+        if patterns:
+            raw.setdefault(section, {})[key] = files(f"{section}.{key}", patterns, f"inputs/{key}")
+    if spec.deepspeed.config_file:
+        raw.setdefault("deepspeed", {})["config_file"] = config_file(
+            "deepspeed.config_file", spec.deepspeed.config_file, "inputs/deepspeed.json"
+        )
+    # A stage's `set:` may name its own files (domain adaptation reads unlabeled text first);
+    # stage_specs applies these dotted keys over the top-level config, so they are staged here.
+    for i, stage in enumerate(spec.stages or []):
+        folder = f"inputs/stages/{stage.name}"
+        for section, key in _STAGED_INPUTS:
+            dotted = f"{section}.{key}"
+            value = stage.set.get(dotted)
+            if value:
+                patterns = value if isinstance(value, list) else [value]
+                raw["stages"][i]["set"][dotted] = files(
+                    f"stages[{i}].set.{dotted}", patterns, f"{folder}/{key}"
+                )
+        ds_file = stage.set.get("deepspeed.config_file")
+        if ds_file:
+            raw["stages"][i]["set"]["deepspeed.config_file"] = config_file(
+                f"stages[{i}].set.deepspeed.config_file", ds_file, f"{folder}/deepspeed.json"
+            )
 
     sizes = {key: sum(os.path.getsize(src) for src, _ in copies) for key, _, copies in plan}
     total = sum(sizes.values())
@@ -350,6 +374,21 @@ def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
             (stage_dir / dst).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, stage_dir / dst)
     return total
+
+
+def _check_data_of_every_run(spec: RunSpec) -> list[str]:
+    """check_data of the run, or of each stage's run, labelled as `ferry validate` labels them."""
+    from trainers.config import ConfigError
+    from trainers.data import check_data
+    from trainers.stages import stage_specs
+
+    if not spec.stages:
+        return check_data(spec)
+    try:
+        plan = stage_specs(spec)
+    except ConfigError as e:
+        return e.problems
+    return [f"{label}: {p}" for label, stage_spec in plan for p in check_data(stage_spec)]
 
 
 def _warn_about_paths(spec: RunSpec, raw: dict[str, Any]) -> None:
