@@ -1,7 +1,10 @@
-"""The `ferry` command line: validate, train, eval, predict, analyze.
+"""The `ferry` command line: validate, train, eval, predict, analyze, tune, submit, jobs, k8s.
 
-Every command takes a YAML run config and any number of `--set key.path=value` overrides.
-Errors end in one clear message and a non-zero exit; `--debug` shows the traceback.
+`main` is the entry point. Every argument is parsed here; the commands call plain library
+functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
+arguments. Every command that reads a run config takes it the same way: a YAML file and any number
+of `--set key.path=value` overrides. Errors end in one clear message and a non-zero exit
+(2: bad input, 1: the run failed); `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,13 +15,26 @@ import logging
 import sys
 import time
 
+from cluster.jobs import (
+    DEFAULT_ADDRESS,
+    follow_job,
+    job_logs,
+    job_status,
+    list_jobs,
+    resolve_address,
+    stop_job,
+    submit_job,
+)
+from cluster.k8s import COMMANDS, dump_manifests, render_manifests
+from cluster.session import ray_session
+
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ferry` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[ferry] %(message)s")
     for noisy in ("ray", "deepspeed", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -41,7 +57,8 @@ def _is_input_error(e: Exception) -> bool:
     return isinstance(e, ConfigError | DataError)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `ferry` command line; each subcommand's `func` runs it."""
     p = argparse.ArgumentParser(prog="ferry", description="Transfer learning on Ray clusters.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -50,10 +67,15 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
 
     def ray_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--address", default=None,
-                        help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+        sp.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
+        )
 
-    v = sub.add_parser("validate", help="check a config and its data files; print the resolved config")
+    v = sub.add_parser(
+        "validate", help="check a config and its data files; print the resolved config"
+    )
     common(v)
     v.set_defaults(func=cmd_validate)
 
@@ -69,79 +91,265 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="batch prediction with a checkpoint or export over input files")
+    pr = sub.add_parser(
+        "predict", help="batch prediction with a checkpoint or export over input files"
+    )
     common(pr)
     ray_opts(pr)
     pr.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
-    pr.add_argument("--input", dest="inputs", action="append", required=True, metavar="FILE_OR_GLOB",
-                    help="JSONL/CSV/Parquet file(s) with the config's text column; repeatable")
-    pr.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for Parquet")
+    pr.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        required=True,
+        metavar="FILE_OR_GLOB",
+        help="JSONL/CSV/Parquet file(s) with the config's text column; repeatable",
+    )
+    pr.add_argument(
+        "--output", required=True, metavar="DIR", help="new or empty folder for Parquet"
+    )
     pr.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
-    pr.add_argument("--max-new-tokens", type=int, default=None,
-                    help="tokens generated per row: causal_lm greedy (default 32); summarization "
-                         "and generative QA (default generation.max_new_tokens)")
-    pr.add_argument("--num-actors", type=int, default=None,
-                    help="model replicas (default scaling.num_workers)")
+    pr.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated per row: causal_lm greedy (default 32); summarization "
+        "and generative QA (default generation.max_new_tokens)",
+    )
+    pr.add_argument(
+        "--num-actors", type=int, default=None, help="model replicas (default scaling.num_workers)"
+    )
     pr.set_defaults(func=cmd_predict)
 
-    an = sub.add_parser("analyze", help="domain-shift report before training: perplexity, "
-                        "tokenizer fertility/UNK, embedding distance, label balance")
+    an = sub.add_parser(
+        "analyze",
+        help="domain-shift report before training: perplexity, "
+        "tokenizer fertility/UNK, embedding distance, label balance",
+    )
     common(an)
-    an.add_argument("--source", action="append", default=[], metavar="FILE_OR_GLOB",
-                    help="source-domain text (pretraining-like); default: a built-in English sample")
-    an.add_argument("--output", default=None, metavar="FILE.json",
-                    help="where the JSON report goes (default <storage_path>/<run.name>/domain_shift.json)")
+    an.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="FILE_OR_GLOB",
+        help="source-domain text (pretraining-like); default: a built-in English sample",
+    )
+    an.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE.json",
+        help="where the JSON report goes (default <storage_path>/<run.name>/domain_shift.json)",
+    )
     an.add_argument("--max-rows", type=int, default=128, help="rows sampled per side (default 128)")
     an.set_defaults(func=cmd_analyze)
 
-    tu = sub.add_parser("tune", help="search hyperparameters (the config's tune: block) with Ray Tune")
+    tu = sub.add_parser(
+        "tune", help="search hyperparameters (the config's tune: block) with Ray Tune"
+    )
     add_config_args(tu, config_nargs="?")  # optional: `--report DIR` needs no config
     tu.add_argument("--debug", action="store_true", help="show tracebacks")
     ray_opts(tu)
-    tu.add_argument("--resume", action="store_true",
-                    help="continue the interrupted search of the same tune.name/storage_path")
-    tu.add_argument("--report", metavar="EXPERIMENT_DIR", default=None,
-                    help="only rebuild the report (table, CSV, best.yaml, plots) of a search folder")
+    tu.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search of the same tune.name/storage_path",
+    )
+    tu.add_argument(
+        "--report",
+        metavar="EXPERIMENT_DIR",
+        default=None,
+        help="only rebuild the report (table, CSV, best.yaml, plots) of a search folder",
+    )
     tu.set_defaults(func=cmd_tune)
 
-    from cluster.k8s import register_cli
-
-    register_cli(sub)
-    from cluster.jobs import register_cli as register_jobs_cli
-
-    register_jobs_cli(sub)
+    _add_k8s_parser(sub)
+    _add_jobs_parsers(sub)
     return p
+
+
+def _add_k8s_parser(sub: argparse._SubParsersAction) -> None:
+    """`ferry k8s render CONFIG ...`."""
+    k8s = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a run")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    r = k8s_sub.add_parser(
+        "render",
+        help="print the ConfigMap + RayJob (+ RayCluster) that run CONFIG on KubeRay",
+        description="Print Kubernetes YAML for `kubectl apply -f -`. See k8s/README.md.",
+    )
+    add_config_args(r)
+    r.add_argument(
+        "--image",
+        default=None,
+        help="container image with Ferry installed, tagged with its Ray version",
+    )
+    r.add_argument("--namespace", default="default", help="namespace of every object")
+    r.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="override scaling.gpus_per_worker (pods and config)",
+    )
+    # dest: `command` is taken by the top-level subcommand of `ferry`.
+    r.add_argument(
+        "--command",
+        dest="run_command",
+        choices=COMMANDS,
+        default="train",
+        help="ferry command to run",
+    )
+    r.add_argument(
+        "--with-cluster",
+        action="store_true",
+        help="also render a long-lived autoscaling RayCluster that the RayJob selects",
+    )
+    r.add_argument(
+        "--ray-version",
+        default=None,
+        help="Ray version of the image, when its tag does not start with one",
+    )
+    r.add_argument(
+        "--mount-path",
+        default=None,
+        help="where the shared PVC is mounted (default: run.storage_path)",
+    )
+    r.add_argument(
+        "--memory-per-worker",
+        default=None,
+        help="memory of each worker pod, e.g. 64Gi (default: from CPUs and GPUs)",
+    )
+    r.add_argument(
+        "--deadline-s",
+        type=int,
+        default=86400,
+        help="RayJob activeDeadlineSeconds (default: one day)",
+    )
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.set_defaults(func=cmd_k8s_render)
+
+
+def _add_jobs_parsers(sub: argparse._SubParsersAction) -> None:
+    """`ferry submit CONFIG ...` and `ferry jobs list|status|logs|stop`."""
+
+    def cluster_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--address",
+            default=None,
+            help=f"the cluster's Jobs API (default: RAY_JOB_ADDRESS or RAY_ADDRESS if http(s), "
+            f"else {DEFAULT_ADDRESS})",
+        )
+        sp.add_argument(
+            "--token-file",
+            default=None,
+            help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+        )
+        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    s = sub.add_parser(
+        "submit",
+        usage="ferry submit CONFIG [options] [-- [train|tune] [ARGS ...]]",
+        help="run `ferry train CONFIG` (or tune) as a job on a Ray cluster",
+        description="Validate CONFIG here, ship it with its local data files and this Ferry to a "
+        "Ray cluster, and run `ferry train` there. Arguments after `--` go to the command on the "
+        "cluster: `-- tune ...`, `-- --merge`.",
+    )
+    # argparse cannot put `-- ARGS` after options that follow a positional; split it off first.
+    s.__class__ = _ArgsAfterDoubleDash
+    add_config_args(s)
+    s.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream the job's logs until it ends; exit 0 if it SUCCEEDED, else 1",
+    )
+    s.add_argument(
+        "--env",
+        dest="env_names",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="pass this environment variable (e.g. HF_TOKEN) to the job; repeatable",
+    )
+    s.add_argument(
+        "--env-file",
+        default=None,
+        metavar="FILE",
+        help="pass the NAME=value lines of this dotenv-style file to the job",
+    )
+    s.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="REQ",
+        help="extra pip requirement installed for the job; repeatable",
+    )
+    cluster_opts(s)
+    s.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    ls = jobs_sub.add_parser("list", help="every job: id, status, start time, command")
+    cluster_opts(ls)
+    ls.set_defaults(func=cmd_jobs_list)
+    st = jobs_sub.add_parser("status", help="a job's status and message")
+    st.add_argument("job_id")
+    cluster_opts(st)
+    st.set_defaults(func=cmd_jobs_status)
+    lg = jobs_sub.add_parser("logs", help="a job's output so far, or --follow it until it ends")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", action="store_true", help="stream until the job ends")
+    cluster_opts(lg)
+    lg.set_defaults(func=cmd_jobs_logs)
+    sp = jobs_sub.add_parser("stop", help="stop a job and wait until it has stopped")
+    sp.add_argument("job_id")
+    cluster_opts(sp)
+    sp.set_defaults(func=cmd_jobs_stop)
+
+
+class _ArgsAfterDoubleDash(argparse.ArgumentParser):
+    """Moves everything after the first `--` into `command_args` before normal parsing."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        rest: list[str] = []
+        if "--" in args:
+            i = args.index("--")
+            args, rest = args[:i], args[i + 1 :]
+        ns, extra = super().parse_known_args(args, namespace)
+        ns.command_args = rest
+        return ns, extra
 
 
 def add_config_args(sp: argparse.ArgumentParser, config_nargs: str | None = None) -> None:
     """CONFIG and `--set`: every command that reads a run config takes them the same way."""
     sp.add_argument("config", nargs=config_nargs, help="YAML run config")
-    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set train.learning_rate=3e-4")
+    sp.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.learning_rate=3e-4",
+    )
 
 
 def cmd_validate(args) -> int:
     from trainers.config_load import dump_spec, load_config
-    from trainers.data.files import check_data
     from trainers.errors import ConfigError
-    from trainers.features.extract import check_features
     from trainers.model import check_lora_fits, load_tokenizer_for
+    from trainers.preflight import check_run
+    from trainers.stages import check_stages
 
     spec = load_config(args.config, args.overrides)
     if spec.stages:
-        from trainers.stages import stage_specs
-
-        plan = stage_specs(spec)
-        problems = [f"{label}: {p}" for label, s in plan for p in check_data(s)]
-        if problems:
-            raise ConfigError(problems)
+        check_stages(spec)
         print(dump_spec(spec), end="")
         return 0
-    problems = check_data(spec)
+    problems = check_run(spec)
     tokenizer = None if spec.model.preset else load_tokenizer_for(spec, None)
-    labels = spec.task.labels or (["a", "b"] if spec.task.type == "sequence_classification" else None)
+    labels = spec.task.labels or (
+        ["a", "b"] if spec.task.type == "sequence_classification" else None
+    )
     problems += check_lora_fits(spec, tokenizer, labels)
-    problems += check_features(spec)
     if problems:
         raise ConfigError(problems)
     print(dump_spec(spec), end="")
@@ -149,95 +357,94 @@ def cmd_validate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config_load import load_config
-    from trainers.preflight import prepare_run
+    from trainers.errors import ConfigError
+    from trainers.preflight import check_run, prepare_checked_run
     from trainers.train.launch import train
 
     spec = load_config(args.config, args.overrides)
     if spec.stages:
         return _train_stages(spec, args)
-    _check_inputs_before_starting_ray(spec)
+    # Files, columns and the run's history fail in a second, before Ray starts; the cluster's
+    # checks follow once it is up.
+    problems = check_run(spec)
+    if problems:
+        raise ConfigError(problems)
     s = spec.scaling
-    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
     t0 = time.perf_counter()
-    try:
-        outcome = train(prepare_run(spec), merge=args.merge)
-    finally:
-        if session.embedded:
-            disconnect(session)
+    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
+        outcome = train(prepare_checked_run(spec), merge=args.merge)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
     print(f"model: {outcome.export_dir}")
     return 0
 
 
 def _train_stages(spec, args) -> int:
-    """A config with `stages:`: run them in order (finished ones skipped, an interrupted one resumed)."""
-    from cluster.session import connect, disconnect
-    from trainers.stages import run_stages, stage_specs
+    """A config with `stages:`: run them in order (finished ones skipped, an interrupted one
+    resumed)."""
+    from trainers.stages import check_stages, run_stages
 
-    plan = stage_specs(spec)  # every stage's config checked before Ray starts
-    for _, stage_spec in plan:
-        _check_inputs_before_starting_ray(stage_spec)
-    need = max(s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan)
-    session = connect(args.address, needed_cpus=need)
+    plan = check_stages(spec)  # every stage checked before Ray starts
+    need = max(
+        s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan
+    )
     t0 = time.perf_counter()
-    try:
-        outcome = run_stages(spec)
-    finally:
-        if session.embedded:
-            disconnect(session)
+    with ray_session(args.address, needed_cpus=need):
+        outcome = run_stages(spec, stages=plan)
     for stage in outcome.stages + ([outcome.baseline] if outcome.baseline else []):
-        print(f"{stage.name}: {stage.task}/{stage.method} {stage.status} in {stage.wall_s:,.0f}s "
-              f"-> {stage.export_dir}")
+        print(
+            f"{stage.name}: {stage.task}/{stage.method} {stage.status} in {stage.wall_s:,.0f}s "
+            f"-> {stage.export_dir}"
+        )
     ppl = outcome.summary.get("domain_perplexity")
     if ppl:
-        print(f"domain perplexity ({ppl['stage']}): {ppl['before']:.2f} before -> {ppl['after']:.2f} after")
+        print(
+            f"domain perplexity ({ppl['stage']}): "
+            f"{ppl['before']:.2f} before -> {ppl['after']:.2f} after"
+        )
     task = outcome.summary["task_metric"]
     without = task["without_stages"]
-    print(f"{task['metric']}: {task['with_stages']:.4f} with the earlier stages"
-          + (f", {without:.4f} without" if without is not None else ""))
+    print(
+        f"{task['metric']}: {task['with_stages']:.4f} with the earlier stages"
+        + (f", {without:.4f} without" if without is not None else "")
+    )
     print(f"report: {outcome.report_path} ({time.perf_counter() - t0:,.0f}s)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config_load import load_config
     from trainers.evaluate import evaluate_checkpoint
 
     spec = load_config(args.config, args.overrides)
-    _check_inputs_before_starting_ray(spec)
     s = spec.scaling
-    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus)
-    try:
+    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
         metrics = evaluate_checkpoint(spec, args.checkpoint)
-    finally:
-        if session.embedded:
-            disconnect(session)
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config_load import load_config
     from trainers.predict import check_predict_inputs, predict_dataset
 
     spec = load_config(args.config, args.overrides)
     # Missing files, columns or a non-empty output folder fail before Ray starts.
-    check_predict_inputs(spec, args.checkpoint, args.inputs, args.output, args.batch_size,
-                         args.max_new_tokens)
+    check_predict_inputs(
+        spec, args.checkpoint, args.inputs, args.output, args.batch_size, args.max_new_tokens
+    )
     s = spec.scaling
     actors = args.num_actors or s.num_workers
-    session = connect(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus)
-    try:
-        summary = predict_dataset(spec, args.checkpoint, args.inputs, args.output,
-                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  num_actors=actors)
-    finally:
-        if session.embedded:
-            disconnect(session)
+    with ray_session(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus):
+        summary = predict_dataset(
+            spec,
+            args.checkpoint,
+            args.inputs,
+            args.output,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            num_actors=actors,
+        )
     print(summary.line())
     return 0
 
@@ -258,7 +465,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from cluster.session import connect, disconnect
     from trainers.config_load import build_spec
     from trainers.errors import ConfigError
 
@@ -271,34 +477,109 @@ def cmd_tune(args) -> int:
             raise ConfigError([f"--report={args.report}: {e}"]) from e
         return 0
     if not args.config:
-        raise ConfigError(["config=None: `ferry tune` needs a run config with a tune: block (or "
-                           "--report EXPERIMENT_DIR). Pass the YAML file."])
+        raise ConfigError(
+            [
+                "config=None: `ferry tune` needs a run config with a tune: block (or "
+                "--report EXPERIMENT_DIR). Pass the YAML file."
+            ]
+        )
     from tuning.config import load_search
     from tuning.search import run_search
 
     raw, tune_cfg = load_search(args.config, args.overrides)
     spec = build_spec(dict(raw))
-    _check_inputs_before_starting_ray(spec)
     s = spec.scaling
-    session = connect(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus
-                      + tune_cfg.trial_cpus)
-    try:
+    need = s.num_workers * s.cpus_per_worker + s.data_cpus + tune_cfg.trial_cpus
+    with ray_session(args.address, needed_cpus=need):
         outcome = run_search(raw, tune_cfg, resume=args.resume)
-    finally:
-        if session.embedded:
-            disconnect(session)
     print(f"search: {outcome.experiment_dir}")
     return 0
 
 
-def _check_inputs_before_starting_ray(spec) -> None:
-    """Missing files or columns fail in a second, not after Ray has started."""
-    from trainers.data.files import check_data
-    from trainers.errors import ConfigError
+def cmd_k8s_render(args) -> int:
+    from trainers.config_load import build_spec, load_config
+    from tuning.config import load_search
 
-    problems = check_data(spec)
-    if problems:
-        raise ConfigError(problems)
+    tune_cfg = None
+    if args.run_command == "tune":
+        # The whole search file: `ferry tune` in the pod reads its tune: block.
+        raw, tune_cfg = load_search(args.config, args.overrides)
+        spec = build_spec(raw)
+    else:
+        spec = load_config(args.config, args.overrides)
+    docs = render_manifests(
+        spec,
+        args.image,
+        namespace=args.namespace,
+        gpus_per_worker=args.gpus_per_worker,
+        command=args.run_command,
+        include_cluster=args.with_cluster,
+        ray_version=args.ray_version,
+        mount_path=args.mount_path,
+        memory_per_worker=args.memory_per_worker,
+        active_deadline_s=args.deadline_s,
+        tune=tune_cfg,
+    )
+    sys.stdout.write(f"# ferry k8s render {args.config}: apply with `kubectl apply -f -`\n")
+    sys.stdout.write(dump_manifests(docs))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    rest = list(args.command_args)
+    command = rest.pop(0) if rest and not rest[0].startswith("-") else "train"
+    address = resolve_address(args.address)
+    job_id = submit_job(
+        args.config,
+        address=address,
+        overrides=args.overrides,
+        command=command,
+        command_args=rest,
+        env_names=args.env_names,
+        env_file=args.env_file,
+        pip=args.pip,
+        token_file=args.token_file,
+    )
+    print(job_id, flush=True)
+    if not args.follow:
+        print(f"follow it: ferry jobs logs {job_id} --follow --address {address}", file=sys.stderr)
+        return 0
+    follow_job(job_id, address, args.token_file)
+    return 0
+
+
+def cmd_jobs_list(args) -> int:
+    rows = list_jobs(args.address, args.token_file)
+    print(f"{'JOB ID':<32} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
+    for r in rows:
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start_time"] / 1000))
+            if r["start_time"]
+            else "-"
+        )
+        print(f"{r['id']:<32} {r['status']:<10} {started:<19} {r['entrypoint']}")
+    return 0
+
+
+def cmd_jobs_status(args) -> int:
+    status, message = job_status(args.job_id, args.address, args.token_file)
+    print(status)
+    if message:
+        print(message)
+    return 0
+
+
+def cmd_jobs_logs(args) -> int:
+    if args.follow:
+        follow_job(args.job_id, args.address, args.token_file)
+    else:
+        sys.stdout.write(job_logs(args.job_id, args.address, args.token_file))
+    return 0
+
+
+def cmd_jobs_stop(args) -> int:
+    print(stop_job(args.job_id, args.address, args.token_file))
+    return 0
 
 
 def _print_summary(metrics: dict, seconds: float) -> None:

@@ -2,13 +2,15 @@
 
 `submit_job` is the entry point (`ferry submit`); `package_job` builds what it sends, and
 `list_jobs`, `job_status`, `job_logs`, `follow_job` and `stop_job` back `ferry jobs ...`
-(`register_cli`). All talk to the cluster's Jobs API over HTTP (the dashboard, port 8265).
+(cluster/cli.py parses their flags). All talk to the cluster's Jobs API over HTTP (the
+dashboard, port 8265).
 
 What a submitted job carries (its Ray runtime environment):
 
 * `working_dir`: a temporary folder holding `config.yaml` and copies of the local files the config
   reads: `data.train_files`, `data.validation_files` (globs and folders expanded) and
-  `deepspeed.config_file`, at most `MAX_STAGED_BYTES` in all; bigger data belongs on shared storage
+  `deepspeed.config_file`, at the top level and in each stage's `set:` (under
+  `inputs/stages/<name>/`), at most `MAX_STAGED_BYTES` in all; bigger data belongs on shared storage
   or a URI, and is then passed as given. `config.yaml` is the user's YAML with the `--set`
   overrides applied and those paths pointed at the copies. `run.storage_path` and
   `data.cache_dir` are *not* rewritten: a URI or an absolute path (a volume every node mounts) is
@@ -36,7 +38,6 @@ client's environment; a refused request becomes one `AuthError` that says what t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -179,7 +180,6 @@ def package_job(
         ConfigError: every problem found, each naming the key or flag.
     """
     from trainers.config_load import apply_override, load_config
-    from trainers.data.files import check_data
     from trainers.errors import ConfigError
 
     problems: list[str] = []
@@ -190,7 +190,7 @@ def package_job(
         spec = load_config(config, overrides)
     except ConfigError as e:
         raise ConfigError(problems + e.problems) from None
-    problems += check_data(spec)
+    problems += _check_data_of_every_run(spec)
     if problems:
         raise ConfigError(problems)
 
@@ -287,7 +287,7 @@ def follow_job(
 
 
 def stop_job(job_id: str, address: str | None = None, token_file: str | None = None) -> str:
-    """Ask the cluster to stop a job and wait (up to STOP_WAIT_S) until it has; return its status."""
+    """Ask the cluster to stop a job, wait (up to STOP_WAIT_S) until it has; return its status."""
     client = _client(address, token_file)
     _call(client, "stop", lambda: client.stop_job(job_id), job_id)
     return str(_wait_until_done(client, job_id, timeout_s=STOP_WAIT_S).status)
@@ -306,182 +306,55 @@ def resolve_address(address: str | None) -> str:
     return DEFAULT_ADDRESS
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ferry submit CONFIG ...` and `ferry jobs list|status|logs|stop` to the command line."""
-    from cluster.cli import add_config_args  # here: cluster.cli imports this module
-
-
-    def cluster_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--address",
-            default=None,
-            help=f"the cluster's Jobs API (default: RAY_JOB_ADDRESS or RAY_ADDRESS if http(s), "
-            f"else {DEFAULT_ADDRESS})",
-        )
-        sp.add_argument(
-            "--token-file",
-            default=None,
-            help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, "
-            "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
-        )
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
-
-    s = subparsers.add_parser(
-        "submit",
-        usage="ferry submit CONFIG [options] [-- [train|tune] [ARGS ...]]",
-        help="run `ferry train CONFIG` (or tune) as a job on a Ray cluster",
-        description="Validate CONFIG here, ship it with its local data files and this Ferry to a "
-        "Ray cluster, and run `ferry train` there. Arguments after `--` go to the command on the "
-        "cluster: `-- tune ...`, `-- --merge`.",
-    )
-    # argparse cannot put `-- ARGS` after options that follow a positional; split it off first.
-    s.__class__ = _ArgsAfterDoubleDash
-    add_config_args(s)
-    s.add_argument(
-        "--follow",
-        action="store_true",
-        help="stream the job's logs until it ends; exit 0 if it SUCCEEDED, else 1",
-    )
-    s.add_argument(
-        "--env",
-        dest="env_names",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="pass this environment variable (e.g. HF_TOKEN) to the job; repeatable",
-    )
-    s.add_argument(
-        "--env-file",
-        default=None,
-        metavar="FILE",
-        help="pass the NAME=value lines of this dotenv-style file to the job",
-    )
-    s.add_argument(
-        "--pip",
-        action="append",
-        default=[],
-        metavar="REQ",
-        help="extra pip requirement installed for the job; repeatable",
-    )
-    cluster_opts(s)
-    s.set_defaults(func=_cmd_submit)
-
-    jobs = subparsers.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
-    sub = jobs.add_subparsers(dest="jobs_command", required=True)
-    ls = sub.add_parser("list", help="every job: id, status, start time, command")
-    cluster_opts(ls)
-    ls.set_defaults(func=_cmd_list)
-    st = sub.add_parser("status", help="a job's status and message")
-    st.add_argument("job_id")
-    cluster_opts(st)
-    st.set_defaults(func=_cmd_status)
-    lg = sub.add_parser("logs", help="a job's output so far, or --follow it until it ends")
-    lg.add_argument("job_id")
-    lg.add_argument("--follow", action="store_true", help="stream until the job ends")
-    cluster_opts(lg)
-    lg.set_defaults(func=_cmd_logs)
-    sp = sub.add_parser("stop", help="stop a job and wait until it has stopped")
-    sp.add_argument("job_id")
-    cluster_opts(sp)
-    sp.set_defaults(func=_cmd_stop)
-
-
-class _ArgsAfterDoubleDash(argparse.ArgumentParser):
-    """Moves everything after the first `--` into `command_args` before normal parsing."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        rest: list[str] = []
-        if "--" in args:
-            i = args.index("--")
-            args, rest = args[:i], args[i + 1 :]
-        ns, extra = super().parse_known_args(args, namespace)
-        ns.command_args = rest
-        return ns, extra
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    rest = list(args.command_args)
-    command = rest.pop(0) if rest and not rest[0].startswith("-") else "train"
-    address = resolve_address(args.address)
-    job_id = submit_job(
-        args.config,
-        address=address,
-        overrides=args.overrides,
-        command=command,
-        command_args=rest,
-        env_names=args.env_names,
-        env_file=args.env_file,
-        pip=args.pip,
-        token_file=args.token_file,
-    )
-    print(job_id, flush=True)
-    if not args.follow:
-        print(f"follow it: ferry jobs logs {job_id} --follow --address {address}", file=sys.stderr)
-        return 0
-    follow_job(job_id, address, args.token_file)
-    return 0
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    rows = list_jobs(args.address, args.token_file)
-    print(f"{'JOB ID':<32} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
-    for r in rows:
-        started = (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["start_time"] / 1000))
-            if r["start_time"]
-            else "-"
-        )
-        print(f"{r['id']:<32} {r['status']:<10} {started:<19} {r['entrypoint']}")
-    return 0
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    status, message = job_status(args.job_id, args.address, args.token_file)
-    print(status)
-    if message:
-        print(message)
-    return 0
-
-
-def _cmd_logs(args: argparse.Namespace) -> int:
-    if args.follow:
-        follow_job(args.job_id, args.address, args.token_file)
-    else:
-        sys.stdout.write(job_logs(args.job_id, args.address, args.token_file))
-    return 0
-
-
-def _cmd_stop(args: argparse.Namespace) -> int:
-    print(stop_job(args.job_id, args.address, args.token_file))
-    return 0
-
-
 # --- packaging -----------------------------------------------------------------------------
 
 
 def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
-    """Copy local input files into stage_dir and point `raw` at the copies; return the bytes."""
+    """Copy the local files the run and each of its stages read into stage_dir, point `raw` at
+    the copies (URIs stay as given); return the bytes."""
     from trainers.data.files import expand_files
     from trainers.errors import ConfigError
 
     plan: list[tuple[str, str, list[tuple[str, str]]]] = []  # (key, shown value, [(src, dst)])
+
+    def files(key: str, patterns: list[str], folder: str) -> list[str]:
+        local = [p for p in patterns if "://" not in p]
+        found = expand_files(local, key) if local else []
+        copies = [(src, f"{folder}/{i:03d}_{os.path.basename(src)}") for i, src in enumerate(found)]
+        plan.append((key, str(patterns), copies))
+        return [dst for _, dst in copies] + [p for p in patterns if "://" in p]
+
+    def config_file(key: str, path: str, dst: str) -> str:
+        if "://" in path:
+            return path
+        plan.append((key, path, [(path, dst)]))
+        return dst
+
     for section, key in _STAGED_INPUTS:
         patterns = getattr(getattr(spec, section), key)
-        if not patterns:
-            continue
-        local = [p for p in patterns if "://" not in p]
-        files = expand_files(local, f"{section}.{key}") if local else []
-        copies = [
-            (src, f"inputs/{key}/{i:03d}_{os.path.basename(src)}") for i, src in enumerate(files)
-        ]
-        plan.append((f"{section}.{key}", str(patterns), copies))
-        uris = [p for p in patterns if "://" in p]
-        raw.setdefault(section, {})[key] = [dst for _, dst in copies] + uris
-    ds_file = spec.deepspeed.config_file
-    if ds_file and "://" not in ds_file:
-        plan.append(("deepspeed.config_file", ds_file, [(ds_file, "inputs/deepspeed.json")]))
-        raw.setdefault("deepspeed", {})["config_file"] = "inputs/deepspeed.json"
+        if patterns:
+            raw.setdefault(section, {})[key] = files(f"{section}.{key}", patterns, f"inputs/{key}")
+    if spec.deepspeed.config_file:
+        raw.setdefault("deepspeed", {})["config_file"] = config_file(
+            "deepspeed.config_file", spec.deepspeed.config_file, "inputs/deepspeed.json"
+        )
+    # A stage's `set:` may name its own files (domain adaptation reads unlabeled text first);
+    # stage_specs applies these dotted keys over the top-level config, so they are staged here.
+    for i, stage in enumerate(spec.stages or []):
+        folder = f"inputs/stages/{stage.name}"
+        for section, key in _STAGED_INPUTS:
+            dotted = f"{section}.{key}"
+            value = stage.set.get(dotted)
+            if value:
+                patterns = value if isinstance(value, list) else [value]
+                raw["stages"][i]["set"][dotted] = files(
+                    f"stages[{i}].set.{dotted}", patterns, f"{folder}/{key}"
+                )
+        ds_file = stage.set.get("deepspeed.config_file")
+        if ds_file:
+            raw["stages"][i]["set"]["deepspeed.config_file"] = config_file(
+                f"stages[{i}].set.deepspeed.config_file", ds_file, f"{folder}/deepspeed.json"
+            )
 
     sizes = {key: sum(os.path.getsize(src) for src, _ in copies) for key, _, copies in plan}
     total = sum(sizes.values())
@@ -489,9 +362,10 @@ def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
         limit = MAX_STAGED_BYTES / 2**20
         raise ConfigError(
             [
-                f"{key}={shown}: {sizes[key] / 2**20:.1f} MiB of local files ({total / 2**20:.1f} MiB in "
-                f"all) is over the {limit:.0f} MiB a job carries. Put the data on shared storage or a URI "
-                f"(s3://, gs://) and set {key} to that path."
+                f"{key}={shown}: {sizes[key] / 2**20:.1f} MiB of local files "
+                f"({total / 2**20:.1f} MiB in all) is over the {limit:.0f} MiB a job carries. "
+                "Put the data on shared storage or a URI (s3://, gs://) and set "
+                f"{key} to that path."
                 for key, shown, _ in plan
                 if sizes[key]
             ]
@@ -501,6 +375,21 @@ def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
             (stage_dir / dst).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, stage_dir / dst)
     return total
+
+
+def _check_data_of_every_run(spec: RunSpec) -> list[str]:
+    """check_data of the run, or of each stage's run, labelled as `ferry validate` labels them."""
+    from trainers.data.files import check_data
+    from trainers.errors import ConfigError
+    from trainers.stages import stage_specs
+
+    if not spec.stages:
+        return check_data(spec)
+    try:
+        plan = stage_specs(spec)
+    except ConfigError as e:
+        return e.problems
+    return [f"{label}: {p}" for label, stage_spec in plan for p in check_data(stage_spec)]
 
 
 def _warn_about_paths(spec: RunSpec, raw: dict[str, Any]) -> None:
@@ -588,8 +477,9 @@ def _client(address: str | None, token_file: str | None) -> JobSubmissionClient:
             raise _auth_error(url, source, str(e)) from None
         except ConnectionError as e:
             raise JobSubmitError(
-                f"--address={url}: cannot reach the Ray Jobs API ({str(e).rstrip('.')}). Start the cluster, or pass "
-                "--address http://HEAD:8265 (or set RAY_JOB_ADDRESS) to its dashboard."
+                f"--address={url}: cannot reach the Ray Jobs API ({str(e).rstrip('.')}). "
+                "Start the cluster, or pass --address http://HEAD:8265 (or set RAY_JOB_ADDRESS) "
+                "to its dashboard."
             ) from None
         except RuntimeError as e:
             raise JobSubmitError(f"--address={url}: {e}. Is this a Ray dashboard?") from None

@@ -1,20 +1,21 @@
 """KubeRay manifests for a run: run config -> ConfigMap + RayJob (+ a long-lived RayCluster).
 
-`render_manifests` is the entry point and `ferry k8s render` prints its output (`register_cli`).
-The output has the shape of the shipped `k8s/ray-job.train.yaml` and `k8s/ray-cluster.gpu.yaml`
-(tests/test_k8s.py validates all of them against the KubeRay v1 CRD schemas and compares them):
+`render_manifests` is the entry point and `ferry k8s render` prints its output (`dump_manifests`).
+The output has the shape of the shipped `k8s/ray-job.train.yaml`, `k8s/ray-job.tune.yaml` and
+`k8s/ray-cluster.gpu.yaml` (tests/test_k8s.py validates all of them against the KubeRay v1 CRD
+schemas and compares them):
 token auth from the Secret `ferry-secrets`, non-root pods, requests == limits, one Ray worker pod
 per training worker, checkpoints on the PVC `ferry-shared` mounted at `run.storage_path` (no
-volume when the storage path is a bucket URI). k8s/README.md walks through using them.
+volume when the storage path is a bucket URI). A search (`command="tune"`) ships its whole search
+config, tune: block included, and gets one worker pod per worker of every trial that runs at once
+(`tune.max_concurrent_trials`). k8s/README.md walks through using them.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ import yaml
 
 if TYPE_CHECKING:
     from trainers.config import RunSpec
+    from tuning.config import TuneConfig
 
 log = logging.getLogger("ferry.cluster")
 
@@ -62,6 +64,7 @@ def render_manifests(
     mount_path: str | None = None,
     memory_per_worker: str | None = None,
     active_deadline_s: int = 86400,
+    tune: TuneConfig | None = None,
 ) -> list[dict[str, Any]]:
     """Render the Kubernetes objects that run `ferry <command>` with this config on KubeRay.
 
@@ -78,6 +81,9 @@ def render_manifests(
         mount_path: where the PVC is mounted; must contain `run.storage_path` (default: it).
         memory_per_worker: memory of each worker pod; default 4Gi per CPU + 32Gi per GPU, >= 8Gi.
         active_deadline_s: the RayJob fails when it runs longer than this (start-up included).
+        tune: the search's tune: block; required with command="tune". It travels in the
+            ConfigMap with the run config, and its max_concurrent_trials (default 1) sizes the
+            cluster: scaling.num_workers worker pods per concurrent trial.
 
     Returns:
         [ConfigMap, RayJob], or [ConfigMap, RayCluster, NetworkPolicy, RayJob] with include_cluster.
@@ -85,12 +91,25 @@ def render_manifests(
     Raises:
         ConfigError (a ValueError): every bad input, one `"<key>=<value>: <rule>. <fix>."` each.
     """
+    # Here, not at the top: the `ferry` parser imports this module, and pydantic would add a
+    # noticeable delay to every command, `ferry jobs ...` included.
     from trainers.config_load import build_spec, dump_spec
     from trainers.errors import ConfigError
+    from tuning.config import check_space
 
     problems = _check_inputs(
         spec, image, namespace, gpus_per_worker, command, memory_per_worker, active_deadline_s
     )
+    search = tune if command == "tune" else None
+    if command == "tune" and tune is None:
+        problems.append(
+            "--command=tune: the config has no tune: block, and `ferry tune` in the pod needs "
+            "one. Add a tune: block (see examples/tune_tiny_lora.yaml) or use --command train."
+        )
+    elif command == "train" and tune is not None:
+        log.warning("tune: ignored with --command=train (the RayJob runs `ferry train`).")
+    if search is not None:
+        problems += check_space(spec.model_dump(mode="json"), search)
     version = _ray_version(image, ray_version, problems)
     storage = spec.run.storage_path
     mount = _mount_path(storage, mount_path, problems)
@@ -117,9 +136,15 @@ def render_manifests(
 
     s = run_spec.scaling
     gpus = math.ceil(s.gpus_per_worker)  # a pod gets whole GPUs
+    # `ferry tune` sizes its concurrency by the cluster it finds at start, so the pods of every
+    # concurrent trial are there from the start (an autoscaler would never be asked for them).
+    trials = (search.max_concurrent_trials or 1) if search is not None else 1
+    pods = s.num_workers * trials
     # Ray Data needs free logical CPUs besides the training workers' (else its reads wait
-    # forever); the head advertises none, so each worker pod carries a share of data_cpus.
-    cpus = math.ceil(s.cpus_per_worker + s.data_cpus / s.num_workers)
+    # forever), and each trial's driver holds tune.trial_cpus; the head advertises none, so the
+    # worker pods carry a share of both.
+    drivers = trials * search.trial_cpus if search is not None else 0.0
+    cpus = math.ceil(s.cpus_per_worker + (s.data_cpus + drivers) / pods)
     plan = _Plan(
         name=base,
         job_name=job_name,
@@ -128,7 +153,7 @@ def render_manifests(
         image=image,
         ray_version=version,
         mount_path=mount,
-        workers=s.num_workers,
+        workers=pods,
         worker_resources={
             "cpu": str(cpus),
             "memory": memory_per_worker or f"{max(8, 4 * cpus + 32 * gpus)}Gi",
@@ -140,7 +165,17 @@ def render_manifests(
         f"# Run config for `ferry {command}` in the pod, rendered by `ferry k8s render` "
         f"(validated; edit the source config and render again).\n"
     )
-    config_map = _config_map(plan, header + dump_spec(run_spec))
+    run_yaml = dump_spec(run_spec)
+    if search is not None:
+        # The whole search file: `ferry tune` reads the tune: block from the same file.
+        block = search.model_dump(mode="json")
+        # Only the distribution each searched key uses: the other kinds are all None.
+        block["space"] = {
+            key: dist.model_dump(mode="json", exclude_none=True)
+            for key, dist in search.space.items()
+        }
+        run_yaml += yaml.safe_dump({"tune": block}, sort_keys=False)
+    config_map = _config_map(plan, header + run_yaml)
     if not include_cluster:
         return [config_map, _ray_job(plan, command, cluster=_cluster_spec(plan, long_lived=False))]
     return [
@@ -156,89 +191,6 @@ def dump_manifests(docs: list[dict[str, Any]]) -> str:
     return yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False)
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add `ferry k8s render CONFIG ...` to the `ferry` command line."""
-    from cluster.cli import add_config_args  # here: cluster.cli imports this module
-
-    k8s = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a run")
-    sub = k8s.add_subparsers(dest="k8s_command", required=True)
-    r = sub.add_parser(
-        "render",
-        help="print the ConfigMap + RayJob (+ RayCluster) that run CONFIG on KubeRay",
-        description="Print Kubernetes YAML for `kubectl apply -f -`. See k8s/README.md.",
-    )
-    add_config_args(r)
-    r.add_argument(
-        "--image",
-        default=None,
-        help="container image with Ferry installed, tagged with its Ray version",
-    )
-    r.add_argument("--namespace", default="default", help="namespace of every object")
-    r.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="override scaling.gpus_per_worker (pods and config)",
-    )
-    # dest: `command` is taken by the top-level subcommand of `ferry`.
-    r.add_argument(
-        "--command",
-        dest="run_command",
-        choices=COMMANDS,
-        default="train",
-        help="ferry command to run",
-    )
-    r.add_argument(
-        "--with-cluster",
-        action="store_true",
-        help="also render a long-lived autoscaling RayCluster that the RayJob selects",
-    )
-    r.add_argument(
-        "--ray-version",
-        default=None,
-        help="Ray version of the image, when its tag does not start with one",
-    )
-    r.add_argument(
-        "--mount-path",
-        default=None,
-        help="where the shared PVC is mounted (default: run.storage_path)",
-    )
-    r.add_argument(
-        "--memory-per-worker",
-        default=None,
-        help="memory of each worker pod, e.g. 64Gi (default: from CPUs and GPUs)",
-    )
-    r.add_argument(
-        "--deadline-s",
-        type=int,
-        default=86400,
-        help="RayJob activeDeadlineSeconds (default: one day)",
-    )
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
-    r.set_defaults(func=_cmd_render)
-
-
-def _cmd_render(args: argparse.Namespace) -> int:
-    from trainers.config_load import load_config
-
-    spec = load_config(args.config, args.overrides)
-    docs = render_manifests(
-        spec,
-        args.image,
-        namespace=args.namespace,
-        gpus_per_worker=args.gpus_per_worker,
-        command=args.run_command,
-        include_cluster=args.with_cluster,
-        ray_version=args.ray_version,
-        mount_path=args.mount_path,
-        memory_per_worker=args.memory_per_worker,
-        active_deadline_s=args.deadline_s,
-    )
-    sys.stdout.write(f"# ferry k8s render {args.config}: apply with `kubectl apply -f -`\n")
-    sys.stdout.write(dump_manifests(docs))
-    return 0
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What the objects are built from: names, image, volume and pod sizes."""
@@ -250,7 +202,7 @@ class _Plan:
     image: str
     ray_version: str
     mount_path: str | None  # None: storage is a bucket URI, no shared volume
-    workers: int
+    workers: int  # worker pods: scaling.num_workers, times the concurrent trials of a search
     worker_resources: dict[str, str]
     deadline_s: int
 

@@ -1,15 +1,18 @@
 """Where work runs: the embedded local Ray by default, or an existing cluster by address.
 
-`connect` is the entry point. The embedded Ray is sized so that training workers can never hold
-every logical CPU (Ray Data needs some, or its reads wait forever), listens on 127.0.0.1 only
-(GCS, raylet, dashboard, agents and workers; tests/test_jobs.py checks every listening socket),
-and keeps its files in its own temp dir.
+`ray_session` is the entry point: a `with` block connected to Ray (`connect`) that shuts down,
+on the way out, the embedded Ray it started (`disconnect`). The embedded Ray is sized so that
+training workers can never hold every logical CPU (Ray Data needs some, or its reads wait
+forever), listens on 127.0.0.1 only (GCS, raylet, dashboard, agents and workers;
+tests/test_jobs.py checks every listening socket), and keeps its files in its own temp dir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger("ferry.cluster")
@@ -22,6 +25,27 @@ class Session:
     address: str
     embedded: bool
     dashboard_url: str | None
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | None = None
+) -> Iterator[Session]:
+    """Connected to Ray for the `with` block: `connect` on entry; on exit, `disconnect` only if
+    this block started an embedded Ray (a cluster, or a Ray already initialized in this process,
+    outlives the block).
+
+    Args:
+        address: "auto", "ray://host:10001", "host:6379", or None for RAY_ADDRESS / embedded.
+        needed_cpus: logical CPUs the run needs; see `connect`.
+        temp_dir: Ray's session directory (default: Ray's own).
+    """
+    session = connect(address, needed_cpus=needed_cpus, temp_dir=temp_dir)
+    try:
+        yield session
+    finally:
+        if session.embedded:
+            disconnect(session)
 
 
 def connect(

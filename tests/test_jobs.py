@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import classification_rows, write_jsonl
+from conftest import classification_rows, lm_rows, write_jsonl
 
 from cluster import jobs
 from cluster.session import free_port
@@ -193,6 +193,65 @@ def test_package_stages_config_and_data_and_keeps_outputs_relative(tmp_path, mon
 
 
 @pytest.mark.timeout(60)
+def test_package_stages_the_files_every_stage_reads(tmp_path):
+    """A stage's `set:` may name its own data (domain adaptation): those files travel too."""
+    src = tmp_path / "project"
+    (src / "domain").mkdir(parents=True)
+    write_jsonl(src / "task.jsonl", classification_rows(20))
+    write_jsonl(src / "domain" / "a.jsonl", lm_rows(20))
+    write_jsonl(src / "domain" / "b.jsonl", lm_rows(20, seed=1))
+    write_jsonl(src / "held.jsonl", lm_rows(10, seed=2))
+    (src / "ds.json").write_text('{"wall_clock_breakdown": false}')
+    config = {
+        "run": {"name": "da", "storage_path": "runs"},
+        "model": {"preset": "tiny-bert"},
+        "task": {"type": "sequence_classification"},
+        "data": {"train_files": ["task.jsonl"]},
+        "stages": [
+            {"name": "domain", "set": {"task.type": "masked_lm", "method": "full",
+                                       "data.train_files": ["domain/*.jsonl"],
+                                       "data.validation_files": ["held.jsonl"],
+                                       "deepspeed.config_file": "ds.json"}},
+            {"name": "task"},
+        ],
+    }
+    (src / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    pkg = jobs.package_job(src / "run.yaml", stage)
+
+    staged = yaml.safe_load((stage / "config.yaml").read_text())
+    domain = staged["stages"][0]["set"]
+    assert domain["data.train_files"] == ["inputs/stages/domain/train_files/000_a.jsonl",
+                                          "inputs/stages/domain/train_files/001_b.jsonl"]
+    assert domain["data.validation_files"] == [
+        "inputs/stages/domain/validation_files/000_held.jsonl"]
+    assert domain["deepspeed.config_file"] == "inputs/stages/domain/deepspeed.json"
+    assert staged["stages"][1] == {"name": "task"}
+    assert staged["data"]["train_files"] == ["inputs/train_files/000_task.jsonl"]
+    assert (stage / "inputs/stages/domain/train_files/001_b.jsonl").read_bytes() == (
+        src / "domain" / "b.jsonl").read_bytes()
+    staged_files = [p for p in (stage / "inputs").rglob("*") if p.is_file()]
+    assert pkg.staged_bytes == sum(p.stat().st_size for p in staged_files)
+    # On the cluster every stage reads the copies, and all of them are there.
+    from trainers.config_load import load_config
+    from trainers.data.files import check_data
+    from trainers.stages import stage_specs
+
+    plan = stage_specs(load_config(stage / "config.yaml"))
+    for label, spec in plan:
+        files = [*spec.data.train_files, *spec.data.validation_files, spec.deepspeed.config_file]
+        assert all(f.startswith(str(stage) + "/") for f in files if f), (label, files)
+        assert check_data(spec) == [], label
+
+    # A stage's missing file fails here, offline, naming the stage.
+    (src / "held.jsonl").unlink()
+    with pytest.raises(ConfigError, match=r"stages\[0\] \(domain\): data\.validation_files=.*held"
+                       r"\.jsonl: file not found"):
+        jobs.package_job(src / "run.yaml", tmp_path / "stage2")
+
+
+@pytest.mark.timeout(60)
 def test_package_refuses_large_data_and_bad_flags_naming_them(tmp_path, monkeypatch):
     cfg = _config(tmp_path, "runs")
     monkeypatch.setattr(jobs, "MAX_STAGED_BYTES", 1000)
@@ -215,13 +274,13 @@ def test_package_refuses_large_data_and_bad_flags_naming_them(tmp_path, monkeypa
 
 
 def test_submit_takes_command_and_args_after_double_dash(monkeypatch):
-    from cluster.cli import _parser
+    from cluster.cli import build_parser
 
-    args = _parser().parse_args(["submit", "run.yaml", "--follow", "--set", "a.b=1", "--",
+    args = build_parser().parse_args(["submit", "run.yaml", "--follow", "--set", "a.b=1", "--",
                                  "tune", "--resume", "--set", "x=2"])
     assert (args.config, args.follow, args.overrides) == ("run.yaml", True, ["a.b=1"])
     assert args.command_args == ["tune", "--resume", "--set", "x=2"]
-    assert _parser().parse_args(["submit", "run.yaml"]).command_args == []
+    assert build_parser().parse_args(["submit", "run.yaml"]).command_args == []
     assert jobs.resolve_address("head:8265") == "http://head:8265"
     for name in ("RAY_JOB_ADDRESS", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)

@@ -9,7 +9,6 @@ Pod) get small schemas of their own, reusing the CRDs' Kubernetes sub-schemas wh
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -20,10 +19,13 @@ import jsonschema
 import pytest
 import yaml
 
-from cluster.k8s import dump_manifests, register_cli, render_manifests
+from cluster.cli import build_parser, main
+from cluster.k8s import dump_manifests, render_manifests
 from trainers.config import RunSpec
 from trainers.config_load import build_spec
 from trainers.errors import ConfigError
+from tuning.config import TuneConfig, load_search
+from tuning.resources import size_trials
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -247,6 +249,13 @@ def _spec(**sections: Any) -> RunSpec:
     return build_spec(raw)
 
 
+def _search(max_concurrent_trials: int | None = None) -> TuneConfig:
+    return TuneConfig(
+        space={"train.learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
+        max_concurrent_trials=max_concurrent_trials,
+    )
+
+
 def _rendered() -> list[tuple[str, list[dict[str, Any]]]]:
     gpu = _spec(scaling={"num_workers": 2, "gpus_per_worker": 1})
     bucket = _spec(
@@ -254,7 +263,10 @@ def _rendered() -> list[tuple[str, list[dict[str, Any]]]]:
     )
     return [
         ("train-gpu", render_manifests(gpu, IMAGE)),
-        ("tune-gpu", render_manifests(gpu, IMAGE, namespace="ferry", command="tune")),
+        (
+            "tune-gpu",
+            render_manifests(gpu, IMAGE, namespace="ferry", command="tune", tune=_search(3)),
+        ),
         ("train-cluster", render_manifests(gpu, IMAGE, include_cluster=True)),
         ("train-cpu-bucket", render_manifests(bucket, "rayproject/ray:2.60.0-py311")),
         (
@@ -434,7 +446,13 @@ def test_run_configs_travel_in_configmaps_and_reach_the_shared_volume():
     for where, docs in [(p.name, _load(p)) for p in SHIPPED] + _rendered():
         for job in (d for d in docs if d["kind"] == "RayJob"):
             (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
-            spec = build_spec(yaml.safe_load(cm["data"]["run.yaml"]))
+            raw = yaml.safe_load(cm["data"]["run.yaml"])
+            # A search's ConfigMap carries its tune: block for `ferry tune`.
+            assert ("tune" in raw) == job["spec"]["entrypoint"].startswith("ferry tune "), where
+            tune = raw.pop("tune", None)
+            if tune is not None:
+                TuneConfig.model_validate(tune)
+            spec = build_spec(raw)
             # Own cluster: mounted on its head; long-lived cluster: on the submitter (working_dir).
             config_volumes = [
                 v for p in _pod_specs(job) for v in p.get("volumes", []) if "configMap" in v
@@ -482,6 +500,71 @@ def test_shipped_train_job_is_the_render_of_its_config():
     assert docs[0]["metadata"]["name"] == cm["metadata"]["name"]
 
 
+def _render_cli(capsys, *argv: str) -> list[dict[str, Any]]:
+    """`ferry k8s render ARGV` as the user runs it: its stdout, parsed."""
+    code = main(["k8s", "render", *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return list(yaml.safe_load_all(out))
+
+
+def _search_of(run_yaml: str, path: Path) -> tuple[RunSpec, TuneConfig]:
+    """What `ferry tune` reads from a ConfigMap's run.yaml: the run config and its tune block."""
+    path.write_text(run_yaml)
+    raw, tune = load_search(str(path))
+    return build_spec(raw), tune
+
+
+def test_render_tune_ships_the_whole_search_config(tmp_path, capsys):
+    """`ferry tune` in the pod needs the tune: block; the ConfigMap must carry it."""
+    config = tmp_path / "search.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "sweep", "storage_path": "/mnt/ferry/runs"},
+                "model": {"preset": "tiny-llama"},
+                "task": {"type": "causal_lm"},
+                "data": {"train_files": ["/mnt/ferry/runs/data/x.jsonl"]},
+                "scaling": {"num_workers": 2},
+                "tune": {
+                    "space": {"train.learning_rate": {"loguniform": [1.0e-4, 1.0e-2]}},
+                    "num_samples": 4,
+                    "max_concurrent_trials": 2,
+                },
+            }
+        )
+    )
+    docs = _render_cli(capsys, str(config), "--image", IMAGE, "--command", "tune")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    spec, tune = _search_of(cm["data"]["run.yaml"], tmp_path / "rendered.yaml")
+    assert list(tune.space) == ["train.learning_rate"]
+    assert (tune.num_samples, tune.max_concurrent_trials) == (4, 2)
+    assert spec.run.name == "sweep" and spec.run.storage_shared is True
+
+
+def test_shipped_tune_job_is_the_render_of_its_search_config(tmp_path, capsys):
+    cm = _shipped("ray-job.tune.yaml", "ConfigMap")
+    shipped = _shipped("ray-job.tune.yaml", "RayJob")
+    source = tmp_path / "search.yaml"
+    spec, tune = _search_of(cm["data"]["run.yaml"], source)
+    docs = _render_cli(
+        capsys,
+        str(source),
+        *("--image", IMAGE, "--command", "tune", "--mount-path", "/mnt/ferry"),
+        *("--deadline-s", "172800"),
+    )
+    rendered = next(d for d in docs if d["kind"] == "RayJob")
+    only_rendered = _key_paths(rendered["spec"]) - _key_paths(shipped["spec"])
+    only_shipped = _key_paths(shipped["spec"]) - _key_paths(rendered["spec"])
+    assert not only_rendered and not only_shipped, (sorted(only_rendered), sorted(only_shipped))
+    assert rendered["spec"] == shipped["spec"]
+    assert rendered["metadata"]["name"] == shipped["metadata"]["name"]
+    rendered_cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert rendered_cm["metadata"]["name"] == cm["metadata"]["name"]
+    # The rendered ConfigMap holds the same search as the shipped one, tune: block included.
+    assert _search_of(rendered_cm["data"]["run.yaml"], tmp_path / "rendered.yaml") == (spec, tune)
+
+
 def test_shipped_cluster_is_the_render_with_cluster():
     spec = _spec(
         run={"name": "ferry"},
@@ -501,16 +584,15 @@ def test_shipped_cluster_is_the_render_with_cluster():
     assert docs["RayJob"]["spec"]["clusterSelector"] == {"ray.io/cluster": "ferry"}
 
 
-def test_tune_job_differs_from_train_job_only_where_commented():
+def test_tune_job_is_the_train_job_with_pods_for_every_concurrent_trial():
     train = _shipped("ray-job.train.yaml", "RayJob")["spec"]
     tune = _shipped("ray-job.tune.yaml", "RayJob")["spec"]
     assert tune["entrypoint"] == "ferry tune /etc/ferry/run.yaml"
-    assert tune["rayClusterSpec"]["enableInTreeAutoscaling"] is True
-    group = tune["rayClusterSpec"]["workerGroupSpecs"][0]
-    assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    extra = _key_paths(tune) - _key_paths(train)
-    assert extra and all(p.startswith(".rayClusterSpec.autoscalerOptions") for p in extra), extra
-    assert not _key_paths(train) - _key_paths(tune)
+    assert _key_paths(tune) == _key_paths(train)
+    run = yaml.safe_load(_shipped("ray-job.tune.yaml", "ConfigMap")["data"]["run.yaml"])
+    trials, workers = run["tune"]["max_concurrent_trials"], run["scaling"]["num_workers"]
+    (group,) = tune["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == trials * workers
 
 
 def test_render_follows_the_config():
@@ -525,6 +607,7 @@ def test_render_follows_the_config():
         gpus_per_worker=2,
         command="tune",
         memory_per_worker="100Gi",
+        tune=_search(),
     )
     assert job["metadata"] == {
         "name": "my-run-v2-tune",
@@ -540,11 +623,38 @@ def test_render_follows_the_config():
     res = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert res == {"cpu": "3", "memory": "100Gi", "nvidia.com/gpu": "2"}  # ceil(2 + 1/3) CPUs
     # The GPU override is written into the config too, so Ray Train requests what the pods have.
-    assert build_spec(yaml.safe_load(cm["data"]["run.yaml"])).scaling.gpus_per_worker == 2
+    run = yaml.safe_load(cm["data"]["run.yaml"])
+    assert TuneConfig.model_validate(run.pop("tune")) == _search()
+    assert build_spec(run).scaling.gpus_per_worker == 2
     cpu_job = render_manifests(spec, IMAGE, gpus_per_worker=0)[1]
     cpu_pod = cpu_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"]
     assert "tolerations" not in cpu_pod
+
+
+def test_render_tune_sizes_the_cluster_so_ferry_tune_runs_its_concurrent_trials():
+    """`ferry tune` counts the trials that fit the cluster it finds (trial drivers and Ray Data
+    included): the rendered pods must hold exactly tune.max_concurrent_trials of them."""
+    spec = _spec(
+        scaling={"num_workers": 2, "gpus_per_worker": 1, "cpus_per_worker": 7, "data_cpus": 2}
+    )
+    for trials, pods in ((None, 2), (1, 2), (4, 8)):
+        search = _search(trials)
+        cm, job = render_manifests(spec, IMAGE, command="tune", tune=search)
+        (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == pods
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        cluster = {"CPU": pods * float(limits["cpu"]), "GPU": float(pods)}
+        assert size_trials(spec, search, cluster) == (trials or 1, []), (trials, limits)
+    with pytest.raises(
+        ConfigError,
+        match=r"^--command=tune: the config has no tune: block, and `ferry tune` in the pod "
+        r"needs one\. Add a tune: block",
+    ):
+        render_manifests(spec, IMAGE, command="tune")
+    bad = TuneConfig(space={"lora.rnk": {"choice": [4, 8]}})
+    with pytest.raises(ConfigError, match=r"^tune\.space\.lora\.rnk: no key 'rnk' in lora"):
+        render_manifests(spec, IMAGE, command="tune", tune=bad)
 
 
 def test_render_without_version_tag_needs_ray_version():
@@ -661,8 +771,7 @@ def test_cli_render_prints_valid_manifests(tmp_path, capsys, validators):
             }
         )
     )
-    parser = argparse.ArgumentParser(prog="ferry")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     args = parser.parse_args(
         [
             "k8s",

@@ -63,19 +63,23 @@ class StagesOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def run_stages(spec: RunSpec, fault: KillAfterStep | None = None) -> StagesOutcome:
+def run_stages(spec: RunSpec, stages: list[tuple[str, RunSpec]] | None = None,
+               fault: KillAfterStep | None = None) -> StagesOutcome:
     """Run `spec.stages` in order, each from the previous stage's model; write the report.
+
+    Args:
+        spec: the staged run config.
+        stages: `check_stages(spec)`'s result when the caller already ran it (the CLI does,
+            before it starts Ray); checked here otherwise.
+        fault: fault injection for resume tests, passed to every stage's training.
 
     Raises:
         ConfigError: a stage's config, data or resources are wrong (all stages are checked before
-            the first one starts), or a finished stage's recorded config differs from this one.
+            the first one starts), or a stage's recorded config differs from this one.
         TrainingFailedError: a stage started and failed (rerun to resume it).
     """
-    plan = stage_specs(spec)
-    problems: list[str] = []
-    for label, stage_spec in plan:
-        problems += [f"{label}: {p}" for p in check_run(stage_spec)]
-    problems += check_resources(plan[0][1]) + check_storage(plan[0][1])
+    plan = stages if stages is not None else check_stages(spec)
+    problems = check_resources(plan[0][1]) + check_storage(plan[0][1])
     if problems:
         raise ConfigError(problems)
 
@@ -85,6 +89,22 @@ def run_stages(spec: RunSpec, fault: KillAfterStep | None = None) -> StagesOutco
     if plan[-1][0].endswith("(baseline)"):
         baseline = _run_one(plan[-1][0], plan[-1][1], merge=False, fault=fault)
     return _write_report(spec, results, baseline)
+
+
+def check_stages(spec: RunSpec) -> list[tuple[str, RunSpec]]:
+    """Every stage's config, data and recorded run checked at once, without the cluster.
+
+    Returns:
+        The stage specs (`stage_specs`).
+
+    Raises:
+        ConfigError: every problem of every stage, each labelled with its stage.
+    """
+    plan = stage_specs(spec)
+    problems = [f"{label}: {p}" for label, stage_spec in plan for p in check_run(stage_spec)]
+    if problems:
+        raise ConfigError(problems)
+    return plan
 
 
 def stage_specs(spec: RunSpec) -> list[tuple[str, RunSpec]]:
