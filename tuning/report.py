@@ -17,6 +17,17 @@ from typing import Any
 import yaml
 
 from tuning.config import trial_config
+from tuning.layout import (
+    BEST_DIR,
+    REASONS_FILE,
+    REPORT_DIR,
+    SEARCH_FILE,
+    TRIAL_PREFIX,
+    trial_name,
+    trial_record_file,
+    trial_run_dir,
+)
+from tuning.stoppers import DIVERGED, read_state
 
 
 @dataclass
@@ -36,9 +47,6 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
     Raises:
         FileNotFoundError: `exp_dir` is not a Ferry search folder.
     """
-    from tuning.search import REASONS_FILE, SEARCH_FILE
-    from tuning.stoppers import DIVERGED, read_state
-
     search_file = os.path.join(exp_dir, SEARCH_FILE)
     if not os.path.exists(search_file):
         raise FileNotFoundError(f"{exp_dir}: not a Ferry search folder (no {SEARCH_FILE}). Pass "
@@ -55,11 +63,11 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
     trials = []
     for name in sorted(os.listdir(exp_dir)):
         result_file = os.path.join(exp_dir, name, "result.json")
-        if not name.startswith("trial-") or not os.path.exists(result_file):
+        if not name.startswith(TRIAL_PREFIX) or not os.path.exists(result_file):
             continue
-        trial_id = name.removeprefix("trial-")
+        trial_id = name.removeprefix(TRIAL_PREFIX)
         rows = _read_results(result_file)
-        record = _read_json(os.path.join(exp_dir, "runs", f"{name}.json"), {})
+        record = _read_json(trial_record_file(exp_dir, trial_id), {})
         trials.append(_trial_row(exp_dir, trial_id, rows, record, metric, mode, reasons.get(trial_id),
                                  statuses.get(trial_id), workers, gpus, DIVERGED))
     sign = 1 if mode == "min" else -1
@@ -123,12 +131,13 @@ def _trial_row(exp_dir, trial_id, rows, record, metric, mode, reason, status, wo
         state = "interrupted"
     ckpt = None
     if best_row is not None:
-        path = os.path.join(exp_dir, "runs", f"trial-{trial_id}", f"checkpoint_step_{int(best_row['train/step']):07d}")
+        path = os.path.join(trial_run_dir(exp_dir, trial_id), f"checkpoint_step_{int(best_row['train/step']):07d}")
         ckpt = path if os.path.isdir(path) else None
     seconds = _active_seconds(rows)
     error = None
-    if state.startswith("failed") and os.path.exists(os.path.join(exp_dir, f"trial-{trial_id}", "error.txt")):
-        with open(os.path.join(exp_dir, f"trial-{trial_id}", "error.txt")) as f:
+    error_file = os.path.join(exp_dir, trial_name(trial_id), "error.txt")
+    if state.startswith("failed") and os.path.exists(error_file):
+        with open(error_file) as f:
             lines = [ln for ln in f.read().splitlines() if ln.strip()]
             error = lines[-1][:300] if lines else None
     return {
@@ -161,7 +170,7 @@ def _write(report: Report, base: dict[str, Any]) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    out = os.path.join(report.experiment_dir, "report")
+    out = os.path.join(report.experiment_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     params = sorted({p for t in report.trials for p in t["params"]})
     columns = ["rank", "trial_id", *params, f"best {report.metric}", "best_step", "steps_run",
@@ -198,7 +207,7 @@ def _write(report: Report, base: dict[str, Any]) -> None:
                     f"# Reproduce it with: ferry train {path}\n")
             yaml.safe_dump(best_raw, f, sort_keys=False)
         report.files["best_config"] = path
-    export = os.path.join(report.experiment_dir, "best")
+    export = os.path.join(report.experiment_dir, BEST_DIR)
     if os.path.exists(os.path.join(export, "metrics.json")):
         report.files["best_model"] = export
     report.files.update(_plots(report, out, params))

@@ -7,14 +7,7 @@ V2 supports: `Tuner(TorchTrainer)` is rejected). ASHA compares trials on `tune.m
 overfitting stopper watches each trial on its own. The search's result is the best *checkpoint*
 of the best trial, exported like a finished run.
 
-Folder of an experiment (`<run.storage_path>/<tune.name>`):
-    <Tune's own trial folders, tuner.pkl, experiment state>
-    runs/trial-<id>/          each trial's Ray Train run (checkpoints, final/)
-    runs/trial-<id>.json      the trial's plan and every start (fresh or resumed)
-    ferry_search.json         the base config and tune block (what --report and --resume read)
-    stop_reasons.json         the stopper's decisions
-    report/                   trials.csv/.parquet, best.yaml, plots (see tuning.report)
-    best/                     the best checkpoint, exported (HF format)
+The experiment folder's layout is in `tuning.layout`.
 """
 
 from __future__ import annotations
@@ -38,12 +31,20 @@ from tuning.config import (
     extremes,
     trial_config,
 )
+from tuning.layout import (
+    BEST_DIR,
+    REASONS_FILE,
+    SEARCH_FILE,
+    runs_dir,
+    trial_name,
+    trial_record_file,
+    trial_run_dir,
+)
+from tuning.report import Report, build_report, print_report
 from tuning.resources import size_trials
+from tuning.stoppers import OverfittingStopper
 
 log = logging.getLogger("ferry.tune")
-
-SEARCH_FILE = "ferry_search.json"
-REASONS_FILE = "stop_reasons.json"
 
 
 class SearchFailedError(RuntimeError):
@@ -53,7 +54,7 @@ class SearchFailedError(RuntimeError):
 @dataclass
 class SearchOutcome:
     experiment_dir: str
-    report: Any  # tuning.report.Report
+    report: Report
     best_export: str | None
 
 
@@ -76,8 +77,6 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     from trainers.launch import check_resources, check_storage, plan_steps
     from trainers.model import check_lora_fits, load_tokenizer_for
     from trainers.tasks import TASKS
-    from tuning.report import build_report, print_report
-    from tuning.stoppers import OverfittingStopper
 
     exp_dir = experiment_dir(raw, tune_cfg)
     raw = _with_ranking(raw, tune_cfg)
@@ -173,11 +172,11 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str,
     raw = trial_config(base, config)
     run = raw.setdefault("run", {})
     # Deterministic per trial: a resumed trial finds its own checkpoints and continues there.
-    run.update(name=f"trial-{trial_id}", storage_path=f"{settings['exp_dir']}/runs", resume="auto")
+    run.update(name=trial_name(trial_id), storage_path=runs_dir(settings["exp_dir"]), resume="auto")
     raw.setdefault("data", {})["cache_dir"] = settings["cache_dir"]
     spec = build_spec(raw)
     data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))  # a cache hit
-    _record_start(f"{settings['exp_dir']}/runs/trial-{trial_id}.json", config,
+    _record_start(trial_record_file(settings["exp_dir"], trial_id), config,
                   plan_steps(spec, data)["total_steps"], resumed=has_checkpoint(spec))
     train(spec, callbacks=[TuneReportCallback()])
 
@@ -256,7 +255,7 @@ def _scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial-{trial.trial_id}"
+    return trial_name(trial.trial_id)
 
 
 def _trial_count(tune_cfg: TuneConfig) -> int:
@@ -273,7 +272,7 @@ def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
         log.warning("best trial %s has no checkpoint on disk; nothing exported", best["trial_id"])
         return None
     spec = build_spec(trial_config(raw, best["params"]))
-    out = os.path.join(exp_dir, "best")
+    out = os.path.join(exp_dir, BEST_DIR)
     shutil.rmtree(out, ignore_errors=True)
     export_checkpoint(spec, data, best["best_checkpoint"], out, summary={
         "search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]})
@@ -288,7 +287,7 @@ def _delete_stopped_checkpoints(report, exp_dir: str) -> None:
     for row in report.trials:
         if row["trial_id"] == report.best["trial_id"] or row["status"] in ("completed", "failed"):
             continue
-        run_dir = os.path.join(exp_dir, "runs", f"trial-{row['trial_id']}")
+        run_dir = trial_run_dir(exp_dir, row["trial_id"])
         if not os.path.isdir(run_dir):
             continue
         for name in os.listdir(run_dir):
