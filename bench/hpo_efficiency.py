@@ -60,7 +60,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from cluster.session import connect, disconnect
-    from tuning.config import TuneConfig
+    from tuning.load import build_search
+    from tuning.report import build_report
     from tuning.search import run_search
 
     work = args.workdir or tempfile.mkdtemp(prefix="ferry-hpo-bench-")
@@ -90,8 +91,6 @@ def main() -> None:
         ):
             exp = os.path.join(work, "runs", f"bench-{name}")
             if name == "grid" and args.reuse_grid and os.path.isdir(exp):
-                from tuning.report import build_report
-
                 rep = build_report(exp, write=False)
                 results[name] = {"trial_steps": rep.totals["trial_steps"], "grid_steps": rep.totals["grid_steps"],
                                  "wall_s": float("nan"), "best": rep.best["best_metric"],
@@ -100,10 +99,11 @@ def main() -> None:
                 continue
             if os.path.isdir(exp):
                 shutil.rmtree(exp)
-            tune_cfg = TuneConfig(name=f"bench-{name}", space=space, num_samples=1, scheduler=scheduler,
-                                  overfitting=overfit, delete_stopped_checkpoints=True)
+            search = build_search({**base, "tune": {
+                "name": f"bench-{name}", "space": space, "num_samples": 1, "scheduler": scheduler,
+                "overfitting": overfit, "delete_stopped_checkpoints": True}})
             t0 = time.perf_counter()
-            outcome = run_search(base, tune_cfg)
+            outcome = run_search(search)
             wall = time.perf_counter() - t0
             rep = outcome.report
             results[name] = {"trial_steps": rep.totals["trial_steps"], "grid_steps": rep.totals["grid_steps"],

@@ -18,7 +18,8 @@ import yaml
 from conftest import classification_rows, write_jsonl
 
 from trainers.config import ConfigError, build_spec, load_config
-from tuning.config import OverfittingConfig, TuneConfig, check_space, load_search
+from tuning.config import OverfittingConfig, TuneConfig
+from tuning.load import load_search
 from tuning.report import tune_statuses
 from tuning.resources import size_trials
 from tuning.stoppers import DIVERGED, GAP, OVERFITTING, PLATEAU, OverfittingStopper, stop_reason
@@ -134,8 +135,9 @@ def test_bad_search_spaces_name_the_path(tmp_path, data_dir):
         "train.warmup_ratio": {"choice": [0.1, 1.5]},
         "lora": {"choice": [1]},
     }})
-    raw, tune_cfg = load_search(path)
-    problems = "\n".join(check_space(raw, tune_cfg))
+    with pytest.raises(ConfigError) as e:
+        load_search(path)
+    problems = str(e.value)
     assert "tune.space.train.learnin_rate: no key 'learnin_rate' in train" in problems
     assert "tune.space.lora.rank.choice=[]: needs at least one value" in problems
     assert "tune.space.lora.alpha.uniform=[32.0, 8.0]: low must be below high" in problems
@@ -184,9 +186,9 @@ def test_rank_beyond_the_model_fails_before_any_trial(tmp_path, data_dir, ray_se
     from tuning.search import run_search
 
     path = write_search(tmp_path, data_dir / "cls.jsonl", {"space": {"lora.rank": {"choice": [4, 4096]}}})
-    raw, tune_cfg = load_search(path)
+    search = load_search(path)
     with pytest.raises(ConfigError, match=r"tune.space.lora.rank=4096: lora.rank=4096"):
-        run_search(raw, tune_cfg)
+        run_search(search)
     exp = tmp_path / "runs" / "s-tune"
     assert not exp.exists() or not [p for p in os.listdir(exp) if p.startswith("trial-")]
 
@@ -214,8 +216,7 @@ def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_sessio
     )
     from tuning.search import run_search
 
-    raw, tune_cfg = load_search(path)
-    outcome = run_search(raw, tune_cfg)
+    outcome = run_search(load_search(path))
     by_lr = {t["params"]["train.learning_rate"]: t for t in outcome.report.trials}
     assert by_lr[3e-3]["status"] == OVERFITTING, by_lr[3e-3]
     assert by_lr[3e-3]["steps_run"] < by_lr[3e-3]["total_steps"]
@@ -328,8 +329,7 @@ def test_optuna_searcher_draws_from_the_space(tmp_path, data_dir):
 
     path = write_search(tmp_path, data_dir / "cls.jsonl", {"search_alg": "optuna", "space": {
         "train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "lora.rank": {"choice": [4, 8]}}})
-    raw, tune_cfg = load_search(path)
-    assert check_space(raw, tune_cfg) == []
+    tune_cfg = load_search(path).tune
     searcher = _searcher(tune_cfg, concurrency=2)
     assert searcher.set_search_properties("eval/loss", "min", _param_space(tune_cfg))
     drawn = [searcher.suggest(f"t{i}") for i in range(2)]
@@ -339,8 +339,8 @@ def test_optuna_searcher_draws_from_the_space(tmp_path, data_dir):
     assert isinstance(_param_space(tune_cfg)["train.learning_rate"], tune.search.sample.Float)
     grid = write_search(tmp_path, data_dir / "cls.jsonl", {"search_alg": "optuna", "space": {
         "lora.rank": {"grid": [4, 8]}}})
-    raw, tune_cfg = load_search(grid)
-    assert "optuna cannot search grid axes" in check_space(raw, tune_cfg)[0]
+    with pytest.raises(ConfigError, match="tune.space.lora.rank.grid: optuna cannot search grid"):
+        load_search(grid)
 
 
 def test_example_search_configs_validate():
@@ -351,5 +351,4 @@ def test_example_search_configs_validate():
     searches = [p for p in paths if "tune" in (yaml.safe_load(open(p)) or {})]
     assert searches
     for path in searches:
-        raw, tune_cfg = load_search(path)
-        assert check_space(raw, tune_cfg) == [], path
+        load_search(path)  # raises ConfigError with every problem of the block and its space

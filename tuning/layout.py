@@ -18,11 +18,22 @@ from __future__ import annotations
 
 import os
 
+from tuning.config import SearchSpec
+
 SEARCH_FILE = "ferry_search.json"
 REASONS_FILE = "stop_reasons.json"
 REPORT_DIR = "report"
 BEST_DIR = "best"
 TRIAL_PREFIX = "trial-"
+
+
+def experiment_name(search: SearchSpec) -> str:
+    return search.tune.name or f"{search.base.run.name}-tune"
+
+
+def experiment_dir(search: SearchSpec) -> str:
+    """`<run.storage_path>/<experiment name>` (the storage path is absolute once validated)."""
+    return f"{search.base.run.storage_path.rstrip('/')}/{experiment_name(search)}"
 
 
 def trial_name(trial_id: str) -> str:

@@ -8,6 +8,7 @@ interrupted or copied experiment.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -16,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from tuning.config import trial_config
+from trainers.config import ScalingConfig, set_path
+from tuning.config import TuneConfig
 from tuning.layout import (
     BEST_DIR,
     REASONS_FILE,
@@ -53,12 +55,16 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
                                 "<run.storage_path>/<tune.name>.")
     with open(search_file) as f:
         search = json.load(f)
-    tune_cfg, base = search["tune"], search["base"]
-    metric, mode = tune_cfg["metric"], tune_cfg["mode"]
+    # The base run stays a mapping: validating it again could fail where the report is read (a
+    # model.name_or_path naming a Python package not installed there), and the report needs
+    # only its scaling section and its values for best.yaml.
+    base = search["base"]
+    tune_cfg = TuneConfig.model_validate(search["tune"])
+    metric, mode = tune_cfg.metric, tune_cfg.mode
     reasons = read_state(os.path.join(exp_dir, REASONS_FILE))["reasons"]
     statuses = tune_statuses(exp_dir)
-    scaling = base.get("scaling") or {}
-    workers, gpus = scaling.get("num_workers", 1), scaling.get("gpus_per_worker", 0.0)
+    scaling = ScalingConfig.model_validate(base["scaling"])
+    workers, gpus = scaling.num_workers, scaling.gpus_per_worker
 
     trials = []
     for name in sorted(os.listdir(exp_dir)):
@@ -197,9 +203,13 @@ def _write(report: Report, base: dict[str, Any]) -> None:
     pq.write_table(table, os.path.join(out, "trials.parquet"))
     report.files = {"table": os.path.join(out, "trials.csv"), "parquet": os.path.join(out, "trials.parquet")}
     if report.best:
-        best_raw = trial_config(base, report.best["params"])
-        best_raw.setdefault("run", {})["name"] = f"{os.path.basename(report.experiment_dir)}-best"
-        best_raw["run"]["resume"] = "auto"
+        best_raw = copy.deepcopy(base)
+        run = {
+            "run.name": f"{os.path.basename(report.experiment_dir)}-best",
+            "run.resume": "auto",
+        }
+        for path, value in {**report.best["params"], **run}.items():
+            set_path(best_raw, path, value)
         path = os.path.join(out, "best.yaml")
         with open(path, "w") as f:
             f.write(f"# Best trial {report.best['trial_id']} of {report.experiment_dir}: "

@@ -12,7 +12,6 @@ The experiment folder's layout is in `tuning.layout`.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -22,24 +21,25 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainers.config import ConfigError, build_spec
-from tuning.config import (
-    TuneConfig,
-    check_space,
-    experiment_dir,
-    experiment_name,
-    extremes,
-    trial_config,
-)
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from trainers.config import ConfigError, RunSpec
+from tuning.config import Distribution, SearchSpec, TuneConfig
 from tuning.layout import (
     BEST_DIR,
     REASONS_FILE,
     SEARCH_FILE,
+    experiment_dir,
+    experiment_name,
     runs_dir,
     trial_name,
     trial_record_file,
     trial_run_dir,
 )
+from tuning.load import trial_spec
 from tuning.report import Report, build_report, print_report
 from tuning.resources import size_trials
 from tuning.stoppers import OverfittingStopper
@@ -58,72 +58,80 @@ class SearchOutcome:
     best_export: str | None
 
 
-def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) -> SearchOutcome:
-    """Search `tune_cfg.space` around the run config `raw` on the connected Ray cluster.
+def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
+    """Search `search.tune.space` around the run `search.base` on the connected Ray cluster.
 
     Args:
-        raw: the run config mapping (paths resolved, overrides applied, no `tune` key).
-        tune_cfg: the validated tune block.
+        search: the validated search (`tuning.load.load_search` or `build_search`).
         resume: continue the interrupted experiment of the same name/storage.
 
     Raises:
-        ConfigError: bad search space, metric, resources, or experiment-exists conflicts; raised
-            before any trial starts.
+        ConfigError: a metric the task does not report, missing data, too few resources, a LoRA
+            rank the model cannot take, or an experiment-exists conflict; raised before any
+            trial starts.
         SearchFailedError: every trial failed.
     """
-    from ray import tune
-
     from trainers.data import check_data, load_tokenizer, prepare_dataset
     from trainers.launch import check_resources, check_storage, plan_steps
     from trainers.model import check_lora_fits, load_tokenizer_for
     from trainers.tasks import TASKS
 
-    exp_dir = experiment_dir(raw, tune_cfg)
-    raw = _with_ranking(raw, tune_cfg)
-    problems = check_space(raw, tune_cfg) + _check_experiment(exp_dir, resume)
-    spec = build_spec(copy.deepcopy(raw))
+    spec, tune_cfg = search.base, search.tune
+    exp_dir = experiment_dir(search)
+    problems = _check_experiment(exp_dir, resume)
     task_metrics = TASKS[spec.task.type].METRICS
     if tune_cfg.metric not in task_metrics and tune_cfg.metric != "train/loss":
-        problems.append(f"tune.metric={tune_cfg.metric}: not reported by task {spec.task.type}. "
-                        f"Use one of {', '.join(task_metrics)}.")
+        problems.append(
+            f"tune.metric={tune_cfg.metric}: not reported by task {spec.task.type}. "
+            f"Use one of {', '.join(task_metrics)}."
+        )
     problems += check_data(spec) + check_resources(spec) + check_storage(spec)
     concurrency, sizing_problems = size_trials(spec, tune_cfg)
     problems += sizing_problems
     if problems:
         raise ConfigError(problems)
 
-    # Prepare the data once here: every trial then hits the same cache instead of racing to build it.
+    # Prepare the data once here: every trial then hits the same cache instead of racing to
+    # build it.
     data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
     tokenizer = load_tokenizer(data.tokenizer_path)
-    for rank in extremes(tune_cfg, "lora.rank"):
-        trial = build_spec(trial_config(raw, {"lora.rank": rank}))
-        problems += [f"tune.space.lora.rank={rank}: {p}" for p in check_lora_fits(trial, tokenizer, data.label_names)]
+    for rank in _extremes(tune_cfg.space.get("lora.rank")):
+        # Loading the search validated every candidate rank; only the model can tell if it fits.
+        trial = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": rank})})
+        problems += [
+            f"tune.space.lora.rank={rank}: {p}"
+            for p in check_lora_fits(trial, tokenizer, data.label_names)
+        ]
     plan = plan_steps(spec, data)
     if plan["steps_per_epoch"] == 0:
-        problems.append(f"train.micro_batch_size_per_worker={spec.train.micro_batch_size_per_worker}: "
-                        f"one step needs {spec.global_batch} rows, the data has {data.train_rows}. Lower it.")
+        problems.append(
+            f"train.micro_batch_size_per_worker={spec.train.micro_batch_size_per_worker}: one "
+            f"step needs {spec.global_batch} rows, the data has {data.train_rows}. Lower it."
+        )
     if problems:
         raise ConfigError(problems)
 
     os.makedirs(exp_dir, exist_ok=True)
     if not resume:
         with open(os.path.join(exp_dir, SEARCH_FILE), "w") as f:
-            json.dump({"base": raw, "tune": tune_cfg.model_dump(mode="json"), "plan": plan}, f, indent=2)
+            json.dump({**search.model_dump(mode="json"), "plan": plan}, f, indent=2)
     # Tune saves its experiment state every few seconds; a killed driver loses at most this much.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     every = spec.train.eval_every_n_steps
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=raw, settings={
-            "exp_dir": exp_dir, "cache_dir": spec.cache_dir}),
+        tune.with_parameters(_run_trial, base=spec, exp_dir=exp_dir),
         {"CPU": tune_cfg.trial_cpus},
     )
     stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
-    log.info("search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
-             experiment_name(raw, tune_cfg), _trial_count(tune_cfg), concurrency, plan["total_steps"], every)
+    log.info(
+        "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
+        experiment_name(search), _trial_count(tune_cfg), concurrency, plan["total_steps"], every,
+    )
     t0 = time.perf_counter()
     if resume:
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(
+            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -136,7 +144,7 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=experiment_name(raw, tune_cfg),
+                name=experiment_name(search),
                 storage_path=os.path.dirname(exp_dir),
                 stop=stopper,
                 # A trial that fails (e.g. diverges) is not retried; --resume retries errored ones.
@@ -149,9 +157,11 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
 
     report = build_report(exp_dir, write=False)  # written below, once the best model exists
     if report.best is None:
-        raise SearchFailedError(f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial "
-                                "errors above or in the trial folders' error.txt.")
-    best_export = _export_best(report, raw, data, exp_dir)
+        raise SearchFailedError(
+            f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial errors above or "
+            "in the trial folders' error.txt."
+        )
+    best_export = _export_best(report, spec, data, exp_dir)
     if tune_cfg.delete_stopped_checkpoints:
         _delete_stopped_checkpoints(report, exp_dir)
     report = build_report(exp_dir)
@@ -159,25 +169,28 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     return SearchOutcome(exp_dir, report, best_export)
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str, Any]) -> None:
-    """One trial: the base run config with this trial's values, trained by the spine."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
+def _run_trial(config: dict[str, Any], base: RunSpec, exp_dir: str) -> None:
+    """One trial: the base run with this trial's values (`config`, keyed by dotted path),
+    trained by the spine."""
     from trainers.data import prepare_dataset
     from trainers.launch import has_checkpoint, plan_steps, train
     from trainers.model import load_tokenizer_for
 
     trial_id = tune.get_context().get_trial_id()
-    raw = trial_config(base, config)
-    run = raw.setdefault("run", {})
-    # Deterministic per trial: a resumed trial finds its own checkpoints and continues there.
-    run.update(name=trial_name(trial_id), storage_path=runs_dir(settings["exp_dir"]), resume="auto")
-    raw.setdefault("data", {})["cache_dir"] = settings["cache_dir"]
-    spec = build_spec(raw)
+    spec = trial_spec(base, {
+        **config,
+        # Deterministic per trial: a resumed trial finds its own checkpoints and continues there.
+        "run.name": trial_name(trial_id),
+        "run.storage_path": runs_dir(exp_dir),
+        "run.resume": "auto",
+        # The base's cache (the driver filled it), not one under the trial's own storage path.
+        "data.cache_dir": base.cache_dir,
+    })
     data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))  # a cache hit
-    _record_start(trial_record_file(settings["exp_dir"], trial_id), config,
-                  plan_steps(spec, data)["total_steps"], resumed=has_checkpoint(spec))
+    _record_start(
+        trial_record_file(exp_dir, trial_id), config, plan_steps(spec, data)["total_steps"],
+        resumed=has_checkpoint(spec),
+    )
     train(spec, callbacks=[TuneReportCallback()])
 
 
@@ -193,15 +206,6 @@ def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: 
     os.replace(path + ".tmp", path)
 
 
-def _with_ranking(raw: dict[str, Any], tune_cfg: TuneConfig) -> dict[str, Any]:
-    """Trials keep their best checkpoints by the search metric, so "best checkpoint" means the same
-    thing to the trial and to the search."""
-    raw = copy.deepcopy(raw)
-    train_section = raw.setdefault("train", {})
-    train_section["best_metric"], train_section["best_metric_mode"] = tune_cfg.metric, tune_cfg.mode
-    return raw
-
-
 def _check_experiment(exp_dir: str, resume: bool) -> list[str]:
     exists = os.path.exists(os.path.join(exp_dir, SEARCH_FILE))
     if resume and not exists:
@@ -214,8 +218,6 @@ def _check_experiment(exp_dir: str, resume: bool) -> list[str]:
 
 
 def _param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
-    from ray import tune
-
     make = {"choice": tune.choice, "grid": tune.grid_search,
             "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
             "randint": lambda a: tune.randint(*a)}
@@ -231,8 +233,6 @@ def _searcher(tune_cfg: TuneConfig, concurrency: int):
             raise ConfigError([f"tune.search_alg=optuna: {e}. pip install optuna."]) from e
         searcher = OptunaSearch(metric=tune_cfg.metric, mode=tune_cfg.mode, seed=tune_cfg.seed)
         return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     # The generator must carry the limit itself: given a random_state, Tune ignores
     # TuneConfig.max_concurrent_trials (seen on Ray 2.60).
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=tune_cfg.seed)
@@ -241,8 +241,6 @@ def _searcher(tune_cfg: TuneConfig, concurrency: int):
 def _scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
     """ASHA over optimizer steps. The config speaks in evaluations (what a user sees in the logs);
     steps are what every trial reports, restored trials included, so rungs stay aligned."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s = tune_cfg.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
@@ -258,12 +256,23 @@ def _trial_dirname(trial) -> str:
     return trial_name(trial.trial_id)
 
 
+def _extremes(dist: Distribution | None) -> list[Any]:
+    """The largest and smallest value a distribution can draw (numbers only)."""
+    if dist is None:
+        return []
+    args = list(dist.args)
+    if dist.kind in ("choice", "grid"):
+        nums = [a for a in args if isinstance(a, int | float)]
+        return [max(nums), min(nums)] if nums else []
+    return [args[1] - (dist.kind == "randint"), args[0]]
+
+
 def _trial_count(tune_cfg: TuneConfig) -> int:
     grid = math.prod(len(d.args) for d in tune_cfg.space.values() if d.kind == "grid")
     return grid * tune_cfg.num_samples
 
 
-def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
+def _export_best(report: Report, base: RunSpec, data, exp_dir: str) -> str | None:
     """Export the best trial's best checkpoint to <experiment>/best (HF format)."""
     from trainers.export import export_checkpoint
 
@@ -271,7 +280,7 @@ def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
     if not best.get("best_checkpoint"):
         log.warning("best trial %s has no checkpoint on disk; nothing exported", best["trial_id"])
         return None
-    spec = build_spec(trial_config(raw, best["params"]))
+    spec = trial_spec(base, best["params"])
     out = os.path.join(exp_dir, BEST_DIR)
     shutil.rmtree(out, ignore_errors=True)
     export_checkpoint(spec, data, best["best_checkpoint"], out, summary={
@@ -281,7 +290,7 @@ def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
     return out
 
 
-def _delete_stopped_checkpoints(report, exp_dir: str) -> None:
+def _delete_stopped_checkpoints(report: Report, exp_dir: str) -> None:
     """Trials stopped early will never be resumed or published: their checkpoints are dead weight."""
     freed = 0
     for row in report.trials:
