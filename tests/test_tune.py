@@ -20,7 +20,6 @@ from conftest import classification_rows, write_jsonl
 from trainers.config import ConfigError, build_spec, load_config
 from tuning.config import OverfittingConfig, TuneConfig
 from tuning.load import load_search
-from tuning.report import tune_statuses
 from tuning.resources import size_trials
 from tuning.stoppers import DIVERGED, GAP, OVERFITTING, PLATEAU, OverfittingStopper, stop_reason
 
@@ -260,7 +259,7 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
             # (a trial missing from it would be created anew, not continued). Read the state
             # rather than sleep past its save interval: a fixed sleep could outlast the trial.
             while time.time() < deadline and proc.poll() is None:
-                statuses = tune_statuses(str(exp)) if exp.exists() else {}
+                statuses = _saved_statuses(exp) if exp.exists() else {}
                 finished_before = {t for t, s in statuses.items() if s == "TERMINATED"}
                 resumable = {t for t, s in statuses.items() if s == "RUNNING"
                              and _has_committed_checkpoint(exp / "runs" / f"trial-{t}")}
@@ -305,13 +304,30 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     assert again.returncode == 0 and (exp / "report" / "trials.csv").exists(), again.stderr[-2000:]
 
 
-def _has_committed_checkpoint(run_dir) -> bool:
-    snap = run_dir / "checkpoint_manager_snapshot.json"
+def _saved_statuses(exp) -> dict[str, str]:
+    """Trial id -> status in Tune's latest saved experiment state (named by session start time).
+
+    Read from the file: Tune's public reader (`ExperimentAnalysis`) turns a saved RUNNING into
+    PENDING (to requeue it), and RUNNING is the state this test must catch.
+    """
+    states = sorted(exp.glob("experiment_state-*.json"))
+    if not states:
+        return {}
     try:
-        state = json.loads(snap.read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(state.get("checkpoint_results") or state.get("latest_checkpoint_result"))
+        trial_data = json.loads(states[-1].read_text())["trial_data"]
+        return {t["trial_id"]: t["status"] for t in (json.loads(row[0]) for row in trial_data)}
+    except (ValueError, KeyError, TypeError, IndexError):
+        return {}  # read while Tune rewrites it in place: ask again
+
+
+def _has_committed_checkpoint(run_dir) -> bool:
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(str(run_dir))
+    except Exception:  # RuntimeError: no snapshot yet; Ray Train's own (non-public) error: one
+        return False  # read while it is rewritten in place, or naming a checkpoint just deleted
+    return result.checkpoint is not None or bool(result.best_checkpoints)
 
 
 def _csv_rows(path) -> list[dict]:

@@ -1,9 +1,9 @@
 """The search's report, rebuilt from files on disk: ranked table, CSV/Parquet, best.yaml, plots.
 
 `build_report` is the entry point (`ferry tune` calls it at the end; `ferry tune --report DIR`
-calls it alone). It reads only what the experiment folder holds (Tune's per-trial result.json,
-Ferry's trial records, the stopper's and the status log's decisions), so it works on a finished,
-interrupted or copied experiment.
+calls it alone). It reads only what the experiment folder holds (Tune's per-trial result.json
+and saved experiment state, Ferry's trial records, the stopper's decisions), so it works on a
+finished, interrupted or copied experiment.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from ray.tune import ExperimentAnalysis
 
 from trainers.config import ScalingConfig, set_path
 from tuning.config import TuneConfig
@@ -62,7 +63,7 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
     tune_cfg = TuneConfig.model_validate(search["tune"])
     metric, mode = tune_cfg.metric, tune_cfg.mode
     reasons = read_state(os.path.join(exp_dir, REASONS_FILE))["reasons"]
-    statuses = tune_statuses(exp_dir)
+    statuses = _tune_statuses(exp_dir)
     scaling = ScalingConfig.model_validate(base["scaling"])
     workers, gpus = scaling.num_workers, scaling.gpus_per_worker
 
@@ -279,24 +280,28 @@ def _plots(report: Report, out: str, params: list[str]) -> dict[str, str]:
     return files
 
 
-def tune_statuses(exp_dir: str) -> dict[str, str]:
-    """Trial id -> Tune's status (PENDING, RUNNING, TERMINATED, ERROR) from Tune's latest saved
-    experiment state, which a restored search continues and rewrites."""
-    states = sorted(f for f in os.listdir(exp_dir) if f.startswith("experiment_state-") and f.endswith(".json"))
-    if not states:
-        return {}
-    # Named by session start time (sortable); a restored search rewrites the older files too,
-    # so their modification times say nothing.
-    latest = states[-1]
+def _tune_statuses(exp_dir: str) -> dict[str, str]:
+    """Trial id -> Tune's status (TERMINATED, ERROR, PENDING) from Tune's latest saved experiment
+    state, which a restored search continues and rewrites. Tune reads a trial saved as RUNNING
+    back as PENDING (to requeue it); to the report both mean interrupted."""
+    # It unpickles what Tune saved: the report trusts its experiment folder, as --resume does.
     try:
-        with open(os.path.join(exp_dir, latest)) as f:
-            trial_data = json.load(f)["trial_data"]
-        return {t["trial_id"]: t["status"] for t in (json.loads(row[0]) for row in trial_data)}
-    except (ValueError, KeyError, TypeError, IndexError):
-        return {}  # a state format this code does not know: statuses fall back to "interrupted"
+        analysis = ExperimentAnalysis(exp_dir)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        # No state saved yet, one read while Tune rewrites it in place, or a format this Ray does
+        # not know: every status falls back to "interrupted".
+        return {}
+    return {trial.trial_id: trial.status for trial in analysis.trials}
 
 
 def _read_results(path: str) -> list[dict]:
+    """Every result Tune logged for one trial, oldest first.
+
+    Read here rather than through `ExperimentAnalysis.trial_dataframes` or `Result.from_path`:
+    both fail on the partial last line a killed driver leaves and then drop the trial's whole
+    history, and the analysis lists only the trials in the last saved experiment state (a trial
+    started after it is on disk all the same).
+    """
     rows = []
     with open(path) as f:
         for line in f:
