@@ -226,11 +226,9 @@ def _param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
 
 def _searcher(tune_cfg: TuneConfig, concurrency: int):
     if tune_cfg.search_alg == "optuna":
-        try:
-            from ray.tune.search import ConcurrencyLimiter
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as e:  # pragma: no cover - optuna is a dependency
-            raise ConfigError([f"tune.search_alg=optuna: {e}. pip install optuna."]) from e
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
         searcher = OptunaSearch(metric=tune_cfg.metric, mode=tune_cfg.mode, seed=tune_cfg.seed)
         return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
     # The generator must carry the limit itself: given a random_state, Tune ignores
