@@ -27,8 +27,10 @@ CFG = OverfittingConfig(grace_period=2, patience=2, min_delta=0.01, plateau_pati
 
 
 def stream(val, train):
-    return [{"eval/loss": v, "train/loss": t, "train/step": 10 * (i + 1)}
-            for i, (v, t) in enumerate(zip(val, train))]
+    return [
+        {"eval/loss": v, "train/loss": t, "train/step": 10 * (i + 1)}
+        for i, (v, t) in enumerate(zip(val, train))
+    ]
 
 
 def first_stop(history, cfg=CFG):
@@ -42,13 +44,16 @@ def first_stop(history, cfg=CFG):
 
 # ---- the overfitting rule -------------------------------------------------------------------
 
+
 def test_overfitting_stream_is_stopped_when_val_rises_while_train_falls():
     h = stream(val=[1.0, 0.8, 0.7, 0.75, 0.8, 0.9], train=[1.0, 0.7, 0.5, 0.3, 0.2, 0.1])
     assert first_stop(h) == (5, OVERFITTING)  # two evaluations above the best (0.7) + min_delta
 
 
 def test_improving_stream_is_never_stopped():
-    h = stream(val=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45], train=[1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.35])
+    h = stream(
+        val=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45], train=[1.0, 0.85, 0.7, 0.6, 0.5, 0.4, 0.35]
+    )
     assert first_stop(h) is None
 
 
@@ -83,7 +88,9 @@ def test_generalization_gap_and_plateau_rules():
     h = stream(val=[1.0, 0.95, 0.9, 0.9, 0.89], train=[1.0, 0.6, 0.3, 0.3, 0.2])
     assert first_stop(h, gap_cfg) == (4, GAP)
     flat_cfg = CFG.model_copy(update={"plateau_patience": 3, "plateau_min_delta": 0.01})
-    h = stream(val=[1.0, 0.8, 0.7, 0.705, 0.702, 0.701, 0.7], train=[1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7])
+    h = stream(
+        val=[1.0, 0.8, 0.7, 0.705, 0.702, 0.701, 0.7], train=[1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7]
+    )
     assert first_stop(h, flat_cfg) == (6, PLATEAU)
 
 
@@ -91,7 +98,9 @@ def test_stopper_persists_decisions_and_skips_the_baseline(tmp_path):
     path = str(tmp_path / "reasons.json")
     stopper = OverfittingStopper(CFG, path)
     assert stopper("t1", {"eval/loss": 2.0, "train/step": 0}) is False  # before training: ignored
-    decisions = [stopper("t1", r) for r in stream([1.0, 0.8, 0.7, 0.75, 0.8], [1.0, 0.7, 0.5, 0.3, 0.2])]
+    decisions = [
+        stopper("t1", r) for r in stream([1.0, 0.8, 0.7, 0.75, 0.8], [1.0, 0.7, 0.5, 0.3, 0.2])
+    ]
     assert decisions == [False, False, False, False, True]
     # A restored driver unpickles a stopper without its memory: the file carries it.
     import pickle
@@ -102,15 +111,21 @@ def test_stopper_persists_decisions_and_skips_the_baseline(tmp_path):
 
 # ---- search-space and resource checks ---------------------------------------------------------
 
+
 def write_search(tmp_path, data_file, tune_block, **sections):
     raw = {
         "run": {"name": "s", "storage_path": str(tmp_path / "runs")},
         "model": {"preset": "tiny-bert"},
         "task": {"type": "sequence_classification"},
         "data": {"train_files": [str(data_file)], "max_seq_length": 32},
-        "train": {"learning_rate": 3e-3, "num_epochs": 1, "eval_every_n_steps": 5,
-                  "micro_batch_size_per_worker": 8, "eval_batch_size_per_worker": 32,
-                  "log_every_n_steps": 1000},
+        "train": {
+            "learning_rate": 3e-3,
+            "num_epochs": 1,
+            "eval_every_n_steps": 5,
+            "micro_batch_size_per_worker": 8,
+            "eval_batch_size_per_worker": 32,
+            "log_every_n_steps": 1000,
+        },
         "deepspeed": {"zero_stage": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "tune": tune_block,
@@ -126,14 +141,20 @@ def write_search(tmp_path, data_file, tune_block, **sections):
 
 
 def test_bad_search_spaces_name_the_path(tmp_path, data_dir):
-    path = write_search(tmp_path, data_dir / "cls.jsonl", {"space": {
-        "train.learnin_rate": {"loguniform": [1e-5, 1e-3]},
-        "lora.rank": {"choice": []},
-        "lora.alpha": {"uniform": [32, 8]},
-        "train.weight_decay": {"loguniform": [0, 0.1]},
-        "train.warmup_ratio": {"choice": [0.1, 1.5]},
-        "lora": {"choice": [1]},
-    }})
+    path = write_search(
+        tmp_path,
+        data_dir / "cls.jsonl",
+        {
+            "space": {
+                "train.learnin_rate": {"loguniform": [1e-5, 1e-3]},
+                "lora.rank": {"choice": []},
+                "lora.alpha": {"uniform": [32, 8]},
+                "train.weight_decay": {"loguniform": [0, 0.1]},
+                "train.warmup_ratio": {"choice": [0.1, 1.5]},
+                "lora": {"choice": [1]},
+            }
+        },
+    )
     with pytest.raises(ConfigError) as e:
         load_search(path)
     problems = str(e.value)
@@ -146,8 +167,11 @@ def test_bad_search_spaces_name_the_path(tmp_path, data_dir):
 
 
 def test_tune_block_schema_errors(tmp_path, data_dir):
-    path = write_search(tmp_path, data_dir / "cls.jsonl", {
-        "space": {"lora.rank": {"choice": [4], "grid": [8]}}, "schedular": {}})
+    path = write_search(
+        tmp_path,
+        data_dir / "cls.jsonl",
+        {"space": {"lora.rank": {"choice": [4], "grid": [8]}}, "schedular": {}},
+    )
     with pytest.raises(ConfigError) as e:
         load_search(path)
     text = str(e.value)
@@ -158,9 +182,18 @@ def test_tune_block_schema_errors(tmp_path, data_dir):
 
 def test_staged_and_feature_extraction_configs_are_refused(tmp_path, data_dir):
     space = {"space": {"train.learning_rate": {"choice": [1e-3]}}}
-    staged = write_search(tmp_path, data_dir / "cls.jsonl", space, stages=[
-        {"name": "domain", "set": {"task.type": "masked_lm", "method": "full"}}, {"name": "task"}])
-    with pytest.raises(ConfigError, match=r"stages=\['domain', 'task'\]: `ferry tune` searches one run"):
+    staged = write_search(
+        tmp_path,
+        data_dir / "cls.jsonl",
+        space,
+        stages=[
+            {"name": "domain", "set": {"task.type": "masked_lm", "method": "full"}},
+            {"name": "task"},
+        ],
+    )
+    with pytest.raises(
+        ConfigError, match=r"stages=\['domain', 'task'\]: `ferry tune` searches one run"
+    ):
         load_search(staged)
     frozen = write_search(tmp_path, data_dir / "cls.jsonl", space, method="feature_extraction")
     with pytest.raises(ConfigError, match=r"method=feature_extraction: .* does not search it"):
@@ -168,15 +201,25 @@ def test_staged_and_feature_extraction_configs_are_refused(tmp_path, data_dir):
 
 
 def test_resource_sizing(data_dir, tmp_path):
-    spec = build_spec({"model": {"preset": "tiny-bert"}, "task": {"type": "sequence_classification"},
-                       "data": {"train_files": [str(data_dir / "cls.jsonl")]},
-                       "scaling": {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": 1}})
+    spec = build_spec(
+        {
+            "model": {"preset": "tiny-bert"},
+            "task": {"type": "sequence_classification"},
+            "data": {"train_files": [str(data_dir / "cls.jsonl")]},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": 1},
+        }
+    )
     tune_cfg = TuneConfig(space={"lora.rank": {"choice": [4]}})
     assert size_trials(spec, tune_cfg, {"CPU": 8}) == (3, [])  # (8 - 1 data) // 2.01
-    assert size_trials(spec, tune_cfg.model_copy(update={"max_concurrent_trials": 2}), {"CPU": 8})[0] == 2
+    assert (
+        size_trials(spec, tune_cfg.model_copy(update={"max_concurrent_trials": 2}), {"CPU": 8})[0]
+        == 2
+    )
     n, problems = size_trials(spec, tune_cfg, {"CPU": 2})
     assert n == 0 and "scaling.num_workers=2: one trial needs 2.01 CPUs" in problems[0]
-    gpu = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"gpus_per_worker": 1})})
+    gpu = spec.model_copy(
+        update={"scaling": spec.scaling.model_copy(update={"gpus_per_worker": 1})}
+    )
     assert size_trials(gpu, tune_cfg, {"CPU": 64, "GPU": 5})[0] == 2
 
 
@@ -184,7 +227,9 @@ def test_resource_sizing(data_dir, tmp_path):
 def test_rank_beyond_the_model_fails_before_any_trial(tmp_path, data_dir, ray_session):
     from tuning.search import run_search
 
-    path = write_search(tmp_path, data_dir / "cls.jsonl", {"space": {"lora.rank": {"choice": [4, 4096]}}})
+    path = write_search(
+        tmp_path, data_dir / "cls.jsonl", {"space": {"lora.rank": {"choice": [4, 4096]}}}
+    )
     search = load_search(path)
     with pytest.raises(ConfigError, match=r"tune.space.lora.rank=4096: lora.rank=4096"):
         run_search(search)
@@ -193,6 +238,7 @@ def test_rank_beyond_the_model_fails_before_any_trial(tmp_path, data_dir, ray_se
 
 
 # ---- real searches ------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(900)
 def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_session):
@@ -204,14 +250,27 @@ def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_sessio
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "val.jsonl", val)
     path = write_search(
-        tmp_path, tmp_path / "train.jsonl",
-        {"space": {"train.learning_rate": {"grid": [3e-3, 1e-7]}}, "num_samples": 1,
-         "scheduler": {"type": "fifo"},
-         "overfitting": {"grace_period": 2, "patience": 2, "min_delta": 0.02, "plateau_patience": None}},
+        tmp_path,
+        tmp_path / "train.jsonl",
+        {
+            "space": {"train.learning_rate": {"grid": [3e-3, 1e-7]}},
+            "num_samples": 1,
+            "scheduler": {"type": "fifo"},
+            "overfitting": {
+                "grace_period": 2,
+                "patience": 2,
+                "min_delta": 0.02,
+                "plateau_patience": None,
+            },
+        },
         method="full",
         data={"validation_files": [str(tmp_path / "val.jsonl")]},
-        train={"num_epochs": 12, "micro_batch_size_per_worker": 4, "eval_every_n_steps": 4,
-               "lr_schedule": "constant"},
+        train={
+            "num_epochs": 12,
+            "micro_batch_size_per_worker": 4,
+            "eval_every_n_steps": 4,
+            "lr_schedule": "constant",
+        },
     )
     from tuning.search import run_search
 
@@ -225,7 +284,9 @@ def test_overfitting_trial_is_stopped_and_a_sane_one_is_not(tmp_path, ray_sessio
     best = outcome.report.best
     assert best["best_checkpoint"].endswith(f"checkpoint_step_{best['best_step']:07d}")
     exported = json.loads((tmp_path / "runs" / "s-tune" / "best" / "metrics.json").read_text())
-    assert exported["checkpoint"] == best["best_checkpoint"] and exported["steps"] == best["best_step"]
+    assert (
+        exported["checkpoint"] == best["best_checkpoint"] and exported["steps"] == best["best_step"]
+    )
 
 
 @pytest.mark.timeout(1800)
@@ -234,12 +295,16 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     trial ends, `--resume` finishes the same trial set with no trial restarted from scratch; the
     report, plots and best model come out; --report rebuilds them."""
     path = write_search(
-        tmp_path, data_dir / "cls.jsonl",
-        {"space": {"train.learning_rate": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}}, "num_samples": 1,
-         # ASHA rungs at steps 15 and 30: a trial that ASHA will stop still runs 10 steps past
-         # its first checkpoint (step 5), the window the kill below must hit.
-         "scheduler": {"grace_period": 3, "reduction_factor": 2},
-         "overfitting": {"plateau_patience": None}},
+        tmp_path,
+        data_dir / "cls.jsonl",
+        {
+            "space": {"train.learning_rate": {"grid": [3e-3, 1e-3, 1e-5, 1e-6]}},
+            "num_samples": 1,
+            # ASHA rungs at steps 15 and 30: a trial that ASHA will stop still runs 10 steps past
+            # its first checkpoint (step 5), the window the kill below must hit.
+            "scheduler": {"grace_period": 3, "reduction_factor": 2},
+            "overfitting": {"plateau_patience": None},
+        },
         method="full",
         # One trial at a time on the 2-CPU embedded Ray ((2 - data_cpus 1) // (0.5 + 0.01)), so
         # one trial finishes while the next is mid-way: the state the kill must hit.
@@ -249,8 +314,9 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     cmd = [sys.executable, "-m", "cluster.cli", "tune", path]
     exp = tmp_path / "runs" / "s-tune"
     with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # its own group: killing it kills its Ray
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )  # its own group: killing it kills its Ray
         try:
             deadline = time.time() + 900
             finished_before, resumable = set(), set()
@@ -261,8 +327,11 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
             while time.time() < deadline and proc.poll() is None:
                 statuses = _saved_statuses(exp) if exp.exists() else {}
                 finished_before = {t for t, s in statuses.items() if s == "TERMINATED"}
-                resumable = {t for t, s in statuses.items() if s == "RUNNING"
-                             and _has_committed_checkpoint(exp / "runs" / f"trial-{t}")}
+                resumable = {
+                    t
+                    for t, s in statuses.items()
+                    if s == "RUNNING" and _has_committed_checkpoint(exp / "runs" / f"trial-{t}")
+                }
                 if finished_before and resumable:
                     break
                 time.sleep(0.5)
@@ -284,7 +353,9 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
         if trial_id in finished_before:
             assert int(t["starts"]) == 1, t  # finished trials stay finished
         if trial_id in resumable:
-            assert (int(t["starts"]), int(t["fresh_starts"])) == (2, 1), t  # continued, not restarted
+            assert (int(t["starts"]), int(t["fresh_starts"])) == (2, 1), (
+                t
+            )  # continued, not restarted
         assert int(t["fresh_starts"]) <= 2, t
     assert any(t["status"] == "asha" for t in trials.values()), trials
     assert not [t for t in trials.values() if t["status"] in ("interrupted", "failed")], trials
@@ -297,10 +368,17 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
     model = AutoModelForSequenceClassification.from_pretrained(str(exp / "best"))
     assert model.config.num_labels == 2
     best_cfg = load_config(str(exp / "report" / "best.yaml"))
-    assert best_cfg.train.learning_rate == float(_csv_rows(exp / "report" / "trials.csv")[0]["train.learning_rate"])
+    assert best_cfg.train.learning_rate == float(
+        _csv_rows(exp / "report" / "trials.csv")[0]["train.learning_rate"]
+    )
     os.remove(exp / "report" / "trials.csv")
-    again = subprocess.run([sys.executable, "-m", "cluster.cli", "tune", "--report", str(exp)],
-                           capture_output=True, text=True, env=env, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "tune", "--report", str(exp)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert again.returncode == 0 and (exp / "report" / "trials.csv").exists(), again.stderr[-2000:]
 
 
@@ -343,8 +421,17 @@ def test_optuna_searcher_draws_from_the_space(tmp_path, data_dir):
 
     from tuning.search import _param_space, _searcher
 
-    path = write_search(tmp_path, data_dir / "cls.jsonl", {"search_alg": "optuna", "space": {
-        "train.learning_rate": {"loguniform": [1e-5, 1e-3]}, "lora.rank": {"choice": [4, 8]}}})
+    path = write_search(
+        tmp_path,
+        data_dir / "cls.jsonl",
+        {
+            "search_alg": "optuna",
+            "space": {
+                "train.learning_rate": {"loguniform": [1e-5, 1e-3]},
+                "lora.rank": {"choice": [4, 8]},
+            },
+        },
+    )
     tune_cfg = load_search(path).tune
     searcher = _searcher(tune_cfg, concurrency=2)
     assert searcher.set_search_properties("eval/loss", "min", _param_space(tune_cfg))
@@ -353,8 +440,11 @@ def test_optuna_searcher_draws_from_the_space(tmp_path, data_dir):
     for params in drawn:
         assert 1e-5 <= params["train.learning_rate"] <= 1e-3 and params["lora.rank"] in (4, 8)
     assert isinstance(_param_space(tune_cfg)["train.learning_rate"], tune.search.sample.Float)
-    grid = write_search(tmp_path, data_dir / "cls.jsonl", {"search_alg": "optuna", "space": {
-        "lora.rank": {"grid": [4, 8]}}})
+    grid = write_search(
+        tmp_path,
+        data_dir / "cls.jsonl",
+        {"search_alg": "optuna", "space": {"lora.rank": {"grid": [4, 8]}}},
+    )
     with pytest.raises(ConfigError, match="tune.space.lora.rank.grid: optuna cannot search grid"):
         load_search(grid)
 

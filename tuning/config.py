@@ -58,7 +58,8 @@ class SchedulerConfig(_Strict):
         2.0, gt=1, description="ASHA: keep the best 1/reduction_factor of trials at each rung."
     )
     max_t: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="ASHA: evaluations a trial may run at most; default: the run's own length.",
     )
 
@@ -69,22 +70,28 @@ class OverfittingConfig(_Strict):
         3, ge=0, description="Evaluations (after training starts) before the stopper may act."
     )
     patience: int = Field(
-        2, ge=1,
+        2,
+        ge=1,
         description="Consecutive evaluations with validation loss above its best by more than "
         "min_delta while training loss is below its value at that best by more than min_delta.",
     )
     min_delta: float = Field(
-        0.01, ge=0, allow_inf_nan=False,
+        0.01,
+        ge=0,
+        allow_inf_nan=False,
         description="Loss change that counts (absolute, loss units): smaller moves are noise. "
         "0 makes the stop fire on any wobble.",
     )
     max_gap: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None,
+        gt=0,
+        allow_inf_nan=False,
         description="Also stop when validation minus training loss exceeds this for `patience` "
         "evaluations (None: off).",
     )
     plateau_patience: int | None = Field(
-        4, ge=1,
+        4,
+        ge=1,
         description="Stop when the best validation loss has not improved by plateau_min_delta "
         "for this many evaluations (None: off).",
     )
@@ -97,18 +104,23 @@ class OverfittingConfig(_Strict):
 
 class TuneConfig(_Strict):
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Experiment name (a folder under run.storage_path); default <run.name>-tune. "
         "Rerunning with --resume continues it.",
     )
     space: dict[str, Distribution] = Field(
-        ..., description="Search space keyed by dotted paths into the run config, e.g. "
+        ...,
+        description="Search space keyed by dotted paths into the run config, e.g. "
         "train.learning_rate: {loguniform: [1e-5, 1e-3]}.",
     )
-    metric: str = Field("eval/loss", description="Metric that ranks trials (and their checkpoints).")
+    metric: str = Field(
+        "eval/loss", description="Metric that ranks trials (and their checkpoints)."
+    )
     mode: Literal["min", "max"] = Field("min", description="Lower or higher is better.")
     num_samples: int = Field(
-        4, ge=1,
+        4,
+        ge=1,
         description="Random search: trials drawn. With grid axes: repeats of the whole grid.",
     )
     search_alg: Literal["random", "optuna"] = Field(
@@ -118,14 +130,17 @@ class TuneConfig(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     overfitting: OverfittingConfig = Field(default_factory=OverfittingConfig)
     max_concurrent_trials: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Upper bound on trials at once; the cluster's free resources may lower it.",
     )
     delete_stopped_checkpoints: bool = Field(
         True, description="Delete checkpoints of trials stopped early (not the best trial's)."
     )
     trial_cpus: float = Field(
-        0.01, gt=0, allow_inf_nan=False,
+        0.01,
+        gt=0,
+        allow_inf_nan=False,
         description="CPU reserved by each trial's driver (it only waits on its workers).",
     )
 
@@ -138,7 +153,8 @@ class SearchSpec(_Strict):
     """
 
     base: RunSpec = Field(
-        ..., description="The validated run config every trial starts from (without its tune: "
-        "block; train.best_metric and best_metric_mode set to tune.metric and tune.mode)."
+        ...,
+        description="The validated run config every trial starts from (without its tune: "
+        "block; train.best_metric and best_metric_mode set to tune.metric and tune.mode).",
     )
     tune: TuneConfig = Field(..., description="The validated tune: block.")

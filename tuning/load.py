@@ -41,10 +41,13 @@ def build_search(raw: dict[str, Any], problems: list[str] | None = None) -> Sear
     raw = copy.deepcopy(raw)
     block = raw.pop("tune", None)
     if not isinstance(block, dict):
-        raise ConfigError(problems + [
-            f"tune={block}: `ferry tune` needs a tune: block with a space. Add e.g. "
-            "tune: {space: {train.learning_rate: {loguniform: [1e-5, 1e-3]}}}."
-        ])
+        raise ConfigError(
+            problems
+            + [
+                f"tune={block}: `ferry tune` needs a tune: block with a space. Add e.g. "
+                "tune: {space: {train.learning_rate: {loguniform: [1e-5, 1e-3]}}}."
+            ]
+        )
     tune = None
     try:
         tune = TuneConfig.model_validate(block)

@@ -1,4 +1,4 @@
-"""Hyperparameter search: validate -> size -> Ray Tune over the spine's distributed training -> report.
+"""Hyperparameter search: validate -> size -> Ray Tune over the spine's training -> report.
 
 `run_search` is the entry point (`ferry tune` calls it with Ray connected). Each trial is a Tune
 function trainable that builds the trial's run config and calls `trainers.launch.train`, which runs
@@ -125,7 +125,11 @@ def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
     stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
     log.info(
         "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
-        experiment_name(search), _trial_count(tune_cfg), concurrency, plan["total_steps"], every,
+        experiment_name(search),
+        _trial_count(tune_cfg),
+        concurrency,
+        plan["total_steps"],
+        every,
     )
     t0 = time.perf_counter()
     if resume:
@@ -177,18 +181,23 @@ def _run_trial(config: dict[str, Any], base: RunSpec, exp_dir: str) -> None:
     from trainers.model import load_tokenizer_for
 
     trial_id = tune.get_context().get_trial_id()
-    spec = trial_spec(base, {
-        **config,
-        # Deterministic per trial: a resumed trial finds its own checkpoints and continues there.
-        "run.name": trial_name(trial_id),
-        "run.storage_path": runs_dir(exp_dir),
-        "run.resume": "auto",
-        # The base's cache (the driver filled it), not one under the trial's own storage path.
-        "data.cache_dir": base.cache_dir,
-    })
+    spec = trial_spec(
+        base,
+        {
+            **config,
+            # Deterministic per trial: a resumed trial finds its own checkpoints and goes on.
+            "run.name": trial_name(trial_id),
+            "run.storage_path": runs_dir(exp_dir),
+            "run.resume": "auto",
+            # The base's cache (the driver filled it), not one under the trial's own storage path.
+            "data.cache_dir": base.cache_dir,
+        },
+    )
     data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))  # a cache hit
     _record_start(
-        trial_record_file(exp_dir, trial_id), config, plan_steps(spec, data)["total_steps"],
+        trial_record_file(exp_dir, trial_id),
+        config,
+        plan_steps(spec, data)["total_steps"],
         resumed=has_checkpoint(spec),
     )
     train(spec, callbacks=[TuneReportCallback()])
@@ -209,18 +218,26 @@ def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: 
 def _check_experiment(exp_dir: str, resume: bool) -> list[str]:
     exists = os.path.exists(os.path.join(exp_dir, SEARCH_FILE))
     if resume and not exists:
-        return [f"--resume: no search at {exp_dir}. Drop --resume, or check tune.name and "
-                "run.storage_path."]
+        return [
+            f"--resume: no search at {exp_dir}. Drop --resume, or check tune.name and "
+            "run.storage_path."
+        ]
     if not resume and exists:
-        return [f"tune.name: a search already exists at {exp_dir}. Add --resume to continue it, "
-                "or set a new tune.name."]
+        return [
+            f"tune.name: a search already exists at {exp_dir}. Add --resume to continue it, "
+            "or set a new tune.name."
+        ]
     return []
 
 
 def _param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
-    make = {"choice": tune.choice, "grid": tune.grid_search,
-            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-            "randint": lambda a: tune.randint(*a)}
+    make = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
     return {path: make[d.kind](list(d.args)) for path, d in tune_cfg.space.items()}
 
 
@@ -244,8 +261,11 @@ def _scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
         return FIFOScheduler()
     max_t = s.max_t * eval_every if s.max_t else total_steps
     return ASHAScheduler(
-        time_attr="train/step", metric=tune_cfg.metric, mode=tune_cfg.mode,
-        grace_period=min(s.grace_period * eval_every, max_t), reduction_factor=s.reduction_factor,
+        time_attr="train/step",
+        metric=tune_cfg.metric,
+        mode=tune_cfg.mode,
+        grace_period=min(s.grace_period * eval_every, max_t),
+        reduction_factor=s.reduction_factor,
         max_t=max_t,
     )
 
@@ -281,15 +301,26 @@ def _export_best(report: Report, base: RunSpec, data, exp_dir: str) -> str | Non
     spec = trial_spec(base, best["params"])
     out = os.path.join(exp_dir, BEST_DIR)
     shutil.rmtree(out, ignore_errors=True)
-    export_checkpoint(spec, data, best["best_checkpoint"], out, summary={
-        "search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]})
-    log.info("best trial %s (%s=%.4g at step %s) exported to %s", best["trial_id"],
-             report.metric, best["best_metric"], best["best_step"], out)
+    export_checkpoint(
+        spec,
+        data,
+        best["best_checkpoint"],
+        out,
+        summary={"search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]},
+    )
+    log.info(
+        "best trial %s (%s=%.4g at step %s) exported to %s",
+        best["trial_id"],
+        report.metric,
+        best["best_metric"],
+        best["best_step"],
+        out,
+    )
     return out
 
 
 def _delete_stopped_checkpoints(report: Report, exp_dir: str) -> None:
-    """Trials stopped early will never be resumed or published: their checkpoints are dead weight."""
+    """Trials stopped early are never resumed or published: their checkpoints are dead weight."""
     freed = 0
     for row in report.trials:
         if row["trial_id"] == report.best["trial_id"] or row["status"] in ("completed", "failed"):
@@ -300,7 +331,9 @@ def _delete_stopped_checkpoints(report: Report, exp_dir: str) -> None:
         for name in os.listdir(run_dir):
             if name.startswith("checkpoint_"):
                 path = os.path.join(run_dir, name)
-                freed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                freed += sum(
+                    os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+                )
                 shutil.rmtree(path, ignore_errors=True)
     if freed:
         log.info("deleted checkpoints of early-stopped trials: %.1f MB freed", freed / 1e6)
