@@ -19,7 +19,7 @@ from conftest import classification_rows, write_jsonl
 
 from trainers.config import ConfigError, build_spec, load_config
 from tuning.config import OverfittingConfig, TuneConfig
-from tuning.load import load_search
+from tuning.load import load_search, trial_spec
 from tuning.resources import size_trials
 from tuning.stoppers import DIVERGED, GAP, OVERFITTING, PLATEAU, OverfittingStopper, stop_reason
 
@@ -164,6 +164,24 @@ def test_bad_search_spaces_name_the_path(tmp_path, data_dir):
     assert "tune.space.train.weight_decay.loguniform=[0.0, 0.1]: low must be > 0" in problems
     assert "tune.space.train.warmup_ratio=1.5 (choice): train.warmup_ratio=1.5" in problems
     assert "tune.space.lora: 'lora' is a section, not a value" in problems
+
+
+def test_trial_spec_derives_a_validated_run_from_the_base(tmp_path, data_dir):
+    path = write_search(
+        tmp_path,
+        data_dir / "cls.jsonl",
+        {"metric": "eval/accuracy", "mode": "max", "space": {"lora.rank": {"choice": [4, 8]}}},
+        train={"global_batch_size": 8},
+    )
+    base = load_search(path).base
+    # Trials rank their checkpoints by the search metric.
+    assert (base.train.best_metric, base.train.best_metric_mode) == ("eval/accuracy", "max")
+    trial = trial_spec(base, {"train.learning_rate": 3e-4, "lora.rank": 4})
+    assert (trial.train.learning_rate, trial.lora.rank) == (3e-4, 4)
+    assert (base.train.learning_rate, base.lora.rank) == (3e-3, 8)  # the base is left as it was
+    # A value valid on its own that breaks a rule together with the base fails, named by its key.
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=8: must be divisible by .*=3"):
+        trial_spec(base, {"train.micro_batch_size_per_worker": 3})
 
 
 def test_tune_block_schema_errors(tmp_path, data_dir):
