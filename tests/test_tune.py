@@ -348,7 +348,10 @@ def test_search_killed_mid_way_resumes_and_reports(tmp_path, data_dir):
                 resumable = {
                     t
                     for t, s in statuses.items()
-                    if s == "RUNNING" and _has_committed_checkpoint(exp / "runs" / f"trial-{t}")
+                    # Asked only once a trial has finished: each question reloads the snapshot.
+                    if finished_before
+                    and s == "RUNNING"
+                    and _has_committed_checkpoint(exp / "runs" / f"trial-{t}")
                 }
                 if finished_before and resumable:
                     break
@@ -421,8 +424,8 @@ def _has_committed_checkpoint(run_dir) -> bool:
 
     try:
         result = Result.from_path(str(run_dir))
-    except Exception:  # RuntimeError: no snapshot yet; Ray Train's own (non-public) error: one
-        return False  # read while it is rewritten in place, or naming a checkpoint just deleted
+    except Exception:  # RuntimeError: no snapshot yet; Ray Train's own (non-public) error: a
+        return False  # snapshot read while Ray Train rewrites it in place
     return result.checkpoint is not None or bool(result.best_checkpoints)
 
 
