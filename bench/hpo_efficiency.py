@@ -28,7 +28,18 @@ import shutil
 import tempfile
 import time
 
-POS = ["good", "great", "excellent", "tasty", "love", "fresh", "delicious", "superb", "fine", "nice"]
+POS = [
+    "good",
+    "great",
+    "excellent",
+    "tasty",
+    "love",
+    "fresh",
+    "delicious",
+    "superb",
+    "fine",
+    "nice",
+]
 NEG = ["bad", "awful", "terrible", "stale", "hate", "gross", "bland", "broken", "poor", "weak"]
 FILLER = ["this", "product", "is", "really", "the", "box", "came", "and", "it", "was", "quite"]
 
@@ -46,7 +57,9 @@ def make_data(path: str, n: int, noise: float, seed: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--rows", type=int, default=400)
@@ -55,12 +68,16 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.15)
     ap.add_argument("--grace", type=int, default=4, help="ASHA grace period, in evaluations")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--reuse-grid", action="store_true",
-                    help="take the grid's numbers from <workdir>/runs/bench-grid (a previous run)")
+    ap.add_argument(
+        "--reuse-grid",
+        action="store_true",
+        help="take the grid's numbers from <workdir>/runs/bench-grid (a previous run)",
+    )
     args = ap.parse_args()
 
     from cluster.session import connect, disconnect
-    from tuning.config import TuneConfig
+    from tuning.load import build_search
+    from tuning.report import build_report
     from tuning.search import run_search
 
     work = args.workdir or tempfile.mkdtemp(prefix="ferry-hpo-bench-")
@@ -71,12 +88,20 @@ def main() -> None:
         "method": "lora",
         "lora": {"rank": 8, "alpha": 16},
         "task": {"type": "sequence_classification"},
-        "data": {"train_files": [os.path.join(work, "train.jsonl")], "max_seq_length": 32,
-                 "validation_fraction": 0.2},
-        "train": {"num_epochs": args.epochs, "micro_batch_size_per_worker": 8,
-                  "eval_every_n_steps": args.eval_every, "lr_schedule": "constant",
-                  "eval_batch_size_per_worker": 64, "log_every_n_steps": 10_000,
-                  "keep_best_checkpoints": 1},
+        "data": {
+            "train_files": [os.path.join(work, "train.jsonl")],
+            "max_seq_length": 32,
+            "validation_fraction": 0.2,
+        },
+        "train": {
+            "num_epochs": args.epochs,
+            "micro_batch_size_per_worker": 8,
+            "eval_every_n_steps": args.eval_every,
+            "lr_schedule": "constant",
+            "eval_batch_size_per_worker": 64,
+            "log_every_n_steps": 10_000,
+            "keep_best_checkpoints": 1,
+        },
         "deepspeed": {"zero_stage": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "data_cpus": 0.5},
     }
@@ -86,41 +111,79 @@ def main() -> None:
     try:
         for name, scheduler, overfit in (
             ("grid", {"type": "fifo"}, {"enabled": False}),
-            ("asha", {"type": "asha", "grace_period": args.grace, "reduction_factor": 3}, {"enabled": True}),
+            (
+                "asha",
+                {"type": "asha", "grace_period": args.grace, "reduction_factor": 3},
+                {"enabled": True},
+            ),
         ):
             exp = os.path.join(work, "runs", f"bench-{name}")
             if name == "grid" and args.reuse_grid and os.path.isdir(exp):
-                from tuning.report import build_report
-
                 rep = build_report(exp, write=False)
-                results[name] = {"trial_steps": rep.totals["trial_steps"], "grid_steps": rep.totals["grid_steps"],
-                                 "wall_s": float("nan"), "best": rep.best["best_metric"],
-                                 "best_params": rep.best["params"], "by_status": rep.totals["by_status"],
-                                 "worker_s": rep.totals["worker_seconds"], "trials": len(rep.trials)}
+                results[name] = {
+                    "trial_steps": rep.totals["trial_steps"],
+                    "grid_steps": rep.totals["grid_steps"],
+                    "wall_s": float("nan"),
+                    "best": rep.best["best_metric"],
+                    "best_params": rep.best["params"],
+                    "by_status": rep.totals["by_status"],
+                    "worker_s": rep.totals["worker_seconds"],
+                    "trials": len(rep.trials),
+                }
                 continue
             if os.path.isdir(exp):
                 shutil.rmtree(exp)
-            tune_cfg = TuneConfig(name=f"bench-{name}", space=space, num_samples=1, scheduler=scheduler,
-                                  overfitting=overfit, delete_stopped_checkpoints=True)
+            search = build_search(
+                {
+                    **base,
+                    "tune": {
+                        "name": f"bench-{name}",
+                        "space": space,
+                        "num_samples": 1,
+                        "scheduler": scheduler,
+                        "overfitting": overfit,
+                        "delete_stopped_checkpoints": True,
+                    },
+                }
+            )
             t0 = time.perf_counter()
-            outcome = run_search(base, tune_cfg)
+            outcome = run_search(search)
             wall = time.perf_counter() - t0
             rep = outcome.report
-            results[name] = {"trial_steps": rep.totals["trial_steps"], "grid_steps": rep.totals["grid_steps"],
-                             "wall_s": wall, "best": rep.best["best_metric"], "best_params": rep.best["params"],
-                             "by_status": rep.totals["by_status"], "worker_s": rep.totals["worker_seconds"],
-                             "trials": len(rep.trials)}
+            results[name] = {
+                "trial_steps": rep.totals["trial_steps"],
+                "grid_steps": rep.totals["grid_steps"],
+                "wall_s": wall,
+                "best": rep.best["best_metric"],
+                "best_params": rep.best["params"],
+                "by_status": rep.totals["by_status"],
+                "worker_s": rep.totals["worker_seconds"],
+                "trials": len(rep.trials),
+            }
     finally:
         disconnect(session)
     g, a = results["grid"], results["asha"]
     print(json.dumps(results, indent=2))
-    print(f"\ntrials: {g['trials']} ({len(args.lrs)} learning rates x {len(args.ranks)} ranks), "
-          f"{g['grid_steps'] // max(g['trials'], 1)} steps each")
-    print(f"trial-steps  grid {g['trial_steps']}  asha {a['trial_steps']}  ratio asha/grid "
-          f"{a['trial_steps'] / g['trial_steps']:.3f}")
-    print(f"wall time    grid {g['wall_s']:.0f}s  asha {a['wall_s']:.0f}s  ratio {a['wall_s'] / g['wall_s']:.3f}")
-    print(f"best eval/loss  grid {g['best']:.4f} {g['best_params']}  asha {a['best']:.4f} {a['best_params']}")
-    print(f"regret {a['best'] - g['best']:+.4f} ({(a['best'] - g['best']) / g['best'] * 100:+.2f}% of grid best)")
+    print(
+        f"\ntrials: {g['trials']} ({len(args.lrs)} learning rates x {len(args.ranks)} ranks), "
+        f"{g['grid_steps'] // max(g['trials'], 1)} steps each"
+    )
+    print(
+        f"trial-steps  grid {g['trial_steps']}  asha {a['trial_steps']}  ratio asha/grid "
+        f"{a['trial_steps'] / g['trial_steps']:.3f}"
+    )
+    print(
+        f"wall time    grid {g['wall_s']:.0f}s  asha {a['wall_s']:.0f}s  "
+        f"ratio {a['wall_s'] / g['wall_s']:.3f}"
+    )
+    print(
+        f"best eval/loss  grid {g['best']:.4f} {g['best_params']}  "
+        f"asha {a['best']:.4f} {a['best_params']}"
+    )
+    print(
+        f"regret {a['best'] - g['best']:+.4f} "
+        f"({(a['best'] - g['best']) / g['best'] * 100:+.2f}% of grid best)"
+    )
     print(f"asha trials by outcome: {a['by_status']}")
 
 

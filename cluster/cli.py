@@ -465,7 +465,6 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from trainers.config_load import build_spec
     from trainers.errors import ConfigError
 
     if args.report:
@@ -483,28 +482,27 @@ def cmd_tune(args) -> int:
                 "--report EXPERIMENT_DIR). Pass the YAML file."
             ]
         )
-    from tuning.config import load_search
+    from tuning.load import load_search
     from tuning.search import run_search
 
-    raw, tune_cfg = load_search(args.config, args.overrides)
-    spec = build_spec(dict(raw))
-    s = spec.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + tune_cfg.trial_cpus
+    search = load_search(args.config, args.overrides)
+    s = search.base.scaling
+    need = s.num_workers * s.cpus_per_worker + s.data_cpus + search.tune.trial_cpus
     with ray_session(args.address, needed_cpus=need):
-        outcome = run_search(raw, tune_cfg, resume=args.resume)
+        outcome = run_search(search, resume=args.resume)
     print(f"search: {outcome.experiment_dir}")
     return 0
 
 
 def cmd_k8s_render(args) -> int:
-    from trainers.config_load import build_spec, load_config
-    from tuning.config import load_search
+    from trainers.config_load import load_config
+    from tuning.load import load_search
 
     tune_cfg = None
     if args.run_command == "tune":
         # The whole search file: `ferry tune` in the pod reads its tune: block.
-        raw, tune_cfg = load_search(args.config, args.overrides)
-        spec = build_spec(raw)
+        search = load_search(args.config, args.overrides)
+        spec, tune_cfg = search.base, search.tune
     else:
         spec = load_config(args.config, args.overrides)
     docs = render_manifests(

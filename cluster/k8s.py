@@ -95,7 +95,7 @@ def render_manifests(
     # noticeable delay to every command, `ferry jobs ...` included.
     from trainers.config_load import build_spec, dump_spec
     from trainers.errors import ConfigError
-    from tuning.config import check_space
+    from tuning.load import build_search
 
     problems = _check_inputs(
         spec, image, namespace, gpus_per_worker, command, memory_per_worker, active_deadline_s
@@ -109,7 +109,10 @@ def render_manifests(
     elif command == "train" and tune is not None:
         log.warning("tune: ignored with --command=train (the RayJob runs `ferry train`).")
     if search is not None:
-        problems += check_space(spec.model_dump(mode="json"), search)
+        try:  # the space against this run config (a search file was checked when loaded)
+            build_search({**spec.model_dump(mode="json"), "tune": search.model_dump(mode="json")})
+        except ConfigError as e:
+            problems += e.problems
     version = _ray_version(image, ray_version, problems)
     storage = spec.run.storage_path
     mount = _mount_path(storage, mount_path, problems)

@@ -1,13 +1,14 @@
 """The search's report, rebuilt from files on disk: ranked table, CSV/Parquet, best.yaml, plots.
 
 `build_report` is the entry point (`ferry tune` calls it at the end; `ferry tune --report DIR`
-calls it alone). It reads only what the experiment folder holds (Tune's per-trial result.json,
-Ferry's trial records, the stopper's and the status log's decisions), so it works on a finished,
-interrupted or copied experiment.
+calls it alone). It reads only what the experiment folder holds (Tune's per-trial result.json
+and saved experiment state, Ferry's trial records, the stopper's decisions), so it works on a
+finished, interrupted or copied experiment.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -15,8 +16,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from ray.tune import ExperimentAnalysis
 
-from tuning.config import trial_config
+from trainers.config import ScalingConfig
+from trainers.config_load import set_path
+from tuning.config import TuneConfig
+from tuning.layout import (
+    BEST_DIR,
+    REASONS_FILE,
+    REPORT_DIR,
+    SEARCH_FILE,
+    TRIAL_PREFIX,
+    trial_name,
+    trial_record_file,
+    trial_run_dir,
+)
+from tuning.stoppers import DIVERGED, read_state
 
 
 @dataclass
@@ -36,34 +51,55 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
     Raises:
         FileNotFoundError: `exp_dir` is not a Ferry search folder.
     """
-    from tuning.search import REASONS_FILE, SEARCH_FILE
-    from tuning.stoppers import DIVERGED, read_state
-
     search_file = os.path.join(exp_dir, SEARCH_FILE)
     if not os.path.exists(search_file):
-        raise FileNotFoundError(f"{exp_dir}: not a Ferry search folder (no {SEARCH_FILE}). Pass "
-                                "<run.storage_path>/<tune.name>.")
+        raise FileNotFoundError(
+            f"{exp_dir}: not a Ferry search folder (no {SEARCH_FILE}). Pass "
+            "<run.storage_path>/<tune.name>."
+        )
     with open(search_file) as f:
         search = json.load(f)
-    tune_cfg, base = search["tune"], search["base"]
-    metric, mode = tune_cfg["metric"], tune_cfg["mode"]
+    # The base run stays a mapping: validating it again could fail where the report is read (a
+    # model.name_or_path naming a Python package not installed there), and the report needs
+    # only its scaling section and its values for best.yaml.
+    base = search["base"]
+    tune_cfg = TuneConfig.model_validate(search["tune"])
+    metric, mode = tune_cfg.metric, tune_cfg.mode
     reasons = read_state(os.path.join(exp_dir, REASONS_FILE))["reasons"]
-    statuses = tune_statuses(exp_dir)
-    scaling = base.get("scaling") or {}
-    workers, gpus = scaling.get("num_workers", 1), scaling.get("gpus_per_worker", 0.0)
+    statuses = _tune_statuses(exp_dir)
+    scaling = ScalingConfig.model_validate(base["scaling"])
+    workers, gpus = scaling.num_workers, scaling.gpus_per_worker
 
     trials = []
     for name in sorted(os.listdir(exp_dir)):
         result_file = os.path.join(exp_dir, name, "result.json")
-        if not name.startswith("trial-") or not os.path.exists(result_file):
+        if not name.startswith(TRIAL_PREFIX) or not os.path.exists(result_file):
             continue
-        trial_id = name.removeprefix("trial-")
+        trial_id = name.removeprefix(TRIAL_PREFIX)
         rows = _read_results(result_file)
-        record = _read_json(os.path.join(exp_dir, "runs", f"{name}.json"), {})
-        trials.append(_trial_row(exp_dir, trial_id, rows, record, metric, mode, reasons.get(trial_id),
-                                 statuses.get(trial_id), workers, gpus, DIVERGED))
+        record = _read_json(trial_record_file(exp_dir, trial_id), {})
+        trials.append(
+            _trial_row(
+                exp_dir,
+                trial_id,
+                rows,
+                record,
+                metric,
+                mode,
+                reasons.get(trial_id),
+                statuses.get(trial_id),
+                workers,
+                gpus,
+                DIVERGED,
+            )
+        )
     sign = 1 if mode == "min" else -1
-    trials.sort(key=lambda t: (not _finite(t["best_metric"]), sign * t["best_metric"] if _finite(t["best_metric"]) else 0))
+    trials.sort(
+        key=lambda t: (
+            not _finite(t["best_metric"]),
+            sign * t["best_metric"] if _finite(t["best_metric"]) else 0,
+        )
+    )
     candidates = [t for t in trials if _finite(t["best_metric"]) and t["best_checkpoint"]]
     best = candidates[0] if candidates else None
     totals = {
@@ -72,8 +108,12 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
         "grid_steps": sum(t["total_steps"] or 0 for t in trials),
         "worker_seconds": round(sum(t["worker_seconds"] for t in trials), 1),
         "gpu_hours": round(sum(t["gpu_hours"] for t in trials), 4),
-        "stopped_early": sum(t["status"] not in ("completed", "failed", "interrupted") for t in trials),
-        "by_status": {s: sum(t["status"] == s for t in trials) for s in sorted({t["status"] for t in trials})},
+        "stopped_early": sum(
+            t["status"] not in ("completed", "failed", "interrupted") for t in trials
+        ),
+        "by_status": {
+            s: sum(t["status"] == s for t in trials) for s in sorted({t["status"] for t in trials})
+        },
     }
     report = Report(exp_dir, metric, mode, trials, best, totals)
     if write:
@@ -87,15 +127,31 @@ def print_report(report: Report) -> None:
     from rich.table import Table
 
     params = sorted({p for t in report.trials for p in t["params"]})
-    table = Table(title=f"search {os.path.basename(report.experiment_dir)}: {report.metric} "
-                        f"({report.mode}), {report.totals['trial_steps']} trial-steps, "
-                        f"{report.totals['worker_seconds']:,.0f} worker-s")
-    for col in ("#", "trial", *params, f"best {report.metric}", "at step", "steps run", "stop reason"):
+    table = Table(
+        title=f"search {os.path.basename(report.experiment_dir)}: {report.metric} "
+        f"({report.mode}), {report.totals['trial_steps']} trial-steps, "
+        f"{report.totals['worker_seconds']:,.0f} worker-s"
+    )
+    for col in (
+        "#",
+        "trial",
+        *params,
+        f"best {report.metric}",
+        "at step",
+        "steps run",
+        "stop reason",
+    ):
         table.add_column(col, justify="right" if col not in ("trial", "stop reason") else "left")
     for i, t in enumerate(report.trials, 1):
-        table.add_row(str(i), t["trial_id"], *(_fmt(t["params"].get(p)) for p in params),
-                      _fmt(t["best_metric"]), str(t["best_step"]), f"{t['steps_run']}/{t['total_steps']}",
-                      t["status"])
+        table.add_row(
+            str(i),
+            t["trial_id"],
+            *(_fmt(t["params"].get(p)) for p in params),
+            _fmt(t["best_metric"]),
+            str(t["best_step"]),
+            f"{t['steps_run']}/{t['total_steps']}",
+            t["status"],
+        )
     Console().print(table)
     if report.best:
         print(f"best: trial {report.best['trial_id']} {report.best['params']}")
@@ -103,7 +159,9 @@ def print_report(report: Report) -> None:
         print(f"{name}: {path}")
 
 
-def _trial_row(exp_dir, trial_id, rows, record, metric, mode, reason, status, workers, gpus, diverged) -> dict:
+def _trial_row(
+    exp_dir, trial_id, rows, record, metric, mode, reason, status, workers, gpus, diverged
+) -> dict:
     trained = [r for r in rows if r.get("train/step", 0) > 0]
     scored = [r for r in trained if _finite(r.get(metric))]
     pick = min if mode == "min" else max
@@ -123,25 +181,37 @@ def _trial_row(exp_dir, trial_id, rows, record, metric, mode, reason, status, wo
         state = "interrupted"
     ckpt = None
     if best_row is not None:
-        path = os.path.join(exp_dir, "runs", f"trial-{trial_id}", f"checkpoint_step_{int(best_row['train/step']):07d}")
+        path = os.path.join(
+            trial_run_dir(exp_dir, trial_id), f"checkpoint_step_{int(best_row['train/step']):07d}"
+        )
         ckpt = path if os.path.isdir(path) else None
     seconds = _active_seconds(rows)
     error = None
-    if state.startswith("failed") and os.path.exists(os.path.join(exp_dir, f"trial-{trial_id}", "error.txt")):
-        with open(os.path.join(exp_dir, f"trial-{trial_id}", "error.txt")) as f:
+    error_file = os.path.join(exp_dir, trial_name(trial_id), "error.txt")
+    if state.startswith("failed") and os.path.exists(error_file):
+        with open(error_file) as f:
             lines = [ln for ln in f.read().splitlines() if ln.strip()]
             error = lines[-1][:300] if lines else None
     return {
-        "trial_id": trial_id, "params": params, "status": state,
+        "trial_id": trial_id,
+        "params": params,
+        "status": state,
         "best_metric": best_row[metric] if best_row else math.nan,
         "best_step": int(best_row["train/step"]) if best_row else None,
-        "steps_run": int(steps_run), "total_steps": total, "evals": len(trained),
+        "steps_run": int(steps_run),
+        "total_steps": total,
+        "evals": len(trained),
         "starts": len(record.get("starts", [])),
         "fresh_starts": sum(not s["resumed"] for s in record.get("starts", [])),
-        "worker_seconds": round(seconds * workers, 1), "gpu_hours": seconds * workers * gpus / 3600,
-        "best_checkpoint": ckpt, "error": error,
-        "curve": [(int(r["train/step"]), r.get("eval/loss"), r.get("train/loss")) for r in rows
-                  if "train/step" in r],
+        "worker_seconds": round(seconds * workers, 1),
+        "gpu_hours": seconds * workers * gpus / 3600,
+        "best_checkpoint": ckpt,
+        "error": error,
+        "curve": [
+            (int(r["train/step"]), r.get("eval/loss"), r.get("train/loss"))
+            for r in rows
+            if "train/step" in r
+        ],
     }
 
 
@@ -161,12 +231,26 @@ def _write(report: Report, base: dict[str, Any]) -> None:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    out = os.path.join(report.experiment_dir, "report")
+    out = os.path.join(report.experiment_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
     params = sorted({p for t in report.trials for p in t["params"]})
-    columns = ["rank", "trial_id", *params, f"best {report.metric}", "best_step", "steps_run",
-               "total_steps", "evals", "status", "worker_seconds", "gpu_hours", "starts", "fresh_starts",
-               "best_checkpoint", "error"]
+    columns = [
+        "rank",
+        "trial_id",
+        *params,
+        f"best {report.metric}",
+        "best_step",
+        "steps_run",
+        "total_steps",
+        "evals",
+        "status",
+        "worker_seconds",
+        "gpu_hours",
+        "starts",
+        "fresh_starts",
+        "best_checkpoint",
+        "error",
+    ]
     data: dict[str, list] = {c: [] for c in columns}
     for i, t in enumerate(report.trials, 1):
         data["rank"].append(i)
@@ -174,7 +258,7 @@ def _write(report: Report, base: dict[str, Any]) -> None:
         for p in params:
             data[p].append(t["params"].get(p))
         data[f"best {report.metric}"].append(t["best_metric"])
-        for c in columns[len(params) + 3:]:
+        for c in columns[len(params) + 3 :]:
             data[c].append(t[c])
     # Mixed-type parameter columns (a choice of ints and floats) are stored as floats or strings.
     arrays = {}
@@ -186,26 +270,45 @@ def _write(report: Report, base: dict[str, Any]) -> None:
     table = pa.table(arrays)
     pacsv.write_csv(table, os.path.join(out, "trials.csv"))
     pq.write_table(table, os.path.join(out, "trials.parquet"))
-    report.files = {"table": os.path.join(out, "trials.csv"), "parquet": os.path.join(out, "trials.parquet")}
+    report.files = {
+        "table": os.path.join(out, "trials.csv"),
+        "parquet": os.path.join(out, "trials.parquet"),
+    }
     if report.best:
-        best_raw = trial_config(base, report.best["params"])
-        best_raw.setdefault("run", {})["name"] = f"{os.path.basename(report.experiment_dir)}-best"
-        best_raw["run"]["resume"] = "auto"
+        best_raw = copy.deepcopy(base)
+        run = {
+            "run.name": f"{os.path.basename(report.experiment_dir)}-best",
+            "run.resume": "auto",
+        }
+        for path, value in {**report.best["params"], **run}.items():
+            set_path(best_raw, path, value)
         path = os.path.join(out, "best.yaml")
         with open(path, "w") as f:
-            f.write(f"# Best trial {report.best['trial_id']} of {report.experiment_dir}: "
-                    f"{report.metric}={report.best['best_metric']:.6g} at step {report.best['best_step']}.\n"
-                    f"# Reproduce it with: ferry train {path}\n")
+            f.write(
+                f"# Best trial {report.best['trial_id']} of {report.experiment_dir}: "
+                f"{report.metric}={report.best['best_metric']:.6g} "
+                f"at step {report.best['best_step']}.\n"
+                f"# Reproduce it with: ferry train {path}\n"
+            )
             yaml.safe_dump(best_raw, f, sort_keys=False)
         report.files["best_config"] = path
-    export = os.path.join(report.experiment_dir, "best")
+    export = os.path.join(report.experiment_dir, BEST_DIR)
     if os.path.exists(os.path.join(export, "metrics.json")):
         report.files["best_model"] = export
     report.files.update(_plots(report, out, params))
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"metric": report.metric, "mode": report.mode, "totals": report.totals,
-                   "best": {k: v for k, v in (report.best or {}).items() if k != "curve"},
-                   "files": report.files}, f, indent=2, default=str)
+        json.dump(
+            {
+                "metric": report.metric,
+                "mode": report.mode,
+                "totals": report.totals,
+                "best": {k: v for k, v in (report.best or {}).items() if k != "curve"},
+                "files": report.files,
+            },
+            f,
+            indent=2,
+            default=str,
+        )
 
 
 def _plots(report: Report, out: str, params: list[str]) -> dict[str, str]:
@@ -235,17 +338,31 @@ def _plots(report: Report, out: str, params: list[str]) -> dict[str, str]:
     fig.savefig(files["val_loss_plot"], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    numeric = [p for p in params if all(isinstance(t["params"].get(p), int | float) for t in report.trials)]
-    x_param = "train.learning_rate" if "train.learning_rate" in numeric else (numeric[0] if numeric else None)
-    c_param = "lora.rank" if "lora.rank" in params and x_param != "lora.rank" else next(
-        (p for p in params if p != x_param), None)
+    numeric = [
+        p for p in params if all(isinstance(t["params"].get(p), int | float) for t in report.trials)
+    ]
+    x_param = (
+        "train.learning_rate"
+        if "train.learning_rate" in numeric
+        else (numeric[0] if numeric else None)
+    )
+    c_param = (
+        "lora.rank"
+        if "lora.rank" in params and x_param != "lora.rank"
+        else next((p for p in params if p != x_param), None)
+    )
     fig, ax = plt.subplots(figsize=(7, 5))
     pts = [t for t in report.trials if _finite(t["best_metric"]) and x_param]
     if pts:
         colors = [t["params"].get(c_param) for t in pts] if c_param else None
         numeric_colors = colors and all(isinstance(c, int | float) for c in colors)
-        sc = ax.scatter([t["params"][x_param] for t in pts], [t["best_metric"] for t in pts],
-                        c=colors if numeric_colors else None, cmap="viridis", s=60)
+        sc = ax.scatter(
+            [t["params"][x_param] for t in pts],
+            [t["best_metric"] for t in pts],
+            c=colors if numeric_colors else None,
+            cmap="viridis",
+            s=60,
+        )
         if numeric_colors:
             fig.colorbar(sc, ax=ax, label=c_param)
         if x_param == "train.learning_rate":
@@ -260,24 +377,28 @@ def _plots(report: Report, out: str, params: list[str]) -> dict[str, str]:
     return files
 
 
-def tune_statuses(exp_dir: str) -> dict[str, str]:
-    """Trial id -> Tune's status (PENDING, RUNNING, TERMINATED, ERROR) from Tune's latest saved
-    experiment state, which a restored search continues and rewrites."""
-    states = sorted(f for f in os.listdir(exp_dir) if f.startswith("experiment_state-") and f.endswith(".json"))
-    if not states:
-        return {}
-    # Named by session start time (sortable); a restored search rewrites the older files too,
-    # so their modification times say nothing.
-    latest = states[-1]
+def _tune_statuses(exp_dir: str) -> dict[str, str]:
+    """Trial id -> Tune's status (TERMINATED, ERROR, PENDING) from Tune's latest saved experiment
+    state, which a restored search continues and rewrites. Tune reads a trial saved as RUNNING
+    back as PENDING (to requeue it); to the report both mean interrupted."""
+    # It unpickles what Tune saved: the report trusts its experiment folder, as --resume does.
     try:
-        with open(os.path.join(exp_dir, latest)) as f:
-            trial_data = json.load(f)["trial_data"]
-        return {t["trial_id"]: t["status"] for t in (json.loads(row[0]) for row in trial_data)}
-    except (ValueError, KeyError, TypeError, IndexError):
-        return {}  # a state format this code does not know: statuses fall back to "interrupted"
+        analysis = ExperimentAnalysis(exp_dir)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        # No state saved yet, one read while Tune rewrites it in place, or a format this Ray does
+        # not know: every status falls back to "interrupted".
+        return {}
+    return {trial.trial_id: trial.status for trial in analysis.trials}
 
 
 def _read_results(path: str) -> list[dict]:
+    """Every result Tune logged for one trial, oldest first.
+
+    Read here rather than through `ExperimentAnalysis.trial_dataframes` or `Result.from_path`:
+    both fail on the partial last line a killed driver leaves and then drop the trial's whole
+    history, and the analysis lists only the trials in the last saved experiment state (a trial
+    started after it is on disk all the same).
+    """
     rows = []
     with open(path) as f:
         for line in f:

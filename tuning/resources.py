@@ -14,8 +14,9 @@ from trainers.config import RunSpec
 from tuning.config import TuneConfig
 
 
-def size_trials(spec: RunSpec, tune_cfg: TuneConfig, resources: dict[str, float] | None = None
-                ) -> tuple[int, list[str]]:
+def size_trials(
+    spec: RunSpec, tune_cfg: TuneConfig, resources: dict[str, float] | None = None
+) -> tuple[int, list[str]]:
     """The number of trials to run concurrently, and problems if not even one fits.
 
     Args:
@@ -40,7 +41,11 @@ def size_trials(spec: RunSpec, tune_cfg: TuneConfig, resources: dict[str, float]
         return 0, [
             f"scaling.num_workers={s.num_workers}: one trial needs {need} (tune.trial_cpus="
             f"{tune_cfg.trial_cpus:g} + workers x scaling.cpus_per_worker={s.cpus_per_worker:g}"
-            + (f", workers x scaling.gpus_per_worker={s.gpus_per_worker:g}" if per_trial_gpu else "")
+            + (
+                f", workers x scaling.gpus_per_worker={s.gpus_per_worker:g}"
+                if per_trial_gpu
+                else ""
+            )
             + f") plus scaling.data_cpus={s.data_cpus:g} for Ray Data, but the cluster has "
             f"{cpus:g} CPUs and {gpus:g} GPUs. Lower num_workers or cpus_per_worker, or add nodes."
         ]

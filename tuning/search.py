@@ -1,4 +1,4 @@
-"""Hyperparameter search: validate -> size -> Ray Tune over the spine's distributed training -> report.
+"""Hyperparameter search: validate -> size -> Ray Tune over the spine's training -> report.
 
 `run_search` is the entry point (`ferry tune` calls it with Ray connected). Each trial is a Tune
 function trainable that builds the trial's run config and calls `trainers.launch.train`, which runs
@@ -7,19 +7,11 @@ V2 supports: `Tuner(TorchTrainer)` is rejected). ASHA compares trials on `tune.m
 overfitting stopper watches each trial on its own. The search's result is the best *checkpoint*
 of the best trial, exported like a finished run.
 
-Folder of an experiment (`<run.storage_path>/<tune.name>`):
-    <Tune's own trial folders, tuner.pkl, experiment state>
-    runs/trial-<id>/          each trial's Ray Train run (checkpoints, final/)
-    runs/trial-<id>.json      the trial's plan and every start (fresh or resumed)
-    ferry_search.json         the base config and tune block (what --report and --resume read)
-    stop_reasons.json         the stopper's decisions
-    report/                   trials.csv/.parquet, best.yaml, plots (see tuning.report)
-    best/                     the best checkpoint, exported (HF format)
+The experiment folder's layout is in `tuning.layout`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -29,22 +21,44 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from trainers.config_load import build_spec
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from trainers.config import RunSpec
+from trainers.data.files import check_data
+from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError
-from tuning.config import (
-    TuneConfig,
-    check_space,
+from trainers.export import export_checkpoint
+from trainers.model import check_lora_fits, load_tokenizer
+from trainers.preflight import (
+    check_resources,
+    check_storage,
+    has_checkpoint,
+    plan_checked,
+    plan_for,
+)
+from trainers.tasks import TASKS
+from trainers.train.launch import train
+from tuning.config import Distribution, SearchSpec, TuneConfig
+from tuning.layout import (
+    BEST_DIR,
+    REASONS_FILE,
+    SEARCH_FILE,
     experiment_dir,
     experiment_name,
-    extremes,
-    trial_config,
+    runs_dir,
+    trial_name,
+    trial_record_file,
+    trial_run_dir,
 )
+from tuning.load import trial_spec
+from tuning.report import Report, build_report, print_report
 from tuning.resources import size_trials
+from tuning.stoppers import OverfittingStopper
 
 log = logging.getLogger("ferry.tune")
-
-SEARCH_FILE = "ferry_search.json"
-REASONS_FILE = "stop_reasons.json"
 
 
 class SearchFailedError(RuntimeError):
@@ -54,53 +68,50 @@ class SearchFailedError(RuntimeError):
 @dataclass
 class SearchOutcome:
     experiment_dir: str
-    report: Any  # tuning.report.Report
+    report: Report
     best_export: str | None
 
 
-def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) -> SearchOutcome:
-    """Search `tune_cfg.space` around the run config `raw` on the connected Ray cluster.
+def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
+    """Search `search.tune.space` around the run `search.base` on the connected Ray cluster.
 
     Args:
-        raw: the run config mapping (paths resolved, overrides applied, no `tune` key).
-        tune_cfg: the validated tune block.
+        search: the validated search (`tuning.load.load_search` or `build_search`).
         resume: continue the interrupted experiment of the same name/storage.
 
     Raises:
-        ConfigError: bad search space, metric, resources, or experiment-exists conflicts; raised
-            before any trial starts.
+        ConfigError: a metric the task does not report, missing data, too few resources, a LoRA
+            rank the model cannot take, or an experiment-exists conflict; raised before any
+            trial starts.
         SearchFailedError: every trial failed.
     """
-    from ray import tune
-
-    from trainers.data.files import check_data
-    from trainers.model import check_lora_fits, load_tokenizer
-    from trainers.preflight import check_resources, check_storage, plan_checked
-    from trainers.tasks import TASKS
-    from tuning.report import build_report, print_report
-    from tuning.stoppers import OverfittingStopper
-
-    exp_dir = experiment_dir(raw, tune_cfg)
-    raw = _with_ranking(raw, tune_cfg)
-    problems = check_space(raw, tune_cfg) + _check_experiment(exp_dir, resume)
-    spec = build_spec(copy.deepcopy(raw))
+    spec, tune_cfg = search.base, search.tune
+    exp_dir = experiment_dir(search)
+    problems = _check_experiment(exp_dir, resume)
     task_metrics = TASKS[spec.task.type].METRICS
     if tune_cfg.metric not in task_metrics and tune_cfg.metric != "train/loss":
-        problems.append(f"tune.metric={tune_cfg.metric}: not reported by task {spec.task.type}. "
-                        f"Use one of {', '.join(task_metrics)}.")
+        problems.append(
+            f"tune.metric={tune_cfg.metric}: not reported by task {spec.task.type}. "
+            f"Use one of {', '.join(task_metrics)}."
+        )
     problems += check_data(spec) + check_resources(spec) + check_storage(spec)
     concurrency, sizing_problems = size_trials(spec, tune_cfg)
     problems += sizing_problems
     if problems:
         raise ConfigError(problems)
 
-    # Prepare the data once here: every trial trains on it, with no check or preparation of its own.
+    # Prepare the data once here: every trial trains on it, without checks or preparation of
+    # its own (trainers.preflight.plan_for).
     run_plan = plan_checked(spec)
     data = run_plan.data
     tokenizer = load_tokenizer(data.tokenizer_path)
-    for rank in extremes(tune_cfg, "lora.rank"):
-        trial = build_spec(trial_config(raw, {"lora.rank": rank}))
-        problems += [f"tune.space.lora.rank={rank}: {p}" for p in check_lora_fits(trial, tokenizer, data.label_names)]
+    for rank in _extremes(tune_cfg.space.get("lora.rank")):
+        # Loading the search validated every candidate rank; only the model can tell if it fits.
+        trial = spec.model_copy(update={"lora": spec.lora.model_copy(update={"rank": rank})})
+        problems += [
+            f"tune.space.lora.rank={rank}: {p}"
+            for p in check_lora_fits(trial, tokenizer, data.label_names)
+        ]
     if problems:
         raise ConfigError(problems)
     plan = {"steps_per_epoch": run_plan.steps_per_epoch, "total_steps": run_plan.total_steps}
@@ -108,22 +119,28 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     os.makedirs(exp_dir, exist_ok=True)
     if not resume:
         with open(os.path.join(exp_dir, SEARCH_FILE), "w") as f:
-            json.dump({"base": raw, "tune": tune_cfg.model_dump(mode="json"), "plan": plan}, f, indent=2)
+            json.dump({**search.model_dump(mode="json"), "plan": plan}, f, indent=2)
     # Tune saves its experiment state every few seconds; a killed driver loses at most this much.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     every = spec.train.eval_every_n_steps
     trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=raw, settings={
-            "exp_dir": exp_dir, "cache_dir": spec.cache_dir, "data": data.to_dict()}),
+        tune.with_parameters(_run_trial, base=spec, exp_dir=exp_dir, data=data.to_dict()),
         {"CPU": tune_cfg.trial_cpus},
     )
     stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
-    log.info("search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
-             experiment_name(raw, tune_cfg), _trial_count(tune_cfg), concurrency, plan["total_steps"], every)
+    log.info(
+        "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
+        experiment_name(search),
+        _trial_count(tune_cfg),
+        concurrency,
+        plan["total_steps"],
+        every,
+    )
     t0 = time.perf_counter()
     if resume:
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(
+            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -136,7 +153,7 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
                 trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=experiment_name(raw, tune_cfg),
+                name=experiment_name(search),
                 storage_path=os.path.dirname(exp_dir),
                 stop=stopper,
                 # A trial that fails (e.g. diverges) is not retried; --resume retries errored ones.
@@ -149,9 +166,11 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
 
     report = build_report(exp_dir, write=False)  # written below, once the best model exists
     if report.best is None:
-        raise SearchFailedError(f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial "
-                                "errors above or in the trial folders' error.txt.")
-    best_export = _export_best(report, raw, data, exp_dir)
+        raise SearchFailedError(
+            f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial errors above or "
+            "in the trial folders' error.txt."
+        )
+    best_export = _export_best(report, spec, data, exp_dir)
     if tune_cfg.delete_stopped_checkpoints:
         _delete_stopped_checkpoints(report, exp_dir)
     report = build_report(exp_dir)
@@ -159,25 +178,29 @@ def run_search(raw: dict[str, Any], tune_cfg: TuneConfig, resume: bool = False) 
     return SearchOutcome(exp_dir, report, best_export)
 
 
-def _run_trial(config: dict[str, Any], base: dict[str, Any], settings: dict[str, Any]) -> None:
-    """One trial: the base run config with this trial's values, trained by the spine."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from trainers.data.prepare import PreparedData
-    from trainers.preflight import has_checkpoint, plan_for
-    from trainers.train.launch import train
-
+def _run_trial(config: dict[str, Any], base: RunSpec, exp_dir: str, data: dict) -> None:
+    """One trial: the base run with this trial's values (`config`, keyed by dotted path),
+    trained by the spine on the data the driver prepared and checked."""
     trial_id = tune.get_context().get_trial_id()
-    raw = trial_config(base, config)
-    run = raw.setdefault("run", {})
-    # Deterministic per trial: a resumed trial finds its own checkpoints and continues there.
-    run.update(name=f"trial-{trial_id}", storage_path=f"{settings['exp_dir']}/runs", resume="auto")
-    raw.setdefault("data", {})["cache_dir"] = settings["cache_dir"]
-    spec = build_spec(raw)
-    plan = plan_for(spec, PreparedData(**settings["data"]))  # the driver prepared and checked
-    _record_start(f"{settings['exp_dir']}/runs/trial-{trial_id}.json", config,
-                  plan.total_steps, resumed=has_checkpoint(spec))
+    spec = trial_spec(
+        base,
+        {
+            **config,
+            # Deterministic per trial: a resumed trial finds its own checkpoints and goes on.
+            "run.name": trial_name(trial_id),
+            "run.storage_path": runs_dir(exp_dir),
+            "run.resume": "auto",
+            # The base's cache (the driver filled it), not one under the trial's own storage path.
+            "data.cache_dir": base.cache_dir,
+        },
+    )
+    plan = plan_for(spec, PreparedData(**data))
+    _record_start(
+        trial_record_file(exp_dir, trial_id),
+        config,
+        plan.total_steps,
+        resumed=has_checkpoint(spec),
+    )
     train(plan, callbacks=[TuneReportCallback()])
 
 
@@ -193,46 +216,39 @@ def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: 
     os.replace(path + ".tmp", path)
 
 
-def _with_ranking(raw: dict[str, Any], tune_cfg: TuneConfig) -> dict[str, Any]:
-    """Trials keep their best checkpoints by the search metric, so "best checkpoint" means the same
-    thing to the trial and to the search."""
-    raw = copy.deepcopy(raw)
-    train_section = raw.setdefault("train", {})
-    train_section["best_metric"], train_section["best_metric_mode"] = tune_cfg.metric, tune_cfg.mode
-    return raw
-
-
 def _check_experiment(exp_dir: str, resume: bool) -> list[str]:
     exists = os.path.exists(os.path.join(exp_dir, SEARCH_FILE))
     if resume and not exists:
-        return [f"--resume: no search at {exp_dir}. Drop --resume, or check tune.name and "
-                "run.storage_path."]
+        return [
+            f"--resume: no search at {exp_dir}. Drop --resume, or check tune.name and "
+            "run.storage_path."
+        ]
     if not resume and exists:
-        return [f"tune.name: a search already exists at {exp_dir}. Add --resume to continue it, "
-                "or set a new tune.name."]
+        return [
+            f"tune.name: a search already exists at {exp_dir}. Add --resume to continue it, "
+            "or set a new tune.name."
+        ]
     return []
 
 
 def _param_space(tune_cfg: TuneConfig) -> dict[str, Any]:
-    from ray import tune
-
-    make = {"choice": tune.choice, "grid": tune.grid_search,
-            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
-            "randint": lambda a: tune.randint(*a)}
+    make = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
     return {path: make[d.kind](list(d.args)) for path, d in tune_cfg.space.items()}
 
 
 def _searcher(tune_cfg: TuneConfig, concurrency: int):
     if tune_cfg.search_alg == "optuna":
-        try:
-            from ray.tune.search import ConcurrencyLimiter
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as e:  # pragma: no cover - optuna is a dependency
-            raise ConfigError([f"tune.search_alg=optuna: {e}. pip install optuna."]) from e
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
         searcher = OptunaSearch(metric=tune_cfg.metric, mode=tune_cfg.mode, seed=tune_cfg.seed)
         return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     # The generator must carry the limit itself: given a random_state, Tune ignores
     # TuneConfig.max_concurrent_trials (seen on Ray 2.60).
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=tune_cfg.seed)
@@ -241,21 +257,33 @@ def _searcher(tune_cfg: TuneConfig, concurrency: int):
 def _scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
     """ASHA over optimizer steps. The config speaks in evaluations (what a user sees in the logs);
     steps are what every trial reports, restored trials included, so rungs stay aligned."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s = tune_cfg.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
     max_t = s.max_t * eval_every if s.max_t else total_steps
     return ASHAScheduler(
-        time_attr="train/step", metric=tune_cfg.metric, mode=tune_cfg.mode,
-        grace_period=min(s.grace_period * eval_every, max_t), reduction_factor=s.reduction_factor,
+        time_attr="train/step",
+        metric=tune_cfg.metric,
+        mode=tune_cfg.mode,
+        grace_period=min(s.grace_period * eval_every, max_t),
+        reduction_factor=s.reduction_factor,
         max_t=max_t,
     )
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial-{trial.trial_id}"
+    return trial_name(trial.trial_id)
+
+
+def _extremes(dist: Distribution | None) -> list[Any]:
+    """The largest and smallest value a distribution can draw (numbers only)."""
+    if dist is None:
+        return []
+    args = list(dist.args)
+    if dist.kind in ("choice", "grid"):
+        nums = [a for a in args if isinstance(a, int | float)]
+        return [max(nums), min(nums)] if nums else []
+    return [args[1] - (dist.kind == "randint"), args[0]]
 
 
 def _trial_count(tune_cfg: TuneConfig) -> int:
@@ -263,37 +291,48 @@ def _trial_count(tune_cfg: TuneConfig) -> int:
     return grid * tune_cfg.num_samples
 
 
-def _export_best(report, raw: dict[str, Any], data, exp_dir: str) -> str | None:
+def _export_best(report: Report, base: RunSpec, data, exp_dir: str) -> str | None:
     """Export the best trial's best checkpoint to <experiment>/best (HF format)."""
-    from trainers.export import export_checkpoint
-
     best = report.best
     if not best.get("best_checkpoint"):
         log.warning("best trial %s has no checkpoint on disk; nothing exported", best["trial_id"])
         return None
-    spec = build_spec(trial_config(raw, best["params"]))
-    out = os.path.join(exp_dir, "best")
+    spec = trial_spec(base, best["params"])
+    out = os.path.join(exp_dir, BEST_DIR)
     shutil.rmtree(out, ignore_errors=True)
-    export_checkpoint(spec, data, best["best_checkpoint"], out, extra={
-        "search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]})
-    log.info("best trial %s (%s=%.4g at step %s) exported to %s", best["trial_id"],
-             report.metric, best["best_metric"], best["best_step"], out)
+    export_checkpoint(
+        spec,
+        data,
+        best["best_checkpoint"],
+        out,
+        extra={"search": exp_dir, "trial_id": best["trial_id"], "params": best["params"]},
+    )
+    log.info(
+        "best trial %s (%s=%.4g at step %s) exported to %s",
+        best["trial_id"],
+        report.metric,
+        best["best_metric"],
+        best["best_step"],
+        out,
+    )
     return out
 
 
-def _delete_stopped_checkpoints(report, exp_dir: str) -> None:
-    """Trials stopped early will never be resumed or published: their checkpoints are dead weight."""
+def _delete_stopped_checkpoints(report: Report, exp_dir: str) -> None:
+    """Trials stopped early are never resumed or published: their checkpoints are dead weight."""
     freed = 0
     for row in report.trials:
         if row["trial_id"] == report.best["trial_id"] or row["status"] in ("completed", "failed"):
             continue
-        run_dir = os.path.join(exp_dir, "runs", f"trial-{row['trial_id']}")
+        run_dir = trial_run_dir(exp_dir, row["trial_id"])
         if not os.path.isdir(run_dir):
             continue
         for name in os.listdir(run_dir):
             if name.startswith("checkpoint_"):
                 path = os.path.join(run_dir, name)
-                freed += sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+                freed += sum(
+                    os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+                )
                 shutil.rmtree(path, ignore_errors=True)
     if freed:
         log.info("deleted checkpoints of early-stopped trials: %.1f MB freed", freed / 1e6)

@@ -50,7 +50,8 @@ def stop_reason(history: list[dict[str, float]], cfg: OverfittingConfig) -> str 
         # Training loss must have really moved down too: early in a run both losses wobble around
         # their starting value, and that noise is not overfitting.
         train_falling = _finite(train[best_i]) and all(
-            _finite(train[i]) and train[i] < train[best_i] - cfg.min_delta for i in tail)
+            _finite(train[i]) and train[i] < train[best_i] - cfg.min_delta for i in tail
+        )
         if rising and train_falling:
             return OVERFITTING
     if cfg.max_gap is not None and len(val) >= cfg.patience:
@@ -58,9 +59,12 @@ def stop_reason(history: list[dict[str, float]], cfg: OverfittingConfig) -> str 
             return GAP
     if cfg.plateau_patience is not None and len(val) > cfg.plateau_patience:
         # The best of all but the last plateau_patience evaluations, beaten by none of those.
-        before = min(v for v in val[: -cfg.plateau_patience] if _finite(v)) if any(
-            _finite(v) for v in val[: -cfg.plateau_patience]) else math.inf
-        recent = [v for v in val[-cfg.plateau_patience:] if _finite(v)]
+        before = (
+            min(v for v in val[: -cfg.plateau_patience] if _finite(v))
+            if any(_finite(v) for v in val[: -cfg.plateau_patience])
+            else math.inf
+        )
+        recent = [v for v in val[-cfg.plateau_patience :] if _finite(v)]
         if recent and min(recent) > before - cfg.plateau_min_delta:
             return PLATEAU
     return None
@@ -81,8 +85,11 @@ class OverfittingStopper(Stopper):
         # The evaluation before training (train/step 0) is a baseline, not progress.
         if result.get("train/step", 0) == 0 or self.cfg.val_metric not in result:
             return False
-        point = {k: float(result[k]) for k in (self.cfg.val_metric, self.cfg.train_metric, "train/step")
-                 if isinstance(result.get(k), int | float)}
+        point = {
+            k: float(result[k])
+            for k in (self.cfg.val_metric, self.cfg.train_metric, "train/step")
+            if isinstance(result.get(k), int | float)
+        }
         history = self._histories.setdefault(trial_id, [])
         # A resumed trial re-reports from its checkpoint: keep one entry per step.
         history[:] = [h for h in history if h.get("train/step", -1) < point.get("train/step", 0)]
@@ -117,7 +124,12 @@ class OverfittingStopper(Stopper):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the stopper into its experiment state; the live state is in the file.
-        return {"cfg": self.cfg, "state_file": self.state_file, "_histories": None, "_reasons": None}
+        return {
+            "cfg": self.cfg,
+            "state_file": self.state_file,
+            "_histories": None,
+            "_reasons": None,
+        }
 
 
 def read_state(state_file: str) -> dict[str, Any]:
