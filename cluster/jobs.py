@@ -314,18 +314,19 @@ def _stage_inputs(spec: RunSpec, raw: dict[str, Any], stage_dir: Path) -> int:
     the copies (URIs stay as given); return the bytes."""
     from trainers.data.files import expand_files
     from trainers.errors import ConfigError
+    from trainers.storage import is_uri
 
     plan: list[tuple[str, str, list[tuple[str, str]]]] = []  # (key, shown value, [(src, dst)])
 
     def files(key: str, patterns: list[str], folder: str) -> list[str]:
-        local = [p for p in patterns if "://" not in p]
+        local = [p for p in patterns if not is_uri(p)]
         found = expand_files(local, key) if local else []
         copies = [(src, f"{folder}/{i:03d}_{os.path.basename(src)}") for i, src in enumerate(found)]
         plan.append((key, str(patterns), copies))
-        return [dst for _, dst in copies] + [p for p in patterns if "://" in p]
+        return [dst for _, dst in copies] + [p for p in patterns if is_uri(p)]
 
     def config_file(key: str, path: str, dst: str) -> str:
-        if "://" in path:
+        if is_uri(path):
             return path
         plan.append((key, path, [(path, dst)]))
         return dst
@@ -393,8 +394,10 @@ def _check_data_of_every_run(spec: RunSpec) -> list[str]:
 
 
 def _warn_about_paths(spec: RunSpec, raw: dict[str, Any]) -> None:
+    from trainers.storage import is_uri
+
     storage = (raw.get("run") or {}).get("storage_path", "./ferry-runs")
-    if "://" not in storage and not os.path.isabs(storage):
+    if not is_uri(storage) and not os.path.isabs(storage):
         log.warning(
             "run.storage_path=%s: relative, so the run lands in the job's working directory on the "
             "head node, which Ray deletes eventually. Use a URI or a path on shared storage.",

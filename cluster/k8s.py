@@ -288,7 +288,9 @@ def _ray_version(image: str, explicit: str | None, problems: list[str]) -> str:
 
 def _mount_path(storage: str, mount_path: str | None, problems: list[str]) -> str | None:
     """Where the PVC goes: None for a bucket URI, else mount_path or the storage path itself."""
-    if "://" in storage:
+    from trainers.storage import is_uri
+
+    if is_uri(storage):
         if mount_path:
             log.warning(
                 "--mount-path=%s: ignored, run.storage_path=%s is a URI (no volume).",

@@ -24,7 +24,8 @@ from cluster.k8s import dump_manifests, render_manifests
 from trainers.config import RunSpec
 from trainers.config_load import build_spec
 from trainers.errors import ConfigError
-from tuning.config import TuneConfig, load_search
+from tuning.config import TuneConfig
+from tuning.load import load_search
 from tuning.resources import size_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -511,8 +512,8 @@ def _render_cli(capsys, *argv: str) -> list[dict[str, Any]]:
 def _search_of(run_yaml: str, path: Path) -> tuple[RunSpec, TuneConfig]:
     """What `ferry tune` reads from a ConfigMap's run.yaml: the run config and its tune block."""
     path.write_text(run_yaml)
-    raw, tune = load_search(str(path))
-    return build_spec(raw), tune
+    search = load_search(str(path))
+    return search.base, search.tune
 
 
 def test_render_tune_ships_the_whole_search_config(tmp_path, capsys):

@@ -45,10 +45,10 @@ same data already show; the scale of distances depends on the model)."""
 
 RECOMMENDATIONS = {
     "domain-adaptation-first": "continue pretraining on unlabeled target text before fine-tuning "
-                               "for the task (a stages: list, first stage task.type=causal_lm or "
-                               "masked_lm; see examples/reviews_minilm_domain_adaptation.yaml)",
+    "for the task (a stages: list, first stage task.type=causal_lm or "
+    "masked_lm; see examples/reviews_minilm_domain_adaptation.yaml)",
     "feature-extraction": "keep the base model frozen and train only a classifier on its "
-                          "embeddings (method: feature_extraction; or LoRA with a small rank)",
+    "embeddings (method: feature_extraction; or LoRA with a small rank)",
     "lora": "fine-tune with LoRA (method: lora)",
 }
 
@@ -101,8 +101,9 @@ REFERENCE_ENGLISH = (
 )
 
 
-def analyze_domain_shift(spec: RunSpec, source_files: list[str] | None = None, *,
-                         max_rows: int = 128) -> dict[str, Any]:
+def analyze_domain_shift(
+    spec: RunSpec, source_files: list[str] | None = None, *, max_rows: int = 128
+) -> dict[str, Any]:
     """Compare the run's training data (target) with source text through the run's base model.
 
     Args:
@@ -126,20 +127,35 @@ def analyze_domain_shift(spec: RunSpec, source_files: list[str] | None = None, *
         source_texts, source_info = _read_source(spec, source_files, max_rows)
     else:
         source_texts = list(REFERENCE_ENGLISH)[:max_rows]
-        source_info = {"name": "builtin-english", "files": [], "rows": len(REFERENCE_ENGLISH),
-                       "rows_sampled": len(source_texts)}
-        notes.append("no --source given: the source side is Ferry's built-in generic English "
-                     f"sample ({len(REFERENCE_ENGLISH)} sentences), standing in for pretraining text")
+        source_info = {
+            "name": "builtin-english",
+            "files": [],
+            "rows": len(REFERENCE_ENGLISH),
+            "rows_sampled": len(source_texts),
+        }
+        notes.append(
+            "no --source given: the source side is Ferry's built-in generic English "
+            f"sample ({len(REFERENCE_ENGLISH)} sentences), standing in for pretraining text"
+        )
     tokenizer = _tokenizer(spec, target_texts, notes)
-    tok = {"target": _tokenizer_stats(tokenizer, target_texts),
-           "source": _tokenizer_stats(tokenizer, source_texts)}
+    tok = {
+        "target": _tokenizer_stats(tokenizer, target_texts),
+        "source": _tokenizer_stats(tokenizer, source_texts),
+    }
     tok["fertility_ratio"] = _ratio(tok["target"]["fertility"], tok["source"]["fertility"])
     model, kind, reason = _load_base_model(spec, tokenizer)
     if spec.model.preset:
-        notes.append(f"model.preset={spec.model.preset} is random-init: perplexity and embedding "
-                     "distance are computed but meaningless, and the recommendation ignores them")
-    ppl: dict[str, Any] = {"kind": kind, "target": None, "source": None, "ratio": None,
-                           "reason": reason}
+        notes.append(
+            f"model.preset={spec.model.preset} is random-init: perplexity and embedding "
+            "distance are computed but meaningless, and the recommendation ignores them"
+        )
+    ppl: dict[str, Any] = {
+        "kind": kind,
+        "target": None,
+        "source": None,
+        "ratio": None,
+        "reason": reason,
+    }
     if kind is not None:
         ppl["target"] = _perplexity(model, tokenizer, target_texts, kind, spec)
         ppl["source"] = _perplexity(model, tokenizer, source_texts, kind, spec)
@@ -155,11 +171,14 @@ def analyze_domain_shift(spec: RunSpec, source_files: list[str] | None = None, *
         "perplexity": ppl,
         "embedding": embedding,
         "labels": labels,
-        "thresholds": {"unk_rate_high": UNK_RATE_HIGH, "fertility_ratio_high": FERTILITY_RATIO_HIGH,
-                       "perplexity_ratio_high": PERPLEXITY_RATIO_HIGH,
-                       "small_labeled_rows": SMALL_LABELED_ROWS,
-                       "low_shift_distance": LOW_SHIFT_DISTANCE,
-                       "low_shift_floor_ratio": LOW_SHIFT_FLOOR_RATIO},
+        "thresholds": {
+            "unk_rate_high": UNK_RATE_HIGH,
+            "fertility_ratio_high": FERTILITY_RATIO_HIGH,
+            "perplexity_ratio_high": PERPLEXITY_RATIO_HIGH,
+            "small_labeled_rows": SMALL_LABELED_ROWS,
+            "low_shift_distance": LOW_SHIFT_DISTANCE,
+            "low_shift_floor_ratio": LOW_SHIFT_FLOOR_RATIO,
+        },
         "notes": notes,
     }
     report["recommendation"] = recommend(report, trust_model=not spec.model.preset)
@@ -182,14 +201,20 @@ def recommend(report: dict[str, Any], trust_model: bool = True) -> dict[str, Any
     floor = report["embedding"]["target_split_half_distance"]
     reasons = []
     if tok["target"]["unk_rate"] > UNK_RATE_HIGH:
-        reasons.append(f"target unknown-token rate {tok['target']['unk_rate']:.2%} > {UNK_RATE_HIGH:.0%}")
+        reasons.append(
+            f"target unknown-token rate {tok['target']['unk_rate']:.2%} > {UNK_RATE_HIGH:.0%}"
+        )
     if tok["fertility_ratio"] is not None and tok["fertility_ratio"] >= FERTILITY_RATIO_HIGH:
-        reasons.append(f"fertility ratio {tok['fertility_ratio']:.2f} (target "
-                       f"{tok['target']['fertility']:.2f} vs source {tok['source']['fertility']:.2f} "
-                       f"tokens/word) >= {FERTILITY_RATIO_HIGH}")
+        reasons.append(
+            f"fertility ratio {tok['fertility_ratio']:.2f} (target "
+            f"{tok['target']['fertility']:.2f} vs source {tok['source']['fertility']:.2f} "
+            f"tokens/word) >= {FERTILITY_RATIO_HIGH}"
+        )
     if trust_model and ppl["ratio"] is not None and ppl["ratio"] >= PERPLEXITY_RATIO_HIGH:
-        reasons.append(f"perplexity ratio {ppl['ratio']:.2f} (target {ppl['target']:.1f} vs source "
-                       f"{ppl['source']:.1f}) >= {PERPLEXITY_RATIO_HIGH}")
+        reasons.append(
+            f"perplexity ratio {ppl['ratio']:.2f} (target {ppl['target']:.1f} vs source "
+            f"{ppl['source']:.1f}) >= {PERPLEXITY_RATIO_HIGH}"
+        )
     if reasons:
         choice = "domain-adaptation-first"
     else:
@@ -199,22 +224,29 @@ def recommend(report: dict[str, Any], trust_model: bool = True) -> dict[str, Any
         close = trust_model and distance is not None and distance < limit
         if small and close:
             choice = "feature-extraction"
-            reasons.append(f"{labels['rows']} labeled rows < {SMALL_LABELED_ROWS} and centroid "
-                           f"distance {distance:.3f} < {limit:.3f} (max of {LOW_SHIFT_DISTANCE} and "
-                           f"{LOW_SHIFT_FLOOR_RATIO} x split-half {_fmt(floor, 3)})")
+            reasons.append(
+                f"{labels['rows']} labeled rows < {SMALL_LABELED_ROWS} and centroid "
+                f"distance {distance:.3f} < {limit:.3f} (max of {LOW_SHIFT_DISTANCE} and "
+                f"{LOW_SHIFT_FLOOR_RATIO} x split-half {_fmt(floor, 3)})"
+            )
         else:
             choice = "lora"
-            reasons.append(f"tokenizer{' and perplexity' if trust_model else ''} within thresholds "
-                           f"(UNK {tok['target']['unk_rate']:.2%}, fertility ratio "
-                           f"{_fmt(tok['fertility_ratio'])}, perplexity ratio {_fmt(ppl['ratio'])})")
+            reasons.append(
+                f"tokenizer{' and perplexity' if trust_model else ''} within thresholds "
+                f"(UNK {tok['target']['unk_rate']:.2%}, fertility ratio "
+                f"{_fmt(tok['fertility_ratio'])}, perplexity ratio {_fmt(ppl['ratio'])})"
+            )
             if labels is None:
                 reasons.append("no labels (causal_lm)")
             elif not small:
                 reasons.append(f"{labels['rows']} labeled rows >= {SMALL_LABELED_ROWS}")
             else:
-                reasons.append(f"centroid distance {_fmt(distance, 3)} >= {limit:.3f}: the "
-                               "representation has to move" if trust_model else
-                               "model-based numbers ignored (random-init preset)")
+                reasons.append(
+                    f"centroid distance {_fmt(distance, 3)} >= {limit:.3f}: the "
+                    "representation has to move"
+                    if trust_model
+                    else "model-based numbers ignored (random-init preset)"
+                )
     return {"choice": choice, "action": RECOMMENDATIONS[choice], "reasons": reasons}
 
 
@@ -225,9 +257,14 @@ def label_balance(labels: list[str]) -> dict[str, Any]:
     shares = [c / n for c in counts.values()] if n else []
     entropy = -sum(p * math.log2(p) for p in shares)
     majority = max(counts, key=lambda k: (counts[k], k)) if counts else None
-    return {"rows": n, "counts": dict(sorted(counts.items())), "majority_label": majority,
-            "majority_share": max(shares) if shares else None, "entropy_bits": entropy,
-            "normalized_entropy": entropy / math.log2(len(counts)) if len(counts) > 1 else 0.0}
+    return {
+        "rows": n,
+        "counts": dict(sorted(counts.items())),
+        "majority_label": majority,
+        "majority_share": max(shares) if shares else None,
+        "entropy_bits": entropy,
+        "normalized_entropy": entropy / math.log2(len(counts)) if len(counts) > 1 else 0.0,
+    }
 
 
 def summarize(report: dict[str, Any]) -> list[str]:
@@ -243,16 +280,22 @@ def summarize(report: dict[str, Any]) -> list[str]:
     if ppl["kind"] is None:
         lines.append(f"perplexity: null ({ppl['reason']})")
     else:
-        lines.append(f"perplexity ({ppl['kind']}): target {ppl['target']:.2f}, source "
-                     f"{ppl['source']:.2f} (ratio {_fmt(ppl['ratio'])})")
+        lines.append(
+            f"perplexity ({ppl['kind']}): target {ppl['target']:.2f}, source "
+            f"{ppl['source']:.2f} (ratio {_fmt(ppl['ratio'])})"
+        )
     emb = report["embedding"]
-    lines.append(f"embedding centroid cosine distance: {_fmt(emb['centroid_cosine_distance'], 4)} "
-                 f"(target split-half: {_fmt(emb['target_split_half_distance'], 4)})")
+    lines.append(
+        f"embedding centroid cosine distance: {_fmt(emb['centroid_cosine_distance'], 4)} "
+        f"(target split-half: {_fmt(emb['target_split_half_distance'], 4)})"
+    )
     if report["labels"]:
         lb = report["labels"]
         counts = ", ".join(f"{k} {v}" for k, v in lb["counts"].items())
-        lines.append(f"labels: {counts}; majority share {lb['majority_share']:.2f}, entropy "
-                     f"{lb['entropy_bits']:.2f} bits")
+        lines.append(
+            f"labels: {counts}; majority share {lb['majority_share']:.2f}, entropy "
+            f"{lb['entropy_bits']:.2f} bits"
+        )
     lines += [f"note: {n}" for n in report["notes"]]
     rec = report["recommendation"]
     lines.append(f"recommendation: {rec['choice']}: {rec['action']} ({'; '.join(rec['reasons'])})")
@@ -291,10 +334,17 @@ def _read_target(spec: RunSpec, max_rows: int) -> tuple[list[str], list[str] | N
         labels += [str(rec[d.label_column]) for rec in records] if is_cls else []
         bad += n_bad
     if not texts:
-        raise DataError(f"data.train_files={d.train_files}: no usable rows. Point data.train_files "
-                        "at non-empty data.")
-    info = {"name": "data.train_files", "files": files, "rows": len(texts),
-            "rows_sampled": min(len(texts), max_rows), "bad_rows_ignored": bad}
+        raise DataError(
+            f"data.train_files={d.train_files}: no usable rows. Point data.train_files "
+            "at non-empty data."
+        )
+    info = {
+        "name": "data.train_files",
+        "files": files,
+        "rows": len(texts),
+        "rows_sampled": min(len(texts), max_rows),
+        "bad_rows_ignored": bad,
+    }
     return _sample(texts, max_rows), (labels if is_cls else None), info
 
 
@@ -306,10 +356,17 @@ def _read_source(spec: RunSpec, patterns: list[str], max_rows: int) -> tuple[lis
         texts += [str(rec[spec.data.text_column]) for rec in records]
         bad += n_bad
     if not texts:
-        raise DataError(f"--source={patterns}: no usable rows. Pass files with a non-empty "
-                        f"'{spec.data.text_column}' column.")
-    info = {"name": "--source", "files": files, "rows": len(texts),
-            "rows_sampled": min(len(texts), max_rows), "bad_rows_ignored": bad}
+        raise DataError(
+            f"--source={patterns}: no usable rows. Pass files with a non-empty "
+            f"'{spec.data.text_column}' column."
+        )
+    info = {
+        "name": "--source",
+        "files": files,
+        "rows": len(texts),
+        "rows_sampled": min(len(texts), max_rows),
+        "bad_rows_ignored": bad,
+    }
     return _sample(texts, max_rows), info
 
 
@@ -320,11 +377,18 @@ def _read_file(path: str, spec: RunSpec, columns: list[str], key: str) -> tuple[
     cols = peek_columns(path, fmt)
     for col in columns:
         if cols is not None and col not in cols:
-            raise DataError(f"{key}={path}: column '{col}' not found (has: "
-                            f"{', '.join(sorted(cols))}). Set the matching data.*_column or fix the file.")
+            raise DataError(
+                f"{key}={path}: column '{col}' not found (has: "
+                f"{', '.join(sorted(cols))}). Set the matching data.*_column or fix the file."
+            )
     records, errors = parse_file(path, fmt, columns)
-    good = [rec for rec, err in zip(records, errors)
-            if err is None and rec and all(rec.get(c) is not None and str(rec[c]).strip() for c in columns)]
+    good = [
+        rec
+        for rec, err in zip(records, errors)
+        if err is None
+        and rec
+        and all(rec.get(c) is not None and str(rec[c]).strip() for c in columns)
+    ]
     return good, len(records) - len(good)
 
 
@@ -337,8 +401,10 @@ def _sample(texts: list[str], n: int) -> list[str]:
 
 def _tokenizer(spec: RunSpec, target_texts: list[str], notes: list[str]):
     if spec.model.preset:
-        notes.append("the preset's tokenizer is trained here on the target sample, so target "
-                     "unknown-token rate and fertility are low by construction")
+        notes.append(
+            "the preset's tokenizer is trained here on the target sample, so target "
+            "unknown-token rate and fertility are low by construction"
+        )
     return load_tokenizer_for(spec, lambda: iter(target_texts))
 
 
@@ -348,8 +414,13 @@ def _tokenizer_stats(tokenizer, texts: list[str]) -> dict[str, Any]:
     words = sum(len(t.split()) for t in texts)
     unk = tokenizer.unk_token_id
     n_unk = sum(x.count(unk) for x in ids) if unk is not None else 0
-    return {"rows": len(texts), "words": words, "tokens": tokens,
-            "fertility": tokens / max(words, 1), "unk_rate": n_unk / max(tokens, 1)}
+    return {
+        "rows": len(texts),
+        "words": words,
+        "tokens": tokens,
+        "fertility": tokens / max(words, 1),
+        "unk_rate": n_unk / max(tokens, 1),
+    }
 
 
 def _load_base_model(spec: RunSpec, tokenizer):
@@ -359,13 +430,19 @@ def _load_base_model(spec: RunSpec, tokenizer):
 
     cfg = model_config(spec, tokenizer, None)
     if getattr(cfg, "is_encoder_decoder", False):
-        raise ConfigError([
-            f"model={spec.model.preset or spec.model.name_or_path}: ferry analyze reads encoder or "
-            f"decoder models; this {cfg.model_type} model is an encoder-decoder (not supported "
-            "yet). Analyze with a decoder or encoder model of the same domain, or skip analyze."])
+        raise ConfigError(
+            [
+                f"model={spec.model.preset or spec.model.name_or_path}: ferry analyze reads encoder or "
+                f"decoder models; this {cfg.model_type} model is an encoder-decoder (not supported "
+                "yet). Analyze with a decoder or encoder model of the same domain, or skip analyze."
+            ]
+        )
     archs = getattr(cfg, "architectures", None) or []
-    if spec.task.type == "causal_lm" or spec.model.preset in ("tiny-llama", "small-llama") or any(
-            a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+    if (
+        spec.task.type == "causal_lm"
+        or spec.model.preset in ("tiny-llama", "small-llama")
+        or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    ):
         kind, cls = "causal", transformers.AutoModelForCausalLM
     elif cfg.model_type in transformers.models.auto.modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         kind, cls = "masked_lm", transformers.AutoModelForMaskedLM
@@ -386,16 +463,27 @@ def _load_base_model(spec: RunSpec, tokenizer):
     head_missing = [k for k in info["missing_keys"] if not k.startswith(prefix)]
     if kind and head_missing:
         # The head would be random: its "perplexity" would measure nothing.
-        kind, reason = None, (f"the checkpoint has no {cls.__name__.removeprefix('AutoModelFor')} "
-                              f"head weights ({head_missing[0]} missing)")
+        kind, reason = (
+            None,
+            (
+                f"the checkpoint has no {cls.__name__.removeprefix('AutoModelFor')} "
+                f"head weights ({head_missing[0]} missing)"
+            ),
+        )
     return model.eval(), kind, reason
 
 
 def _batches(tokenizer, texts: list[str], spec: RunSpec, **kw):
     tokenizer.padding_side = "right"
     for i in range(0, len(texts), BATCH_SIZE):
-        yield tokenizer(texts[i:i + BATCH_SIZE], truncation=True, padding=True,
-                        max_length=spec.data.max_seq_length, return_tensors="pt", **kw)
+        yield tokenizer(
+            texts[i : i + BATCH_SIZE],
+            truncation=True,
+            padding=True,
+            max_length=spec.data.max_seq_length,
+            return_tensors="pt",
+            **kw,
+        )
 
 
 def _perplexity(model, tokenizer, texts: list[str], kind: str, spec: RunSpec) -> float:
@@ -419,11 +507,15 @@ def _perplexity(model, tokenizer, texts: list[str], kind: str, spec: RunSpec) ->
                 rows = candidates.any(-1) & ~chosen.any(-1)
                 chosen[rows, first[rows]] = True
                 targets = ids.masked_fill(~chosen, -100)
-                logits = model(input_ids=ids.masked_fill(chosen, tokenizer.mask_token_id),
-                               attention_mask=mask).logits
+                logits = model(
+                    input_ids=ids.masked_fill(chosen, tokenizer.mask_token_id), attention_mask=mask
+                ).logits
             nll += torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                ignore_index=-100, reduction="sum").item()
+                logits.float().reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
             count += int((targets != -100).sum())
     return float(math.exp(min(nll / max(count, 1), 50.0)))
 
@@ -435,22 +527,27 @@ def _pooled(model, tokenizer, texts: list[str], spec: RunSpec):
     pooled = []
     with torch.no_grad():
         for enc in _batches(tokenizer, texts, spec):
-            hidden = model.base_model(input_ids=enc["input_ids"],
-                                      attention_mask=enc["attention_mask"]).last_hidden_state
+            hidden = model.base_model(
+                input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
+            ).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).float()
             pooled.append((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1))
     return torch.cat(pooled)
 
 
-def _embedding_shift(model, tokenizer, target: list[str], source: list[str],
-                     spec: RunSpec) -> dict[str, Any]:
+def _embedding_shift(
+    model, tokenizer, target: list[str], source: list[str], spec: RunSpec
+) -> dict[str, Any]:
     """Cosine distance between the target and source centroids, and between the centroids of the
     target's even and odd rows: the noise floor, since the scale of these distances depends on
     the model (contrastively trained encoders spread topics far more than raw LMs)."""
     t, s = _pooled(model, tokenizer, target, spec), _pooled(model, tokenizer, source, spec)
     floor = _cosine_distance(t[0::2].mean(0), t[1::2].mean(0)) if len(t) > 1 else None
-    return {"centroid_cosine_distance": _cosine_distance(t.mean(0), s.mean(0)),
-            "target_split_half_distance": floor, "pooling": "mean of last hidden state"}
+    return {
+        "centroid_cosine_distance": _cosine_distance(t.mean(0), s.mean(0)),
+        "target_split_half_distance": floor,
+        "pooling": "mean of last hidden state",
+    }
 
 
 def _cosine_distance(a, b) -> float:

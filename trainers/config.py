@@ -101,8 +101,9 @@ class LoraConfig(_Strict):
 
 
 class TaskConfig(_Strict):
-    type: Literal["sequence_classification", "causal_lm", "masked_lm", "summarization",
-                  "question_answering"] = Field(
+    type: Literal[
+        "sequence_classification", "causal_lm", "masked_lm", "summarization", "question_answering"
+    ] = Field(
         ...,
         description="What the model learns: text -> label; next-token prediction; masked-token "
         "prediction (encoders, domain adaptation); document -> summary; question + context -> answer.",
@@ -113,8 +114,11 @@ class TaskConfig(_Strict):
         "(SQuAD; encoder models); generative = write the answer (decoder or encoder-decoder models).",
     )
     mlm_probability: float = Field(
-        0.15, gt=0, lt=1, description="masked_lm: share of tokens masked (fixed per row, so "
-        "evaluation is deterministic)."
+        0.15,
+        gt=0,
+        lt=1,
+        description="masked_lm: share of tokens masked (fixed per row, so "
+        "evaluation is deterministic).",
     )
     labels: list[str] | None = Field(
         None,
@@ -130,8 +134,9 @@ class DataConfig(_Strict):
         default_factory=list, description="Validation files; empty = split off the training data."
     )
     format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
-        "auto", description="File format; auto = from the extension (.jsonl/.json, .csv, "
-        ".parquet). jsonl reads JSON Lines and also a file holding one JSON array of rows."
+        "auto",
+        description="File format; auto = from the extension (.jsonl/.json, .csv, "
+        ".parquet). jsonl reads JSON Lines and also a file holding one JSON array of rows.",
     )
     text_column: str = Field("text", description="Input text column (plain text for causal LM).")
     label_column: str = Field("label", description="Label column (classification).")
@@ -151,7 +156,9 @@ class DataConfig(_Strict):
         0.1, gt=0, lt=1, description="Share of training rows held out when no validation_files."
     )
     split_seed: int = Field(0, description="Seed of the train/validation split (stable per row).")
-    max_seq_length: int = Field(128, ge=8, description="Tokens per sequence (packed length for LM).")
+    max_seq_length: int = Field(
+        128, ge=8, description="Tokens per sequence (packed length for LM)."
+    )
     pack: bool = Field(True, description="Causal LM: pack documents into full sequences.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Rows longer than max_seq_length (unpacked): cut, skip, or fail."
@@ -194,10 +201,16 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Training precision. bf16 needs hardware support; fp16 needs a GPU."
     )
-    eval_every_n_steps: int = Field(50, ge=1, description="Evaluate (and checkpoint) every N steps.")
-    eval_batch_size_per_worker: int = Field(16, ge=1, description="Sequences per eval forward pass.")
+    eval_every_n_steps: int = Field(
+        50, ge=1, description="Evaluate (and checkpoint) every N steps."
+    )
+    eval_batch_size_per_worker: int = Field(
+        16, ge=1, description="Sequences per eval forward pass."
+    )
     eval_before_training: bool = Field(True, description="Evaluate the starting model first.")
-    keep_best_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, ranked by best_metric.")
+    keep_best_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept, ranked by best_metric."
+    )
     best_metric: str = Field("eval/loss", description="Metric that ranks checkpoints.")
     best_metric_mode: Literal["min", "max"] = Field("min", description="Lower or higher is better.")
     log_every_n_steps: int = Field(10, ge=1, description="Progress line every N optimizer steps.")
@@ -210,44 +223,60 @@ class GenerationConfig(_Strict):
     num_beams: int = Field(1, ge=1, description="Beam search width; 1 = greedy (or sampling).")
     do_sample: bool = Field(False, description="Sample instead of greedy/beam decoding.")
     temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep this probability mass.")
-    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False,
-                                      description="> 1 discourages repeating tokens.")
-    no_repeat_ngram_size: int = Field(0, ge=0, description="Forbid repeating n-grams of this size (0 = off).")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling: keep this probability mass."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="> 1 discourages repeating tokens."
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="Forbid repeating n-grams of this size (0 = off)."
+    )
 
 
 class FeaturesConfig(_Strict):
     """method=feature_extraction: frozen model -> pooled embeddings (cached) -> a small head."""
 
     pooling: Literal["mean", "cls", "last_token"] = Field(
-        "mean", description="How token states become one vector: masked mean, first token "
-        "(encoders' [CLS]) or last real token (decoders)."
+        "mean",
+        description="How token states become one vector: masked mean, first token "
+        "(encoders' [CLS]) or last real token (decoders).",
     )
-    layer: int = Field(-1, description="Hidden layer to pool: -1 = last, 0 = embeddings, "
-                       "negative counts from the end.")
+    layer: int = Field(
+        -1,
+        description="Hidden layer to pool: -1 = last, 0 = embeddings, "
+        "negative counts from the end.",
+    )
     head: Literal["logistic_regression", "mlp"] = Field(
         "logistic_regression", description="Classifier trained on the features."
     )
     mlp_hidden_size: int = Field(256, ge=1, description="MLP head: hidden units.")
     mlp_epochs: int = Field(50, ge=1, description="MLP head: passes over the features.")
     regularization_c: float | None = Field(
-        None, gt=0, allow_inf_nan=False,
+        None,
+        gt=0,
+        allow_inf_nan=False,
         description="Logistic regression: inverse L2 strength (scikit-learn C); smaller = "
         "stronger. None = chosen by 5-fold cross-validation on the training features.",
     )
     batch_size: int = Field(32, ge=1, description="Rows per embedding forward pass.")
     num_actors: int = Field(1, ge=1, description="Embedding actors (model loaded once per actor).")
     distributed_min_rows: int = Field(
-        200_000, ge=1, description="MLP head: at or above this many training rows it trains "
-        "data-parallel with Ray Train (scaling.num_workers); below, in one process."
+        200_000,
+        ge=1,
+        description="MLP head: at or above this many training rows it trains "
+        "data-parallel with Ray Train (scaling.num_workers); below, in one process.",
     )
 
 
 class StageConfig(_Strict):
     """One stage of a chained run (e.g. domain adaptation, then the task)."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                      description="Stage name; its run is <run.name>-<name>.")
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Stage name; its run is <run.name>-<name>.",
+    )
     set: dict[str, Any] = Field(
         default_factory=dict,
         description="Dotted-key overrides applied to the config for this stage "
@@ -258,7 +287,10 @@ class StageConfig(_Strict):
 
 class DeepSpeedConfig(_Strict):
     zero_stage: int = Field(
-        2, ge=0, le=3, description="ZeRO stage 0-3: 1 shards optimizer state, 2 + gradients, 3 + weights."
+        2,
+        ge=0,
+        le=3,
+        description="ZeRO stage 0-3: 1 shards optimizer state, 2 + gradients, 3 + weights.",
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory.")
     offload_params: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory.")
@@ -271,7 +303,9 @@ class DeepSpeedConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
-    num_workers: int = Field(1, ge=1, description="Training worker processes (one per GPU on GPU nodes).")
+    num_workers: int = Field(
+        1, ge=1, description="Training worker processes (one per GPU on GPU nodes)."
+    )
     cpus_per_worker: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="Logical CPUs each worker reserves."
     )
@@ -279,9 +313,12 @@ class ScalingConfig(_Strict):
         0.0, ge=0, allow_inf_nan=False, description="GPUs each worker reserves (0 = CPU training)."
     )
     data_cpus: float = Field(
-        1.0, gt=0, allow_inf_nan=False,
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
         description="Logical CPUs kept free for Ray Data; with none, data reads wait forever.",
     )
+
     @property
     def resources_per_worker(self) -> dict[str, float]:
         """What each training worker reserves, as Ray Train's ScalingConfig takes it."""
@@ -291,7 +328,9 @@ class ScalingConfig(_Strict):
         return res
 
     max_failures: int = Field(
-        0, ge=0, description="Worker/node failures tolerated; each resumes from the last checkpoint."
+        0,
+        ge=0,
+        description="Worker/node failures tolerated; each resumes from the last checkpoint.",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
@@ -307,7 +346,8 @@ class RunSpec(_Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     model: ModelConfig
     method: Literal["full", "lora", "feature_extraction"] = Field(
-        "lora", description="Full fine-tuning, LoRA adapters, or a frozen model's features + a head."
+        "lora",
+        description="Full fine-tuning, LoRA adapters, or a frozen model's features + a head.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     task: TaskConfig
@@ -365,7 +405,9 @@ def resolve_package_path(ref: str) -> str:
     module, _, sub = ref.removeprefix(PACKAGE_PREFIX).partition("/")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"package '{module}' is not installed; pip install it (underscores -> dashes)")
+        raise ValueError(
+            f"package '{module}' is not installed; pip install it (underscores -> dashes)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / sub
     if not path.exists():
         raise ValueError(f"'{sub}' not found in package '{module}' ({path})")

@@ -28,11 +28,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                    |[-+]?\.(?:inf|Inf|INF)
-                   |\.(?:nan|NaN|NAN))$""", re.X),
+                   |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -53,12 +56,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     raw, problems = load_raw(path, overrides)
     if raw.pop("tune", None) is not None:
         logging.getLogger("ferry.config").warning(
-            "config has a tune: block; it is ignored here (run `ferry tune` to search)")
+            "config has a tune: block; it is ignored here (run `ferry tune` to search)"
+        )
     return build_spec(raw, problems)
 
 
-def load_raw(path: str | os.PathLike | None, overrides: list[str] | None = None
-             ) -> tuple[dict[str, Any], list[str]]:
+def load_raw(
+    path: str | os.PathLike | None, overrides: list[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """The config file as a mapping with paths resolved and overrides applied, not yet validated.
 
     Returns:
@@ -68,13 +73,17 @@ def load_raw(path: str | os.PathLike | None, overrides: list[str] | None = None
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError([f"config={path}: file not found. Pass the path to a YAML run config."])
+            raise ConfigError(
+                [f"config={path}: file not found. Pass the path to a YAML run config."]
+            )
         try:
             raw = load_yaml(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError([f"config={path}: not valid YAML ({e}). Fix the YAML syntax."]) from e
         if not isinstance(raw, dict):
-            raise ConfigError([f"config={path}: top level must be a mapping. Use `key: value` lines."])
+            raise ConfigError(
+                [f"config={path}: top level must be a mapping. Use `key: value` lines."]
+            )
         # Relative data/storage paths mean "relative to the config file", so a config runs the same
         # from any working directory.
         raw = _resolve_relative_paths(raw, p.parent)
@@ -167,10 +176,18 @@ def check_rules(spec: RunSpec) -> list[str]:
 # Which presets can learn which task (pretrained models are checked when loaded).
 _PRESET_TASKS = {
     "tiny-bert": {"sequence_classification", "masked_lm", "question_answering:extractive"},
-    "tiny-llama": {"sequence_classification", "causal_lm", "summarization",
-                   "question_answering:generative"},
-    "small-llama": {"sequence_classification", "causal_lm", "summarization",
-                    "question_answering:generative"},
+    "tiny-llama": {
+        "sequence_classification",
+        "causal_lm",
+        "summarization",
+        "question_answering:generative",
+    },
+    "small-llama": {
+        "sequence_classification",
+        "causal_lm",
+        "summarization",
+        "question_answering:generative",
+    },
     "tiny-t5": {"summarization", "question_answering:generative"},
 }
 

@@ -27,19 +27,28 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: str) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     if not is_uri(checkpoint) and not os.path.isdir(checkpoint):
-        raise ConfigError([f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
-                           "checkpoint_step_* folder of the run."])
+        raise ConfigError(
+            [
+                f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
+                "checkpoint_step_* folder of the run."
+            ]
+        )
     data = prepare_data(spec)
     trainer = TorchTrainer(
         _eval_worker,
-        train_loop_config={"spec": spec.model_dump(), "data": data.to_dict(),
-                           "checkpoint": absolute(checkpoint)},
+        train_loop_config={
+            "spec": spec.model_dump(),
+            "data": data.to_dict(),
+            "checkpoint": absolute(checkpoint),
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.gpus_per_worker > 0,
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.gpus_per_worker > 0,
             resources_per_worker=spec.scaling.resources_per_worker,
         ),
-        run_config=ray.train.RunConfig(name=f"{spec.run.name}-eval",
-                                       storage_path=absolute(spec.run.storage_path)),
+        run_config=ray.train.RunConfig(
+            name=f"{spec.run.name}-eval", storage_path=absolute(spec.run.storage_path)
+        ),
         datasets=ray_datasets(data, ("validation",)),
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
@@ -62,7 +71,8 @@ def _eval_worker(config: dict[str, Any]) -> dict[str, float]:
     tokenizer = load_tokenizer(data.tokenizer_path)
     model = load_saved(spec, tokenizer, data, localize(config["checkpoint"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = validation_batches(ray.train.get_dataset_shard("validation"), task, spec, pad_id,
-                                 rank, world)
+    batches = validation_batches(
+        ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world
+    )
     with torch.no_grad():
         return evaluate(model, batches, task, data, world, spec, tokenizer)

@@ -36,16 +36,29 @@ class TrainOutcome:
     data: Any  # trainers.data.prepare.PreparedData
 
 
-def summary(spec: RunSpec, history: list[dict], before: dict | None, steps: int,
-            **extra: Any) -> dict[str, Any]:
+def summary(
+    spec: RunSpec, history: list[dict], before: dict | None, steps: int, **extra: Any
+) -> dict[str, Any]:
     """metrics.json: the last evaluation (`final`), the one before training, steps, method, task,
     and whatever the caller adds (e.g. the checkpoint it came from)."""
-    return {"final": dict(history[-1]) if history else {}, "before": before, "steps": steps,
-            "method": spec.method, "task": spec.task.type, **extra}
+    return {
+        "final": dict(history[-1]) if history else {},
+        "before": before,
+        "steps": steps,
+        "method": spec.method,
+        "task": spec.task.type,
+        **extra,
+    }
 
 
-def write_export(export_dir: str, spec: RunSpec, save_weights: Callable[[str], None], tokenizer,
-                 label_names: list[str] | None, metrics: dict[str, Any]) -> str:
+def write_export(
+    export_dir: str,
+    spec: RunSpec,
+    save_weights: Callable[[str], None],
+    tokenizer,
+    label_names: list[str] | None,
+    metrics: dict[str, Any],
+) -> str:
     """Write one export: `save_weights(folder)` puts the model files in, the rest is common."""
     with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp:
         save_weights(tmp)
@@ -61,8 +74,15 @@ def write_export(export_dir: str, spec: RunSpec, save_weights: Callable[[str], N
     return export_dir
 
 
-def export_model(model, state_dict: dict[str, torch.Tensor], spec: RunSpec, tokenizer,
-                 label_names: list[str] | None, metrics: dict[str, Any], export_dir: str) -> str:
+def export_model(
+    model,
+    state_dict: dict[str, torch.Tensor],
+    spec: RunSpec,
+    tokenizer,
+    label_names: list[str] | None,
+    metrics: dict[str, Any],
+    export_dir: str,
+) -> str:
     """Export a trained model (a PeftModel under LoRA) whose full `state_dict` was gathered (under
     ZeRO-3 collectively, by every rank). Weights are saved in float32 whatever the training
     precision."""
@@ -78,8 +98,9 @@ def export_model(model, state_dict: dict[str, torch.Tensor], spec: RunSpec, toke
     return write_export(export_dir, spec, save_weights, tokenizer, label_names, metrics)
 
 
-def export_checkpoint(spec: RunSpec, data, checkpoint: str, export_dir: str,
-                      extra: dict | None = None) -> str:
+def export_checkpoint(
+    spec: RunSpec, data, checkpoint: str, export_dir: str, extra: dict | None = None
+) -> str:
     """Write a committed Ray Train checkpoint of the run (DeepSpeed ZeRO shards of any stage and
     world size) as an export with the same layout as a finished run's `<run>/final`."""
     tokenizer = load_tokenizer(data.tokenizer_path)
@@ -87,10 +108,17 @@ def export_checkpoint(spec: RunSpec, data, checkpoint: str, export_dir: str,
     model = load_saved(spec, tokenizer, data, local)
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
-    metrics = summary(spec, state.get("history") or [], state.get("before"), state["step"],
-                      checkpoint=checkpoint, **(extra or {}))
-    return export_model(model, model.state_dict(), spec, tokenizer, data.label_names, metrics,
-                        export_dir)
+    metrics = summary(
+        spec,
+        state.get("history") or [],
+        state.get("before"),
+        state["step"],
+        checkpoint=checkpoint,
+        **(extra or {}),
+    )
+    return export_model(
+        model, model.state_dict(), spec, tokenizer, data.label_names, metrics, export_dir
+    )
 
 
 def base_travels_with_adapter(spec: RunSpec) -> bool:
@@ -99,8 +127,9 @@ def base_travels_with_adapter(spec: RunSpec) -> bool:
     lives at a site-packages path that is this machine's only. A Hub id or the user's own model
     folder is referenced as it is."""
     m = spec.model
-    return bool(m.preset or m.gguf_file
-                or (m.name_or_path and m.name_or_path.startswith("python-package:")))
+    return bool(
+        m.preset or m.gguf_file or (m.name_or_path and m.name_or_path.startswith("python-package:"))
+    )
 
 
 def _save_base(peft_model, state_dict, folder: str, export_dir: str) -> None:
@@ -118,8 +147,9 @@ def _save_base(peft_model, state_dict, folder: str, export_dir: str) -> None:
     missing, unexpected = model.load_state_dict(base, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]:
-        raise RuntimeError(f"cannot rebuild the base model: missing {missing}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(
+            f"cannot rebuild the base model: missing {missing}, unexpected {unexpected}"
+        )
     model.save_pretrained(os.path.join(folder, BASE_DIR), safe_serialization=True)
     cfg_path = os.path.join(folder, "adapter_config.json")
     with open(cfg_path) as f:
@@ -127,8 +157,9 @@ def _save_base(peft_model, state_dict, folder: str, export_dir: str) -> None:
     # PEFT resolves the base relative to the working directory, so a local export names its own
     # base folder absolutely; a remote export keeps the portable relative name, which Ferry's
     # loader resolves against the export (trainers.saved).
-    cfg["base_model_name_or_path"] = (BASE_DIR if is_uri(export_dir)
-                                      else os.path.join(os.path.abspath(export_dir), BASE_DIR))
+    cfg["base_model_name_or_path"] = (
+        BASE_DIR if is_uri(export_dir) else os.path.join(os.path.abspath(export_dir), BASE_DIR)
+    )
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
 

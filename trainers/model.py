@@ -18,12 +18,29 @@ from trainers.storage import is_uri, localize
 from trainers.tasks import TASKS
 
 PRESETS = {
-    "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-    "small-llama": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
-    "tiny-bert": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=512),
+    "tiny-llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "small-llama": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    ),
+    "tiny-bert": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    ),
     "tiny-t5": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
 }
 
@@ -42,8 +59,11 @@ def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None)
     if tok.pad_token is None:
         # Llama-style tokenizers ship without a pad token; padding positions are masked anyway.
         tok.pad_token = tok.eos_token
-    if tok.eos_token_id is None and spec.task.type in ("causal_lm", "summarization",
-                                                        "question_answering"):
+    if tok.eos_token_id is None and spec.task.type in (
+        "causal_lm",
+        "summarization",
+        "question_answering",
+    ):
         tok.eos_token = tok.sep_token or tok.pad_token
     return tok
 
@@ -66,15 +86,25 @@ def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.train_from_iterator(
+            texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        )
         tok.post_processor = processors.TemplateProcessing(
             # Second segment (QA context) gets token type 1, as in BERT's pretraining.
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[
+                ("[CLS]", tok.token_to_id("[CLS]")),
+                ("[SEP]", tok.token_to_id("[SEP]")),
+            ],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]",
+            tokenizer_object=tok,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
         )
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -82,11 +112,18 @@ def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         texts,
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
     )
 
 
@@ -97,11 +134,15 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
     m = spec.model
     extra = {}
     if label_names:
-        extra = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                     label2id={n: i for i, n in enumerate(label_names)})
+        extra = dict(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
     if m.preset:
-        cls = {"tiny-bert": transformers.BertConfig,
-               "tiny-t5": transformers.T5Config}.get(m.preset, transformers.LlamaConfig)
+        cls = {"tiny-bert": transformers.BertConfig, "tiny-t5": transformers.T5Config}.get(
+            m.preset, transformers.LlamaConfig
+        )
         ids: dict = {}
         if tokenizer is not None:  # None when only layer shapes are needed (validate)
             ids["pad_token_id"] = tokenizer.pad_token_id
@@ -116,8 +157,11 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
         vocab = len(tokenizer) if tokenizer is not None else m.preset_vocab_size
         return cls(vocab_size=vocab, **PRESETS[m.preset], **ids, **extra)
     cfg = transformers.AutoConfig.from_pretrained(
-        m.source, gguf_file=m.gguf_file, revision=m.revision,
-        trust_remote_code=m.trust_remote_code, **extra,
+        m.source,
+        gguf_file=m.gguf_file,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        **extra,
     )
     if getattr(cfg, "pad_token_id", None) is None and tokenizer is not None:
         # Sequence classification on decoder models finds the last real token via pad_token_id.
@@ -125,14 +169,15 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
     return cfg
 
 
-def build_model(spec: RunSpec, tokenizer, label_names: list[str] | None, ds_config: dict | None = None):
+def build_model(
+    spec: RunSpec, tokenizer, label_names: list[str] | None, ds_config: dict | None = None
+):
     """The model to train: pretrained or preset, LoRA-wrapped when method=lora.
 
     Under ZeRO-3 (`ds_config` stage 3) transformers builds the model inside `deepspeed.zero.Init`,
     so no rank ever holds the full set of weights.
     """
     import transformers
-
 
     torch.manual_seed(spec.run.seed)
     cfg = model_config(spec, tokenizer, label_names)
@@ -153,9 +198,14 @@ def load_pretrained(cls, m: ModelConfig, **kwargs):
     source = m.source
     if source and is_uri(source):
         source = localize(source)
-    loaded = cls.from_pretrained(source, gguf_file=m.gguf_file, revision=m.revision,
-                                 trust_remote_code=m.trust_remote_code, dtype=torch.float32,
-                                 **kwargs)
+    loaded = cls.from_pretrained(
+        source,
+        gguf_file=m.gguf_file,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        dtype=torch.float32,
+        **kwargs,
+    )
     if m.gguf_file:
         _drop_gguf_marker(loaded[0] if isinstance(loaded, tuple) else loaded)
     return loaded
@@ -213,8 +263,11 @@ def apply_lora(model, spec: RunSpec):
 
     task_type = peft_task_type(spec, model.config)
     cfg = peft.LoraConfig(
-        r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-        target_modules=lora_targets(spec, model.config.model_type), task_type=task_type,
+        r=spec.lora.rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=lora_targets(spec, model.config.model_type),
+        task_type=task_type,
     )
     # SEQ_CLS (QUESTION_ANS) makes PEFT train and save the classification (span) head
     # (modules_to_save) with the adapter.
@@ -238,7 +291,6 @@ def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> 
     if spec.method != "lora":
         return []
     import transformers
-
 
     cfg = model_config(spec, tokenizer, label_names)
     with torch.device("meta"):
@@ -267,10 +319,10 @@ def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> 
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; ZeRO-3 partitioned params report their full size."""
+
     def numel(p):
         return getattr(p, "ds_numel", p.numel())
 
     total = sum(numel(p) for p in model.parameters())
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, total
-

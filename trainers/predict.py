@@ -61,13 +61,22 @@ class PredictSummary:
 
     def line(self) -> str:
         """The one-line summary the CLI prints."""
-        return (f"predicted {self.rows} rows from {self.input_files} file(s) in {self.seconds:.1f}s "
-                f"({self.rows_per_s:.1f} rows/s) -> {self.output_dir} ({self.output_files} Parquet file(s))")
+        return (
+            f"predicted {self.rows} rows from {self.input_files} file(s) in {self.seconds:.1f}s "
+            f"({self.rows_per_s:.1f} rows/s) -> {self.output_dir} ({self.output_files} Parquet file(s))"
+        )
 
 
-def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], output_dir: str, *,
-                    batch_size: int = 16, max_new_tokens: int | None = None,
-                    num_actors: int | None = None) -> PredictSummary:
+def predict_dataset(
+    spec: RunSpec,
+    checkpoint: str,
+    input_files: list[str],
+    output_dir: str,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    num_actors: int | None = None,
+) -> PredictSummary:
     """Run `checkpoint` over `input_files` and write predictions as Parquet to `output_dir`.
 
     Needs a connected Ray (the CLI connects first).
@@ -90,7 +99,9 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
     """
     import ray.data
 
-    files = check_predict_inputs(spec, checkpoint, input_files, output_dir, batch_size, max_new_tokens)
+    files = check_predict_inputs(
+        spec, checkpoint, input_files, output_dir, batch_size, max_new_tokens
+    )
     t0 = time.perf_counter()
     data = _prepared_data_for(spec, checkpoint)
     labels = _label_names(spec, checkpoint, data)
@@ -105,8 +116,10 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={
-            "spec_dict": spec.model_dump(), "checkpoint": os.path.abspath(checkpoint),
-            "data_dict": data.to_dict() if data else None, "label_names": labels,
+            "spec_dict": spec.model_dump(),
+            "checkpoint": os.path.abspath(checkpoint),
+            "data_dict": data.to_dict() if data else None,
+            "label_names": labels,
             "max_new_tokens": max_new_tokens,
         },
         num_cpus=spec.scaling.cpus_per_worker,
@@ -120,8 +133,14 @@ def predict_dataset(spec: RunSpec, checkpoint: str, input_files: list[str], outp
     return PredictSummary(output_dir, n, len(files), len(written), time.perf_counter() - t0)
 
 
-def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str], output_dir: str,
-                         batch_size: int = 16, max_new_tokens: int | None = None) -> list[str]:
+def check_predict_inputs(
+    spec: RunSpec,
+    checkpoint: str,
+    input_files: list[str],
+    output_dir: str,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+) -> list[str]:
     """Driver-side checks before Ray starts; returns the expanded input files.
 
     Raises:
@@ -130,20 +149,26 @@ def check_predict_inputs(spec: RunSpec, checkpoint: str, input_files: list[str],
     """
     problems = []
     if not os.path.isdir(checkpoint):
-        problems.append(f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
-                        "checkpoint_step_* folder of the run.")
+        problems.append(
+            f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
+            "checkpoint_step_* folder of the run."
+        )
     if is_uri(output_dir):
         problems.append(f"--output={output_dir}: must be a local folder. Write locally, then copy.")
     elif os.path.isdir(output_dir) and os.listdir(output_dir):
-        problems.append(f"--output={output_dir}: folder is not empty (predictions would mix with its "
-                        "files). Choose a new folder or empty this one.")
+        problems.append(
+            f"--output={output_dir}: folder is not empty (predictions would mix with its "
+            "files). Choose a new folder or empty this one."
+        )
     if batch_size < 1:
         problems.append(f"--batch-size={batch_size}: must be >= 1. Use e.g. 16.")
     if max_new_tokens is not None and max_new_tokens < 1:
         problems.append(f"--max-new-tokens={max_new_tokens}: must be >= 1. Use e.g. 32.")
     if spec.task.type == "masked_lm":
-        problems.append("task.type=masked_lm: a continued-pretraining model has nothing to predict "
-                        "per row. Predict with the model of the task stage that follows it.")
+        problems.append(
+            "task.type=masked_lm: a continued-pretraining model has nothing to predict "
+            "per row. Predict with the model of the task stage that follows it."
+        )
     if problems:
         raise ConfigError(problems)
     files = expand_files(input_files, "--input")
@@ -163,8 +188,10 @@ def input_columns(spec: RunSpec) -> dict[str, tuple[str, str]]:
     in the task's order (the first is the text a generative model continues)."""
     task = TASKS[spec.task.type]
     fields = task.columns(spec.data)
-    return {canon: (getattr(spec.data, fields[canon]), f"data.{fields[canon]}")
-            for canon in task.predict_inputs(spec.data)}
+    return {
+        canon: (getattr(spec.data, fields[canon]), f"data.{fields[canon]}")
+        for canon in task.predict_inputs(spec.data)
+    }
 
 
 def _prepared_data_for(spec: RunSpec, checkpoint: str) -> PreparedData | None:
@@ -190,8 +217,12 @@ def _label_names(spec: RunSpec, checkpoint: str, data: PreparedData | None) -> l
                 id2label = json.load(f).get("id2label")
             if id2label:
                 return [id2label[str(i)] for i in range(len(id2label))]
-    raise ConfigError([f"--checkpoint={checkpoint}: no labels.json and no id2label in config.json. "
-                       "Pass a Ferry export (<run>/final) or a checkpoint_step_* folder."])
+    raise ConfigError(
+        [
+            f"--checkpoint={checkpoint}: no labels.json and no id2label in config.json. "
+            "Pass a Ferry export (<run>/final) or a checkpoint_step_* folder."
+        ]
+    )
 
 
 def _read_inputs(files: list[str], spec: RunSpec):
@@ -203,13 +234,18 @@ def _read_inputs(files: list[str], spec: RunSpec):
         _read_file_batch,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"columns": columns, "label_column": spec.data.label_column,
-                   "fmt": spec.data.format, "on_bad_rows": spec.data.on_bad_rows},
+        fn_kwargs={
+            "columns": columns,
+            "label_column": spec.data.label_column,
+            "fmt": spec.data.format,
+            "on_bad_rows": spec.data.on_bad_rows,
+        },
     )
 
 
-def _read_file_batch(batch: pa.Table, columns: list[str], label_column: str, fmt: str,
-                     on_bad_rows: str) -> pa.Table:
+def _read_file_batch(
+    batch: pa.Table, columns: list[str], label_column: str, fmt: str, on_bad_rows: str
+) -> pa.Table:
     """One input file -> file, row, [id], text columns[, label]; bad rows fail or are left out."""
     path = batch.column("path")[0].as_py()
     wanted = [ID_COLUMN, *columns, label_column]
@@ -224,22 +260,28 @@ def _read_file_batch(batch: pa.Table, columns: list[str], label_column: str, fmt
         if err is None:
             keep.append((i, rec))
         elif on_bad_rows == "error":
-            raise DataError(f"{path} row {i}: {err}. Fix the row or set data.on_bad_rows=skip "
-                            "(the row is then left out of the predictions).")
+            raise DataError(
+                f"{path} row {i}: {err}. Fix the row or set data.on_bad_rows=skip "
+                "(the row is then left out of the predictions)."
+            )
         else:
             skipped += 1
     if skipped:
         log.warning("%s: left out %d bad rows (data.on_bad_rows=skip)", path, skipped)
-    out = {"file": pa.array([path] * len(keep), type=pa.string()),
-           "row": pa.array([i for i, _ in keep], type=pa.int64())}
+    out = {
+        "file": pa.array([path] * len(keep), type=pa.string()),
+        "row": pa.array([i for i, _ in keep], type=pa.int64()),
+    }
     present = set().union(*(r.keys() for _, r in keep)) if keep else set()
     if ID_COLUMN in present:
         out[ID_COLUMN] = _as_array([r.get(ID_COLUMN) for _, r in keep])
     for column in columns:
         out[column] = pa.array([str(r[column]) for _, r in keep], type=pa.string())
     if label_column in present and label_column not in columns:
-        out[label_column] = pa.array([None if r.get(label_column) is None else str(r[label_column])
-                                      for _, r in keep], type=pa.string())
+        out[label_column] = pa.array(
+            [None if r.get(label_column) is None else str(r[label_column]) for _, r in keep],
+            type=pa.string(),
+        )
     return pa.table(out)
 
 
@@ -254,8 +296,14 @@ def _as_array(values: list) -> pa.Array:
 class _Predictor:
     """One model replica (a Ray Data actor): loads the checkpoint once, predicts batches."""
 
-    def __init__(self, spec_dict: dict[str, Any], checkpoint: str, data_dict: dict | None,
-                 label_names: list[str] | None, max_new_tokens: int | None):
+    def __init__(
+        self,
+        spec_dict: dict[str, Any],
+        checkpoint: str,
+        data_dict: dict | None,
+        label_names: list[str] | None,
+        max_new_tokens: int | None,
+    ):
         self.spec = RunSpec.model_validate(spec_dict)
         data = PreparedData(**data_dict) if data_dict else None
         self.tokenizer = load_tokenizer(data.tokenizer_path if data else checkpoint)
@@ -275,10 +323,13 @@ class _Predictor:
         texts = batch.column(self.column).to_pylist()
         with torch.no_grad():
             if hasattr(task, "predict"):
-                inputs = {canon: batch.column(col).to_pylist()
-                          for canon, (col, _) in input_columns(self.spec).items()}
-                for name, values in task.predict(self.model, self.tokenizer, inputs, self.spec,
-                                                 self.max_new_tokens).items():
+                inputs = {
+                    canon: batch.column(col).to_pylist()
+                    for canon, (col, _) in input_columns(self.spec).items()
+                }
+                for name, values in task.predict(
+                    self.model, self.tokenizer, inputs, self.spec, self.max_new_tokens
+                ).items():
                     batch = batch.append_column(name, pa.array(values))
                 return batch
             if self.spec.task.type == "sequence_classification":
@@ -288,13 +339,19 @@ class _Predictor:
     def _classify(self, batch: pa.Table, texts: list[str]) -> pa.Table:
         import torch
 
-        enc = self.tokenizer(texts, truncation=True, max_length=self.spec.data.max_seq_length,
-                             padding=True, return_tensors="pt")
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.spec.data.max_seq_length,
+            padding=True,
+            return_tensors="pt",
+        )
         logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         probs = torch.softmax(logits.float(), dim=-1).numpy()
         best = probs.argmax(-1)
-        batch = batch.append_column("prediction", pa.array([self.label_names[i] for i in best],
-                                                           type=pa.string()))
+        batch = batch.append_column(
+            "prediction", pa.array([self.label_names[i] for i in best], type=pa.string())
+        )
         batch = batch.append_column("score", pa.array(probs.max(-1), type=pa.float64()))
         for i, name in enumerate(self.label_names):
             batch = batch.append_column(f"prob_{name}", pa.array(probs[:, i], type=pa.float64()))
@@ -305,13 +362,23 @@ class _Predictor:
         # Left padding and left truncation: every prompt ends where generation starts, and an
         # over-long prompt keeps its end. No special tokens, as in training (text + EOS).
         tok.padding_side, tok.truncation_side = "left", "left"
-        enc = tok(texts, truncation=True, max_length=self.spec.data.max_seq_length, padding=True,
-                  add_special_tokens=False, return_tensors="pt")
+        enc = tok(
+            texts,
+            truncation=True,
+            max_length=self.spec.data.max_seq_length,
+            padding=True,
+            add_special_tokens=False,
+            return_tensors="pt",
+        )
         # use_cache=True: presets train with the KV cache off (packing); generation wants it.
         out = self.model.generate(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
-            max_new_tokens=self.max_new_tokens or 32, pad_token_id=tok.pad_token_id, use_cache=True,
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens or 32,
+            pad_token_id=tok.pad_token_id,
+            use_cache=True,
         )
-        new = out[:, enc["input_ids"].shape[1]:]
+        new = out[:, enc["input_ids"].shape[1] :]
         generations = tok.batch_decode(new, skip_special_tokens=True)
         return batch.append_column("generation", pa.array(generations, type=pa.string()))

@@ -34,9 +34,16 @@ from trainers.storage import (
 log = logging.getLogger("ferry.preflight")
 
 # Keys a rerun may change without changing what the run computes (how it is watched or kept).
-_RERUN_FREE_KEYS = {"run.resume", "run.storage_shared", "run.stage_baseline",
-                    "scaling.max_failures", "scaling.data_cpus", "train.log_every_n_steps",
-                    "data.cache_dir", "stages"}
+_RERUN_FREE_KEYS = {
+    "run.resume",
+    "run.storage_shared",
+    "run.stage_baseline",
+    "scaling.max_failures",
+    "scaling.data_cpus",
+    "train.log_every_n_steps",
+    "data.cache_dir",
+    "stages",
+}
 
 
 @dataclass
@@ -57,10 +64,14 @@ def prepare_run(spec: RunSpec) -> RunPlan:
         DataError: bad rows (raised by data preparation with file and row).
     """
     if spec.stages:
-        raise ConfigError([f"stages={[s.name for s in spec.stages]}: a staged config runs its "
-                           "stages with `ferry train` (trainers.stages.run_stages), not as one "
-                           "run. Use `ferry train`, or remove stages: to tune/evaluate a single "
-                           "stage."])
+        raise ConfigError(
+            [
+                f"stages={[s.name for s in spec.stages]}: a staged config runs its "
+                "stages with `ferry train` (trainers.stages.run_stages), not as one "
+                "run. Use `ferry train`, or remove stages: to tune/evaluate a single "
+                "stage."
+            ]
+        )
     problems = check_run(spec)
     if problems:
         raise ConfigError(problems)
@@ -93,8 +104,12 @@ def plan_checked(spec: RunSpec) -> RunPlan:
     if spec.run.resume == "restart":
         _clear_run(spec)
     data = prepare_dataset(spec)
-    log.info("data: %d train / %d validation rows (cache %s)", data.train_rows,
-             data.validation_rows, "hit" if data.cache_hit else "written")
+    log.info(
+        "data: %d train / %d validation rows (cache %s)",
+        data.train_rows,
+        data.validation_rows,
+        "hit" if data.cache_hit else "written",
+    )
     problems = []
     if spec.method != "feature_extraction":
         problems = check_lora_fits(spec, load_tokenizer(data.tokenizer_path), data.label_names)
@@ -129,7 +144,8 @@ def plan_for(spec: RunSpec, data: PreparedData, problems: list[str] | None = Non
         problems.append(
             f"train.micro_batch_size_per_worker={spec.train.micro_batch_size_per_worker}: one "
             f"optimizer step needs {spec.global_batch} training sequences but there are "
-            f"{data.train_rows}. Lower the batch size or add data.")
+            f"{data.train_rows}. Lower the batch size or add data."
+        )
     if problems:
         raise ConfigError(problems)
     total = spec.train.max_steps or per_epoch * spec.train.num_epochs
@@ -170,29 +186,38 @@ def _check_placement(spec: RunSpec) -> list[str]:
 
     s = spec.scaling
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    need = f"{s.cpus_per_worker:g} CPU" + (f" + {s.gpus_per_worker:g} GPU"
-                                           if s.gpus_per_worker else "")
+    need = f"{s.cpus_per_worker:g} CPU" + (
+        f" + {s.gpus_per_worker:g} GPU" if s.gpus_per_worker else ""
+    )
 
     def holds(res: dict, workers: int) -> bool:
-        return (res.get("CPU", 0.0) + 1e-9 >= workers * s.cpus_per_worker
-                and res.get("GPU", 0.0) + 1e-9 >= workers * s.gpus_per_worker)
+        return (
+            res.get("CPU", 0.0) + 1e-9 >= workers * s.cpus_per_worker
+            and res.get("GPU", 0.0) + 1e-9 >= workers * s.gpus_per_worker
+        )
 
     fitting = sum(holds(r, 1) for r in nodes)
     if fitting == 0:
-        return [f"scaling.cpus_per_worker={s.cpus_per_worker:g}: one worker needs {need} on a "
-                f"single node, and none of the cluster's {len(nodes)} nodes has that. Lower "
-                "scaling.cpus_per_worker/gpus_per_worker or add a larger node."]
+        return [
+            f"scaling.cpus_per_worker={s.cpus_per_worker:g}: one worker needs {need} on a "
+            f"single node, and none of the cluster's {len(nodes)} nodes has that. Lower "
+            "scaling.cpus_per_worker/gpus_per_worker or add a larger node."
+        ]
     if s.placement_strategy == "STRICT_SPREAD" and fitting < s.num_workers:
-        return [f"scaling.placement_strategy=STRICT_SPREAD: each of the scaling.num_workers="
-                f"{s.num_workers} workers needs its own node with {need}, and the cluster has "
-                f"{fitting} such node{'s' if fitting > 1 else ''} (of {len(nodes)}), so the run "
-                f"would wait forever. Lower scaling.num_workers to {fitting}, use SPREAD or PACK, "
-                "or add nodes."]
+        return [
+            f"scaling.placement_strategy=STRICT_SPREAD: each of the scaling.num_workers="
+            f"{s.num_workers} workers needs its own node with {need}, and the cluster has "
+            f"{fitting} such node{'s' if fitting > 1 else ''} (of {len(nodes)}), so the run "
+            f"would wait forever. Lower scaling.num_workers to {fitting}, use SPREAD or PACK, "
+            "or add nodes."
+        ]
     if s.placement_strategy == "STRICT_PACK" and not any(holds(r, s.num_workers) for r in nodes):
-        return [f"scaling.placement_strategy=STRICT_PACK: all scaling.num_workers={s.num_workers} "
-                f"workers must share one node with {s.num_workers} x {need}, and no node of the "
-                f"cluster's {len(nodes)} has that, so the run would wait forever. Use PACK or "
-                "SPREAD, lower num_workers/cpus_per_worker, or add a larger node."]
+        return [
+            f"scaling.placement_strategy=STRICT_PACK: all scaling.num_workers={s.num_workers} "
+            f"workers must share one node with {s.num_workers} x {need}, and no node of the "
+            f"cluster's {len(nodes)} has that, so the run would wait forever. Use PACK or "
+            "SPREAD, lower num_workers/cpus_per_worker, or add a larger node."
+        ]
     return []
 
 
@@ -216,18 +241,27 @@ def check_storage(spec: RunSpec) -> list[str]:
     paths = [("run.storage_path", spec.run.storage_path)]
     if spec.data.cache_dir:
         paths.append(("data.cache_dir", spec.data.cache_dir))
-    local = [(key, path.removeprefix("file://")) for key, path in paths
-             if not is_uri(path) or path.startswith("file://")]
+    local = [
+        (key, path.removeprefix("file://"))
+        for key, path in paths
+        if not is_uri(path) or path.startswith("file://")
+    ]
     if not local:
         if spec.run.storage_shared:
-            log.warning("run.storage_shared=true is ignored: run.storage_path=%s is a URI, shared "
-                        "by nature.", spec.run.storage_path)
+            log.warning(
+                "run.storage_shared=true is ignored: run.storage_path=%s is a URI, shared "
+                "by nature.",
+                spec.run.storage_path,
+            )
         return []
     if not spec.run.storage_shared:
-        return [f"{key}={path}: the cluster has {len(nodes)} nodes and this path is local to each "
-                f"of them, so workers would write {_WRITES[key]} the others (and a resumed run) "
-                f"cannot see. Set {key} to shared storage (s3://..., gs://..., or an NFS/PVC "
-                "mount) and, for a mounted path, run.storage_shared=true." for key, path in local]
+        return [
+            f"{key}={path}: the cluster has {len(nodes)} nodes and this path is local to each "
+            f"of them, so workers would write {_WRITES[key]} the others (and a resumed run) "
+            f"cannot see. Set {key} to shared storage (s3://..., gs://..., or an NFS/PVC "
+            "mount) and, for a mounted path, run.storage_shared=true."
+            for key, path in local
+        ]
     return [p for key, path in local for p in _verify_shared(key, path, nodes)]
 
 
@@ -257,14 +291,19 @@ def _verify_shared(key: str, path: str, nodes: list[dict]) -> list[str]:
         with open(marker, "w") as f:
             f.write(token)
     except OSError as e:
-        return [f"{key}={path}: the driver cannot write there ({e.strerror}). Fix the mount or "
-                "its permissions, or use a bucket URI (s3://..., gs://...)."]
+        return [
+            f"{key}={path}: the driver cannot write there ({e.strerror}). Fix the mount or "
+            "its permissions, or use a bucket URI (s3://..., gs://...)."
+        ]
     try:
         read = ray.remote(num_cpus=0, max_retries=0)(read_marker)
-        refs = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            n["NodeID"], soft=False)).remote(marker): n for n in nodes}
-        done, pending = ray.wait(list(refs), num_returns=len(refs),
-                                 timeout=_SHARED_CHECK_TIMEOUT_S)
+        refs = {
+            read.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(marker): n
+            for n in nodes
+        }
+        done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=_SHARED_CHECK_TIMEOUT_S)
         for ref in pending:
             ray.cancel(ref, force=True)
         blind = []
@@ -344,26 +383,35 @@ def check_rerun(spec: RunSpec) -> list[str]:
         return []
     has = has_checkpoint(spec)
     if spec.run.resume == "must" and not has:
-        return [f"run.resume=must: no committed checkpoint for run.name={spec.run.name} under "
-                f"{spec.run.storage_path}. Check run.name/storage_path or use run.resume=auto."]
+        return [
+            f"run.resume=must: no committed checkpoint for run.name={spec.run.name} under "
+            f"{spec.run.storage_path}. Check run.name/storage_path or use run.resume=auto."
+        ]
     if spec.run.resume == "never" and has:
-        return [f"run.resume=never: run.name={spec.run.name} already has checkpoints under "
-                f"{spec.run.storage_path}. Choose a new run.name or use run.resume=auto."]
+        return [
+            f"run.resume=never: run.name={spec.run.name} already has checkpoints under "
+            f"{spec.run.storage_path}. Choose a new run.name or use run.resume=auto."
+        ]
     old = recorded_config(spec)
     if old is None:
         return []
     finished = fs_exists(f"{spec.export_dir}/metrics.json")
-    changed = [k for k in changed_keys(old, spec.model_dump(mode="json"))
-               if k not in _RERUN_FREE_KEYS and k.split(".")[0] not in _RERUN_FREE_KEYS]
+    changed = [
+        k
+        for k in changed_keys(old, spec.model_dump(mode="json"))
+        if k not in _RERUN_FREE_KEYS and k.split(".")[0] not in _RERUN_FREE_KEYS
+    ]
     if not changed:
         return []
     shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
     state = "finished earlier" if finished else "already exists"
-    return [f"run.name={spec.run.name}: this run {state} with a different config (changed: "
-            f"{shown}; recorded in {spec.run_dir}/{RUN_CONFIG_FILE}); rerunning it would "
-            f"{'re-export' if finished else 'resume'} the old run. "
-            "Choose a new run.name, or set run.resume=restart to discard the old run and start "
-            "over."]
+    return [
+        f"run.name={spec.run.name}: this run {state} with a different config (changed: "
+        f"{shown}; recorded in {spec.run_dir}/{RUN_CONFIG_FILE}); rerunning it would "
+        f"{'re-export' if finished else 'resume'} the old run. "
+        "Choose a new run.name, or set run.resume=restart to discard the old run and start "
+        "over."
+    ]
 
 
 def _clear_run(spec: RunSpec) -> None:
@@ -375,4 +423,3 @@ def _clear_run(spec: RunSpec) -> None:
     elif os.path.isdir(spec.run_dir):
         shutil.rmtree(spec.run_dir)
     log.warning("run.resume=restart: removed the earlier run at %s", spec.run_dir)
-

@@ -56,8 +56,10 @@ def load_saved(spec: RunSpec, tokenizer, data, folder: str):
             state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=DS_TAG)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lora_" in k or spec.method == "full"]:
-            raise RuntimeError(f"checkpoint {folder} does not match the model: missing "
-                               f"{missing[:3]}, unexpected {unexpected[:3]}")
+            raise RuntimeError(
+                f"checkpoint {folder} does not match the model: missing "
+                f"{missing[:3]}, unexpected {unexpected[:3]}"
+            )
         return model.eval()
     if is_feature_export(folder):  # method=feature_extraction: frozen base + trained head
         return load_feature_model(folder)

@@ -63,8 +63,11 @@ class StagesOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def run_stages(spec: RunSpec, stages: list[tuple[str, RunSpec]] | None = None,
-               fault: KillAfterStep | None = None) -> StagesOutcome:
+def run_stages(
+    spec: RunSpec,
+    stages: list[tuple[str, RunSpec]] | None = None,
+    fault: KillAfterStep | None = None,
+) -> StagesOutcome:
     """Run `spec.stages` in order, each from the previous stage's model; write the report.
 
     Args:
@@ -83,8 +86,11 @@ def run_stages(spec: RunSpec, stages: list[tuple[str, RunSpec]] | None = None,
     if problems:
         raise ConfigError(problems)
 
-    results = [_run_one(label, s, merge=i < len(plan) - 1, fault=fault)
-               for i, (label, s) in enumerate(plan) if not label.endswith("(baseline)")]
+    results = [
+        _run_one(label, s, merge=i < len(plan) - 1, fault=fault)
+        for i, (label, s) in enumerate(plan)
+        if not label.endswith("(baseline)")
+    ]
     baseline = None
     if plan[-1][0].endswith("(baseline)"):
         baseline = _run_one(plan[-1][0], plan[-1][1], merge=False, fault=fault)
@@ -111,10 +117,18 @@ def stage_specs(spec: RunSpec) -> list[tuple[str, RunSpec]]:
     """One validated RunSpec per stage (plus the baseline run when run.stage_baseline), labelled
     `stages[i] (<name>)`. Raises one ConfigError with every stage's problems."""
     if not spec.stages:
-        raise ConfigError(["stages=None: this config has no stages. Add a stages: list or run "
-                           "`ferry train` on it as a single run."])
+        raise ConfigError(
+            [
+                "stages=None: this config has no stages. Add a stages: list or run "
+                "`ferry train` on it as a single run."
+            ]
+        )
     names = [s.name for s in spec.stages]
-    problems = [f"stages={names}: stage names must be distinct. Rename one."] if len(set(names)) < len(names) else []
+    problems = (
+        [f"stages={names}: stage names must be distinct. Rename one."]
+        if len(set(names)) < len(names)
+        else []
+    )
     base = spec.model_dump(mode="json", exclude={"stages"})
     out: list[tuple[str, RunSpec]] = []
     previous: RunSpec | None = None
@@ -123,14 +137,18 @@ def stage_specs(spec: RunSpec) -> list[tuple[str, RunSpec]]:
         raw = copy.deepcopy(base)
         for key, value in stage.set.items():
             if key.split(".")[0] in ("stages", "run") and key not in ("run.seed",):
-                problems.append(f"{label}.set.{key}={value}: stages cannot override run.* or stages. "
-                                "Set it at the top level.")
+                problems.append(
+                    f"{label}.set.{key}={value}: stages cannot override run.* or stages. "
+                    "Set it at the top level."
+                )
                 continue
             set_path(raw, key, value)
         raw["run"]["name"] = f"{spec.run.name}-{stage.name}"
         if previous is not None:
-            raw["model"] = {"name_or_path": _model_dir(previous),
-                            "trust_remote_code": spec.model.trust_remote_code}
+            raw["model"] = {
+                "name_or_path": _model_dir(previous),
+                "trust_remote_code": spec.model.trust_remote_code,
+            }
         try:
             stage_spec = build_spec(raw)
         except ConfigError as e:
@@ -138,13 +156,17 @@ def stage_specs(spec: RunSpec) -> list[tuple[str, RunSpec]]:
             previous = None
             continue
         if stage_spec.method == "feature_extraction" and i < len(spec.stages) - 1:
-            problems.append(f"{label}.set.method=feature_extraction: a frozen-feature head cannot feed "
-                            "a later stage. Use it in the last stage only.")
+            problems.append(
+                f"{label}.set.method=feature_extraction: a frozen-feature head cannot feed "
+                "a later stage. Use it in the last stage only."
+            )
         out.append((label, stage_spec))
         previous = stage_spec
     if len(spec.stages) > 1 and out and out[0][1].task.type not in _LM_TASKS:
-        log.info("stage 1 is %s, not continued pretraining: no domain perplexity is reported",
-                 out[0][1].task.type)
+        log.info(
+            "stage 1 is %s, not continued pretraining: no domain perplexity is reported",
+            out[0][1].task.type,
+        )
     if problems:
         raise ConfigError(problems)
     if spec.run.stage_baseline:
@@ -172,17 +194,31 @@ def _run_one(label: str, spec: RunSpec, merge: bool, fault: KillAfterStep | None
         metrics = read_export_metrics(spec.export_dir)
     else:
         status = "resumed" if has_checkpoint(spec) else "ran"
-        log.info("%s: %s %s/%s run %s", label, "resuming" if status == "resumed" else "starting",
-                 spec.task.type, spec.method, spec.run.name)
+        log.info(
+            "%s: %s %s/%s run %s",
+            label,
+            "resuming" if status == "resumed" else "starting",
+            spec.task.type,
+            spec.method,
+            spec.run.name,
+        )
         metrics = train(plan_checked(spec), merge=merge, fault=fault).metrics
     return StageResult(
-        name=label, run_name=spec.run.name, task=spec.task.type, method=spec.method,
-        status=status, export_dir=spec.export_dir, before=metrics.get("before"),
-        final=metrics.get("final") or {}, wall_s=round(time.perf_counter() - t0, 1),
+        name=label,
+        run_name=spec.run.name,
+        task=spec.task.type,
+        method=spec.method,
+        status=status,
+        export_dir=spec.export_dir,
+        before=metrics.get("before"),
+        final=metrics.get("final") or {},
+        wall_s=round(time.perf_counter() - t0, 1),
     )
 
 
-def _write_report(spec: RunSpec, results: list[StageResult], baseline: StageResult | None) -> StagesOutcome:
+def _write_report(
+    spec: RunSpec, results: list[StageResult], baseline: StageResult | None
+) -> StagesOutcome:
     summary: dict[str, Any] = {}
     first = results[0]
     if first.task in _LM_TASKS and len(results) > 1:
@@ -200,8 +236,11 @@ def _write_report(spec: RunSpec, results: list[StageResult], baseline: StageResu
     }
     report_dir = spec.run_dir
     path = report_dir + "/stages.json"
-    body = {"summary": summary, "stages": [asdict(r) for r in results],
-            "baseline": asdict(baseline) if baseline else None}
+    body = {
+        "summary": summary,
+        "stages": [asdict(r) for r in results],
+        "baseline": asdict(baseline) if baseline else None,
+    }
     fs, root = filesystem(report_dir)
     fs.create_dir(root)
     with fs.open_output_stream(f"{root}/stages.json") as f:

@@ -42,7 +42,9 @@ def check_data(spec: RunSpec) -> list[str]:
                 problems.append(str(e))
                 continue
             except Exception as e:  # unreadable header: reported with the file, not a traceback
-                problems.append(f"data.{key}={path}: cannot read ({e}). Check the file and data.format.")
+                problems.append(
+                    f"data.{key}={path}: cannot read ({e}). Check the file and data.format."
+                )
                 continue
             for col in needed.values():
                 if cols is not None and col not in cols:
@@ -64,14 +66,21 @@ def expand_files(patterns: list[str], key: str) -> list[str]:
                 raise DataError(f"{key}={pat}: file not found. Check the URI and credentials.")
             if info.type == pafs.FileType.Directory:
                 sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                out += [pat.split("://")[0] + "://" + i.path for i in sel if i.type == pafs.FileType.File]
+                out += [
+                    pat.split("://")[0] + "://" + i.path
+                    for i in sel
+                    if i.type == pafs.FileType.File
+                ]
             else:
                 out.append(pat)
             continue
         matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
         if os.path.isdir(pat):
             matches = sorted(
-                os.path.join(d, f) for d, _, fs_ in os.walk(pat) for f in fs_ if not f.startswith((".", "_"))
+                os.path.join(d, f)
+                for d, _, fs_ in os.walk(pat)
+                for f in fs_
+                if not f.startswith((".", "_"))
             )
         if not matches:
             raise DataError(f"{key}={pat}: file not found. Fix the path or glob.")
@@ -82,15 +91,22 @@ def expand_files(patterns: list[str], key: str) -> list[str]:
 def raw_columns(spec: RunSpec) -> dict[str, str]:
     """Canonical name -> the user's column name, for the columns the task reads (the task says
     which; the config says what they are called)."""
-    return {canon: getattr(spec.data, field)
-            for canon, field in TASKS[spec.task.type].columns(spec.data).items()}
+    return {
+        canon: getattr(spec.data, field)
+        for canon, field in TASKS[spec.task.type].columns(spec.data).items()
+    }
 
 
 def format_of(path: str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     name = path.lower().removesuffix(".gz")
-    for ext, f in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+    for ext, f in (
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+    ):
         if name.endswith(ext):
             return f
     raise DataError(
@@ -127,11 +143,15 @@ def peek_columns(path: str, fmt: str) -> set[str] | None:
     return set(obj) if isinstance(obj, dict) else None
 
 
-def parse_file(path: str, fmt: str, columns: list[str]) -> tuple[list[dict | None], list[str | None]]:
+def parse_file(
+    path: str, fmt: str, columns: list[str]
+) -> tuple[list[dict | None], list[str | None]]:
     fs, p = pafs.FileSystem.from_uri(absolute(path))
     if fmt == "parquet":
         with fs.open_input_file(p) as f:
-            t = pq.read_table(f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names])
+            t = pq.read_table(
+                f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names]
+            )
         return t.to_pylist(), [None] * t.num_rows
     with fs.open_input_stream(p, compression="detect") as f:
         raw = f.read()
@@ -166,8 +186,10 @@ def _parse_json_array(path: str, raw: bytes) -> tuple[list[dict | None], list[st
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start}). Save the file as UTF-8.") from e
     except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}). Fix the file, or write one JSON object per "
-                        "line (JSON Lines).") from e
+        raise DataError(
+            f"{path}: not valid JSON ({e}). Fix the file, or write one JSON object per "
+            "line (JSON Lines)."
+        ) from e
     records: list[dict | None] = []
     errors: list[str | None] = []
     for row in rows:

@@ -76,8 +76,10 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
         DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
     """
     if tokenizer_source is None:
+
         def tokenizer_source(texts):
             return load_tokenizer_for(spec, texts)
+
     files = {"train": expand_files(spec.data.train_files, "data.train_files")}
     if spec.data.validation_files:
         files["validation"] = expand_files(spec.data.validation_files, "data.validation_files")
@@ -88,13 +90,21 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
     # Presets derive their tokenizer from the data, so the data and settings identify it; a
     # pretrained tokenizer is identified by its own content.
     tokenizer = None if spec.model.preset else tokenizer_source(None)
-    tok_id = spec.model.preset + str(spec.model.preset_vocab_size) if spec.model.preset else _tokenizer_identity(tokenizer)
-    key = hashlib.sha256(json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()).hexdigest()[:20]
+    tok_id = (
+        spec.model.preset + str(spec.model.preset_vocab_size)
+        if spec.model.preset
+        else _tokenizer_identity(tokenizer)
+    )
+    key = hashlib.sha256(
+        json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()
+    ).hexdigest()[:20]
     final = f"{cache_root}/{key}"
     meta = read_marker(fs, final)
     if meta is not None:
         log.info("preprocessing cache hit: %s", final)
-        return PreparedData(**{**meta, "cache_path": with_scheme(spec.cache_dir, final), "cache_hit": True})
+        return PreparedData(
+            **{**meta, "cache_path": with_scheme(spec.cache_dir, final), "cache_hit": True}
+        )
 
     rows = _read_rows(files, spec)
     rows, bad = _check_rows(rows, spec)
@@ -132,7 +142,11 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
                 _tokenize_batch,
                 batch_format="pyarrow",
                 batch_size=512,
-                fn_kwargs={"tok_uri": tok_uri, "spec_dict": spec.model_dump(), "label_index": label_index},
+                fn_kwargs={
+                    "tok_uri": tok_uri,
+                    "spec_dict": spec.model_dump(),
+                    "label_index": label_index,
+                },
             ).materialize()
         n, overlong, tokens = _split_stats(out)
         if n == 0:
@@ -141,7 +155,12 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
                 "over-long. Raise data.max_seq_length or set data.overlong=truncate."
             )
         if overlong:
-            log.warning("%s: %d rows longer than data.max_seq_length (%s)", split, overlong, spec.data.overlong)
+            log.warning(
+                "%s: %d rows longer than data.max_seq_length (%s)",
+                split,
+                overlong,
+                spec.data.overlong,
+            )
         out = out.drop_columns(["_overlong", "_tokens"])
         counts[split] = (n, tokens)
         out.write_parquet(with_scheme(spec.cache_dir, f"{partial}/{split}"))
@@ -178,8 +197,9 @@ def _read_rows(files: dict[str, list[str]], spec: RunSpec):
     )
 
 
-def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows,
-                     spec_dict: dict | None = None) -> pa.Table:
+def _read_file_batch(
+    batch: pa.Table, columns, fmt, fraction, seed, max_rows, spec_dict: dict | None = None
+) -> pa.Table:
     """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error.
 
     Nested values (SQuAD `answers` objects) are kept as JSON text; a task's optional
@@ -197,8 +217,9 @@ def _read_file_batch(batch: pa.Table, columns, fmt, fraction, seed, max_rows,
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
         for canon, col in columns.items():
             v = rec.get(col) if rec else None
-            out[canon].append(None if v is None else json.dumps(v) if isinstance(v, (dict, list))
-                              else str(v))
+            out[canon].append(
+                None if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+            )
         if err is None:
             for col in columns.values():
                 v = rec.get(col)
@@ -263,7 +284,9 @@ def _label_names(train_rows, spec: RunSpec) -> list[str] | None:
         return seen
     unknown = sorted(set(seen) - set(spec.task.labels))
     if unknown:
-        first = train_rows.filter(lambda r: r["label"] in unknown).sort(["_file", "_row"]).take(1)[0]
+        first = (
+            train_rows.filter(lambda r: r["label"] in unknown).sort(["_file", "_row"]).take(1)[0]
+        )
         raise DataError(
             f"task.labels={spec.task.labels}: label '{unknown[0]}' in {first['_file']} row "
             f"{first['_row']} is not in the label set ({len(unknown)} unknown: {unknown[:5]}). "
@@ -287,8 +310,11 @@ def _drop_unknown_labels(val_rows, label_names, spec: RunSpec):
 
 
 def _iter_text(ds):
-    cols = [c for c in ("text", "prompt", "response", "summary", "question", "context")
-            if c in ds.columns()]
+    cols = [
+        c
+        for c in ("text", "prompt", "response", "summary", "question", "context")
+        if c in ds.columns()
+    ]
     for batch in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=1024):
         for c in cols:
             yield from (x for x in batch.column(c).to_pylist() if x)
@@ -302,7 +328,10 @@ def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index:
     out, overlong = TASKS[spec.task.type].tokenize(table, tokenizer, spec, label_index)
     flags = [overlong] + [0] * (out.num_rows - 1) if out.num_rows else []
     out = out.append_column("_overlong", pa.array(flags, type=pa.int64()))
-    return out.append_column("_tokens", pa.compute.cast(pa.compute.list_value_length(out.column("input_ids")), pa.int64()))
+    return out.append_column(
+        "_tokens",
+        pa.compute.cast(pa.compute.list_value_length(out.column("input_ids")), pa.int64()),
+    )
 
 
 def _split_stats(ds) -> tuple[int, int, int]:
@@ -310,7 +339,9 @@ def _split_stats(ds) -> tuple[int, int, int]:
     columns in one pass. Ray Data's own aggregations (count + sum) would each start a job, and
     a sum starts a shuffle: seconds each on a freshly started Ray."""
     rows = overlong = tokens = 0
-    for batch in ds.select_columns(["_overlong", "_tokens"]).iter_batches(batch_format="pyarrow", batch_size=None):
+    for batch in ds.select_columns(["_overlong", "_tokens"]).iter_batches(
+        batch_format="pyarrow", batch_size=None
+    ):
         rows += batch.num_rows
         overlong += int(pa.compute.sum(batch.column("_overlong")).as_py() or 0)
         tokens += int(pa.compute.sum(batch.column("_tokens")).as_py() or 0)
@@ -356,7 +387,11 @@ def _file_identity(path: str) -> list:
 
 def _tokenizer_identity(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    text = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    )
     extra = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return hashlib.sha256((text + extra).encode()).hexdigest()
 

@@ -79,8 +79,10 @@ def check_features(spec: RunSpec) -> list[str]:
     try:
         cfg = model_config(spec, None, None)
     except (OSError, ValueError) as e:
-        return [f"model.name_or_path={spec.model.name_or_path}: cannot read the model config ({e}). "
-                "Fix the path or model id."]
+        return [
+            f"model.name_or_path={spec.model.name_or_path}: cannot read the model config ({e}). "
+            "Fix the path or model id."
+        ]
     layers = getattr(cfg, "num_hidden_layers", None)
     if layers is not None and not -(layers + 1) <= f.layer <= layers:
         problems.append(
@@ -88,11 +90,16 @@ def check_features(spec: RunSpec) -> list[str]:
             f"{-(layers + 1)} and {layers} (0 = embeddings, -1 = last). Pick a layer in that range."
         )
     if f.pooling == "cls" and _is_decoder_only(cfg):
-        log.warning("features.pooling=cls on a decoder-only model (%s): its first token has seen "
-                    "nothing else; mean or last_token pooling usually works better.", cfg.model_type)
+        log.warning(
+            "features.pooling=cls on a decoder-only model (%s): its first token has seen "
+            "nothing else; mean or last_token pooling usually works better.",
+            cfg.model_type,
+        )
     if "lora" in spec.model_fields_set or "deepspeed" in spec.model_fields_set:
-        log.warning("method=feature_extraction: the lora and deepspeed blocks are ignored "
-                    "(the model is frozen; the head trains without DeepSpeed).")
+        log.warning(
+            "method=feature_extraction: the lora and deepspeed blocks are ignored "
+            "(the model is frozen; the head trains without DeepSpeed)."
+        )
     import ray
 
     if ray.is_initialized():
@@ -115,7 +122,9 @@ def _is_decoder_only(cfg) -> bool:
     )
 
     kind = cfg.model_type
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return (
+        kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
@@ -129,10 +138,17 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
     meta = read_marker(fs, final)
     if meta is not None:
         log.info("feature cache hit: %s", final)
-        return FeatureCache(**{**meta, "path": with_scheme(spec.cache_dir, final),
-                               "base_path": with_scheme(spec.cache_dir, meta["base_path"])
-                               if meta["base_path"] else None,
-                               "cache_hit": True, "extract_s": time.perf_counter() - t0})
+        return FeatureCache(
+            **{
+                **meta,
+                "path": with_scheme(spec.cache_dir, final),
+                "base_path": with_scheme(spec.cache_dir, meta["base_path"])
+                if meta["base_path"]
+                else None,
+                "cache_hit": True,
+                "extract_s": time.perf_counter() - t0,
+            }
+        )
 
     partial = f"{root}/features-{key}.partial-{uuid.uuid4().hex[:8]}"
     fs.create_dir(partial)
@@ -141,49 +157,84 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
     if spec.model.preset:
         # A preset's random-init base exists nowhere else: build it once here (seeded), keep it
         # with its features, and let every actor (and later the export) load the same weights.
-        _save_pretrained(_build_preset_base(spec, load_tokenizer(data.tokenizer_path)), fs, f"{partial}/base")
+        _save_pretrained(
+            _build_preset_base(spec, load_tokenizer(data.tokenizer_path)), fs, f"{partial}/base"
+        )
         base_path = f"{final}/base"
         base_ref = {"name_or_path": with_scheme(spec.cache_dir, f"{partial}/base")}
     f = spec.features
     # Both splits in one pass through one actor pool (each actor loads the model once; an actor
     # start costs seconds), written partitioned by split, then moved to train/ and validation/.
-    tagged = [ray.data.read_parquet(source).map_batches(_tag_split, batch_format="pyarrow",
-                                                        fn_kwargs={"split": split})
-              for split, source in (("train", data.train_path), ("validation", data.validation_path))]
-    embedded = tagged[0].union(tagged[1]).map_batches(
-        _Embedder,
-        batch_size=f.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=f.num_actors),
-        fn_constructor_kwargs={"base_ref": base_ref, "tokenizer_path": data.tokenizer_path,
-                               "pooling": f.pooling, "layer": f.layer},
-        num_cpus=spec.scaling.cpus_per_worker,
-        num_gpus=spec.scaling.gpus_per_worker,
+    tagged = [
+        ray.data.read_parquet(source).map_batches(
+            _tag_split, batch_format="pyarrow", fn_kwargs={"split": split}
+        )
+        for split, source in (("train", data.train_path), ("validation", data.validation_path))
+    ]
+    embedded = (
+        tagged[0]
+        .union(tagged[1])
+        .map_batches(
+            _Embedder,
+            batch_size=f.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=f.num_actors),
+            fn_constructor_kwargs={
+                "base_ref": base_ref,
+                "tokenizer_path": data.tokenizer_path,
+                "pooling": f.pooling,
+                "layer": f.layer,
+            },
+            num_cpus=spec.scaling.cpus_per_worker,
+            num_gpus=spec.scaling.gpus_per_worker,
+        )
     )
-    embedded.write_parquet(with_scheme(spec.cache_dir, f"{partial}/by_split"), partition_cols=["split"])
+    embedded.write_parquet(
+        with_scheme(spec.cache_dir, f"{partial}/by_split"), partition_cols=["split"]
+    )
     counts = {}
     for split in ("train", "validation"):
         fs.move(f"{partial}/by_split/split={split}", f"{partial}/{split}")
         counts[split] = _row_count(with_scheme(spec.cache_dir, f"{partial}/{split}"))
     fs.delete_dir(f"{partial}/by_split")
     dim = _feature_dim(with_scheme(spec.cache_dir, f"{partial}/train"))
-    meta = {"dim": dim, "train_rows": counts["train"], "validation_rows": counts["validation"],
-            "base_path": base_path}
+    meta = {
+        "dim": dim,
+        "train_rows": counts["train"],
+        "validation_rows": counts["validation"],
+        "base_path": base_path,
+    }
     publish(fs, partial, final, meta)
     elapsed = time.perf_counter() - t0
-    log.info("features extracted: %d + %d rows x %d dims in %.1fs -> %s", counts["train"],
-             counts["validation"], dim, elapsed, final)
-    return FeatureCache(**{**meta, "path": with_scheme(spec.cache_dir, final),
-                           "base_path": with_scheme(spec.cache_dir, base_path) if base_path else None,
-                           "extract_s": elapsed})
+    log.info(
+        "features extracted: %d + %d rows x %d dims in %.1fs -> %s",
+        counts["train"],
+        counts["validation"],
+        dim,
+        elapsed,
+        final,
+    )
+    return FeatureCache(
+        **{
+            **meta,
+            "path": with_scheme(spec.cache_dir, final),
+            "base_path": with_scheme(spec.cache_dir, base_path) if base_path else None,
+            "extract_s": elapsed,
+        }
+    )
 
 
 def feature_cache_key(spec: RunSpec, data: PreparedData) -> str:
     """Hash of what determines the features: the tokenized data (its own content-hash key covers
     the files, tokenizer and preprocessing settings), the frozen model, pooling and layer."""
     tokenized_key = data.cache_path.rstrip("/").rsplit("/", 1)[-1]
-    parts = [_FEATURES_VERSION, tokenized_key, _model_identity(spec), spec.features.pooling,
-             spec.features.layer]
+    parts = [
+        _FEATURES_VERSION,
+        tokenized_key,
+        _model_identity(spec),
+        spec.features.pooling,
+        spec.features.layer,
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -216,18 +267,23 @@ class _Embedder:
         self.pooling, self.layer = pooling, layer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = {"input_ids": batch.column("input_ids").to_pylist(),
-                "labels": batch.column("labels").to_pylist()}
+        rows = {
+            "input_ids": batch.column("input_ids").to_pylist(),
+            "labels": batch.column("labels").to_pylist(),
+        }
         enc = classification.collate(rows, self.pad_id)
         with torch.inference_mode():
-            vectors = embed(self.model, enc["input_ids"], enc["attention_mask"], self.pooling, self.layer)
+            vectors = embed(
+                self.model, enc["input_ids"], enc["attention_mask"], self.pooling, self.layer
+            )
         flat = pa.array(vectors.numpy().reshape(-1), type=pa.float32())
         features = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
         return batch.drop_columns(["input_ids"]).append_column("features", features)
 
 
-def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
-          layer: int) -> torch.Tensor:
+def embed(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str, layer: int
+) -> torch.Tensor:
     """Pooled hidden states [batch, hidden] of `layer` (0 = embeddings, -1 = last). Works with
     left or right padding: positions come from the attention mask."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -253,8 +309,12 @@ def load_backbone(ref: dict):
 
 def pretrained_ref(spec: RunSpec) -> dict:
     m = spec.model
-    return {"name_or_path": m.name_or_path, "revision": m.revision, "gguf_file": m.gguf_file,
-            "trust_remote_code": m.trust_remote_code}
+    return {
+        "name_or_path": m.name_or_path,
+        "revision": m.revision,
+        "gguf_file": m.gguf_file,
+        "trust_remote_code": m.trust_remote_code,
+    }
 
 
 def _build_preset_base(spec: RunSpec, tokenizer):

@@ -43,12 +43,18 @@ def build_head(kind: str, dim: int, num_labels: int, hidden: int) -> torch.nn.Se
     """Logistic regression = standardize + linear; MLP = standardize + Linear-ReLU-Dropout-Linear."""
     if kind == "logistic_regression":
         return torch.nn.Sequential(_Standardize(dim), torch.nn.Linear(dim, num_labels))
-    return torch.nn.Sequential(_Standardize(dim), torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
-                               torch.nn.Dropout(_MLP_DROPOUT), torch.nn.Linear(hidden, num_labels))
+    return torch.nn.Sequential(
+        _Standardize(dim),
+        torch.nn.Linear(dim, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(_MLP_DROPOUT),
+        torch.nn.Linear(hidden, num_labels),
+    )
 
 
-def train_head(spec: RunSpec, features: FeatureCache, label_names: list[str]
-               ) -> tuple[torch.nn.Sequential, str, dict[str, Any]]:
+def train_head(
+    spec: RunSpec, features: FeatureCache, label_names: list[str]
+) -> tuple[torch.nn.Sequential, str, dict[str, Any]]:
     """The trained head, where it trained ("driver" or "ray_train") and what was chosen while
     training it (for metrics.json: the logistic regression's C and how it was chosen)."""
     f = spec.features
@@ -82,8 +88,9 @@ def _fit_logistic_regression(spec: RunSpec, head, features: FeatureCache):
     if c is None:
         folds = int(min(_CV_FOLDS, np.bincount(y).min())) if len(y) else 0
         if folds >= 2:
-            cv = LogisticRegressionCV(Cs=_CV_CS, cv=folds, max_iter=_LR_MAX_ITER,
-                                      random_state=spec.run.seed).fit(z, y)
+            cv = LogisticRegressionCV(
+                Cs=_CV_CS, cv=folds, max_iter=_LR_MAX_ITER, random_state=spec.run.seed
+            ).fit(z, y)
             c, how = float(cv.C_[0]), f"{folds}-fold cross-validation"
         else:  # a class with a single training row: no fold could hold it out
             c, how = 1.0, "default (too few rows per class to cross-validate)"
@@ -114,7 +121,7 @@ def _fit_epochs(model, x: torch.Tensor, y: torch.Tensor, spec: RunSpec, seed: in
     for _ in range(spec.features.mlp_epochs):
         perm = torch.randperm(len(y), generator=order)
         for i in range(0, len(perm), t.micro_batch_size_per_worker):
-            rows = perm[i:i + t.micro_batch_size_per_worker]
+            rows = perm[i : i + t.micro_batch_size_per_worker]
             loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
             opt.zero_grad()
             loss.backward()
@@ -132,11 +139,15 @@ def _fit_mlp_distributed(spec: RunSpec, head, features: FeatureCache):
 
     trainer = TorchTrainer(
         _head_worker,
-        train_loop_config={"spec": spec.model_dump(), "dim": features.dim,
-                           "num_labels": head[-1].out_features,
-                           "init": {k: v.numpy() for k, v in head.state_dict().items()}},
+        train_loop_config={
+            "spec": spec.model_dump(),
+            "dim": features.dim,
+            "num_labels": head[-1].out_features,
+            "init": {k: v.numpy() for k, v in head.state_dict().items()},
+        },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.gpus_per_worker > 0,
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.gpus_per_worker > 0,
             resources_per_worker=spec.scaling.resources_per_worker,
             placement_strategy=spec.scaling.placement_strategy,
         ),
@@ -190,8 +201,9 @@ def evaluate_head(head, x: np.ndarray, y: np.ndarray, label_names: list[str]) ->
         logits = head.eval()(torch.from_numpy(x))
         labels = torch.from_numpy(y).long()
         loss_sum = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-    return classification.metrics(loss_sum, float(len(y)), logits.argmax(-1).tolist(), y.tolist(),
-                                  label_names)
+    return classification.metrics(
+        loss_sum, float(len(y)), logits.argmax(-1).tolist(), y.tolist(), label_names
+    )
 
 
 def read_features(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +215,9 @@ def read_features(path: str) -> tuple[np.ndarray, np.ndarray]:
 def _matrix(column) -> np.ndarray:
     """A (fixed-size) list<float32> column -> a [rows, dim] float32 array, without Python loops."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
+    return (
+        column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
+    )
 
 
 def _standardization(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +261,9 @@ def load_feature_model(export_dir: str) -> FeatureModel:
     base = dict(meta["base"])
     if base.pop("in_export", False):
         base["name_or_path"] = os.path.join(local, base["name_or_path"])
-    head = build_head(meta["head"], meta["feature_dim"], meta["num_labels"], meta["mlp_hidden_size"])
+    head = build_head(
+        meta["head"], meta["feature_dim"], meta["num_labels"], meta["mlp_hidden_size"]
+    )
     head.load_state_dict(load_file(os.path.join(local, HEAD_FILE)))
     return FeatureModel(load_backbone(base), head, meta["pooling"], meta["layer"]).eval()
 

@@ -31,13 +31,33 @@ def train_features(plan: RunPlan) -> TrainOutcome:
     x_val, y_val = read_features(features.validation_path)
     metrics = evaluate_head(head, x_val, y_val, data.label_names)
     head_s = time.perf_counter() - t_head
-    metrics.update({"train/wall_s": time.perf_counter() - t0,
-                    "features/extract_s": features.extract_s, "features/head_s": head_s})
-    result = summary(spec, [metrics], None, 0, head=spec.features.head, head_trained=head_where,
-                     feature_cache_hit=features.cache_hit, feature_cache=features.path,
-                     **head_info)
+    metrics.update(
+        {
+            "train/wall_s": time.perf_counter() - t0,
+            "features/extract_s": features.extract_s,
+            "features/head_s": head_s,
+        }
+    )
+    result = summary(
+        spec,
+        [metrics],
+        None,
+        0,
+        head=spec.features.head,
+        head_trained=head_where,
+        feature_cache_hit=features.cache_hit,
+        feature_cache=features.path,
+        **head_info,
+    )
     export_features(spec, data, features, head, result, spec.export_dir)
-    log.info("%s head (%s): eval/accuracy %.4f, features %.1fs (%s), head %.1fs -> %s",
-             spec.features.head, head_where, metrics["eval/accuracy"], features.extract_s,
-             "cache hit" if features.cache_hit else "extracted", head_s, spec.export_dir)
+    log.info(
+        "%s head (%s): eval/accuracy %.4f, features %.1fs (%s), head %.1fs -> %s",
+        spec.features.head,
+        head_where,
+        metrics["eval/accuracy"],
+        features.extract_s,
+        "cache hit" if features.cache_hit else "extracted",
+        head_s,
+        spec.export_dir,
+    )
     return TrainOutcome(spec.export_dir, result, None, None, data)

@@ -61,7 +61,9 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
 def _documents(table: pa.Table, tokenizer, eos: int) -> list[tuple[list[int], list[int]]]:
     """(input ids, labels) per row: text + EOS, or prompt (no loss) + response + EOS."""
     if "prompt" in table.column_names:
-        prompts = tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False)["input_ids"]
+        prompts = tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False)[
+            "input_ids"
+        ]
         answers = tokenizer(table.column("response").to_pylist(), add_special_tokens=False)[
             "input_ids"
         ]
@@ -79,7 +81,11 @@ def _pack(docs, max_len: int, eos: int) -> pa.Table:
         pos += list(range(len(d_ids)))
     rows = []
     for start in range(0, len(ids), max_len):
-        r_ids, r_lab, r_pos = ids[start : start + max_len], labels[start : start + max_len], pos[start : start + max_len]
+        r_ids, r_lab, r_pos = (
+            ids[start : start + max_len],
+            labels[start : start + max_len],
+            pos[start : start + max_len],
+        )
         if r_pos and r_pos[0] != 0:
             # A document split across rows: its continuation starts a new block; no loss on the
             # first token since its context is in the previous row.
@@ -137,4 +143,8 @@ def loss_and_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, None]:
 
 def metrics(loss_sum: float, weight: float, preds, labels, label_names) -> dict[str, float]:
     loss = loss_sum / max(weight, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 50.0))), "eval/tokens": weight}
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": float(np.exp(min(loss, 50.0))),
+        "eval/tokens": weight,
+    }

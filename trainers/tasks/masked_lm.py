@@ -52,16 +52,25 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
                 continue
             ids = ids[: max_len - 1] + ids[-1:]  # keep the closing [SEP]
         seed = zlib.crc32(f"{spec.run.seed}:{files[i]}:{rows[i]}".encode())
-        masked, labels = _mask(ids, special, tokenizer.mask_token_id, candidates,
-                               spec.task.mlm_probability, np.random.default_rng(seed))
+        masked, labels = _mask(
+            ids,
+            special,
+            tokenizer.mask_token_id,
+            candidates,
+            spec.task.mlm_probability,
+            np.random.default_rng(seed),
+        )
         out_ids.append(masked)
         out_labels.append(labels)
     lst = pa.list_(pa.int32())
-    return pa.table({"input_ids": pa.array(out_ids, type=lst), "labels": pa.array(out_labels, type=lst)}), overlong
+    return pa.table(
+        {"input_ids": pa.array(out_ids, type=lst), "labels": pa.array(out_labels, type=lst)}
+    ), overlong
 
 
-def _mask(ids: list[int], special: set[int], mask_id: int, candidates: np.ndarray, p: float, rng
-          ) -> tuple[list[int], list[int]]:
+def _mask(
+    ids: list[int], special: set[int], mask_id: int, candidates: np.ndarray, p: float, rng
+) -> tuple[list[int], list[int]]:
     positions = [j for j, t in enumerate(ids) if t not in special]
     chosen = [j for j in positions if rng.random() < p]
     if not chosen and positions:
@@ -92,7 +101,9 @@ def loss_and_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Summed cross-entropy over the masked positions, and how many there are."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
+        logits.float().reshape(-1, logits.shape[-1]),
+        batch["labels"].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return loss, (batch["labels"] != IGNORE).sum().float(), None

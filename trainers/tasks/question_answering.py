@@ -40,8 +40,7 @@ METRICS = ("eval/loss", "eval/exact_match", "eval/f1")
 
 def columns(data_cfg) -> dict[str, str]:
     """Canonical column -> the `data.` field naming the user's column."""
-    return {"question": "question_column", "context": "context_column",
-            "answers": "answers_column"}
+    return {"question": "question_column", "context": "context_column", "answers": "answers_column"}
 
 
 def predict_inputs(data_cfg) -> list[str]:
@@ -61,7 +60,10 @@ def parse_answers(value: str, extractive: bool) -> tuple[list[str], list[int] | 
     except ValueError:
         obj = value
     if isinstance(obj, list) and all(isinstance(a, dict) for a in obj):
-        obj = {"text": [a.get("text") for a in obj], "answer_start": [a.get("answer_start") for a in obj]}
+        obj = {
+            "text": [a.get("text") for a in obj],
+            "answer_start": [a.get("answer_start") for a in obj],
+        }
     if isinstance(obj, str) and not extractive:
         obj = {"text": [obj]}
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), list):
@@ -72,8 +74,11 @@ def parse_answers(value: str, extractive: bool) -> tuple[list[str], list[int] | 
     if not extractive:
         return texts, None
     starts = obj.get("answer_start")
-    if (not isinstance(starts, list) or len(starts) != len(texts)
-            or not all(isinstance(s, int) and s >= 0 for s in starts)):
+    if (
+        not isinstance(starts, list)
+        or len(starts) != len(texts)
+        or not all(isinstance(s, int) and s >= 0 for s in starts)
+    ):
         raise ValueError("answers needs one integer answer_start per answer text")
     return texts, starts
 
@@ -101,8 +106,9 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
     if not extractive:
         sources = [prompt(q, c) for q, c in zip(questions, contexts)]
         refs = [json.dumps(texts) for texts, _ in answers]
-        return seq.tokenize_pairs(sources, [texts[0] for texts, _ in answers], refs, table,
-                                  tokenizer, spec, PROMPT_SUFFIX)
+        return seq.tokenize_pairs(
+            sources, [texts[0] for texts, _ in answers], refs, table, tokenizer, spec, PROMPT_SUFFIX
+        )
     return _tokenize_extractive(questions, contexts, answers, table, tokenizer, spec)
 
 
@@ -113,16 +119,25 @@ def prompt(question: str, context: str) -> str:
 
 def _encode(tokenizer, questions, contexts, max_len):
     if not getattr(tokenizer, "is_fast", False):
-            raise DataError("task.qa_style=extractive: needs a fast tokenizer (character offsets). "
-                        "Use a model whose tokenizer has a tokenizer.json, or qa_style=generative.")
-    return tokenizer(questions, contexts, truncation="only_second", max_length=max_len,
-                     return_offsets_mapping=True)
+        raise DataError(
+            "task.qa_style=extractive: needs a fast tokenizer (character offsets). "
+            "Use a model whose tokenizer has a tokenizer.json, or qa_style=generative."
+        )
+    return tokenizer(
+        questions,
+        contexts,
+        truncation="only_second",
+        max_length=max_len,
+        return_offsets_mapping=True,
+    )
 
 
 def _context_offsets(enc, i) -> list[tuple[int, int]]:
     """Character span of every token in row i; (-1, -1) outside the context."""
-    return [tuple(o) if sid == 1 else (-1, -1)
-            for o, sid in zip(enc["offset_mapping"][i], enc.sequence_ids(i))]
+    return [
+        tuple(o) if sid == 1 else (-1, -1)
+        for o, sid in zip(enc["offset_mapping"][i], enc.sequence_ids(i))
+    ]
 
 
 def _tokenize_extractive(questions, contexts, answers, table, tokenizer, spec):
@@ -143,8 +158,9 @@ def _tokenize_extractive(questions, contexts, answers, table, tokenizer, spec):
         start, end = _answer_tokens(offsets, starts[0], starts[0] + len(texts[0]))
         seen = max(e for _, e in offsets)
         out["input_ids"].append(enc["input_ids"][i])
-        out["token_type_ids"].append(enc["token_type_ids"][i] if "token_type_ids" in enc
-                                     else [0] * len(enc["input_ids"][i]))
+        out["token_type_ids"].append(
+            enc["token_type_ids"][i] if "token_type_ids" in enc else [0] * len(enc["input_ids"][i])
+        )
         out["start_positions"].append(start)
         out["end_positions"].append(end)
         out["offsets"].append([x for pair in offsets for x in pair])
@@ -152,8 +168,10 @@ def _tokenize_extractive(questions, contexts, answers, table, tokenizer, spec):
         out["reference_bytes"].append(list(json.dumps(texts).encode("utf-8")))
     lst = pa.list_(pa.int32())
     cols = {k: pa.array(out[k], type=lst) for k in ("input_ids", "token_type_ids", "offsets")}
-    cols.update(start_positions=pa.array(out["start_positions"], type=pa.int32()),
-                end_positions=pa.array(out["end_positions"], type=pa.int32()))
+    cols.update(
+        start_positions=pa.array(out["start_positions"], type=pa.int32()),
+        end_positions=pa.array(out["end_positions"], type=pa.int32()),
+    )
     for k in ("context_bytes", "reference_bytes"):
         cols[k] = pa.array(out[k], type=pa.list_(pa.uint8()))
     return pa.table(cols), overlong
@@ -194,11 +212,16 @@ def loss_and_outputs(model, batch):
     the predicted answer texts. Generative: summarization's token loss."""
     if "start_positions" not in batch:
         return seq.loss_and_outputs(model, batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch["token_type_ids"])
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+    )
     ce = torch.nn.functional.cross_entropy
-    loss = (ce(out.start_logits.float(), batch["start_positions"], reduction="sum")
-            + ce(out.end_logits.float(), batch["end_positions"], reduction="sum")) / 2
+    loss = (
+        ce(out.start_logits.float(), batch["start_positions"], reduction="sum")
+        + ce(out.end_logits.float(), batch["end_positions"], reduction="sum")
+    ) / 2
     n = torch.tensor(float(len(batch["input_ids"])))
     # A DeepSpeed engine's eval() sets only its wrapped module's flag, not its own.
     if getattr(model, "module", model).training:
@@ -209,15 +232,21 @@ def loss_and_outputs(model, batch):
     return loss, n, texts
 
 
-def best_spans(start_logits: torch.Tensor, end_logits: torch.Tensor, in_context: torch.Tensor,
-               max_tokens: int = MAX_ANSWER_TOKENS) -> list[tuple[int, int]]:
+def best_spans(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    in_context: torch.Tensor,
+    max_tokens: int = MAX_ANSWER_TOKENS,
+) -> list[tuple[int, int]]:
     """Per row, the (start, end) token pair maximizing start + end logit with start <= end <
     start + max_tokens, both context tokens."""
     n, width = start_logits.shape
     idx = torch.arange(width)
     ok = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_tokens)
     ok = ok[None] & in_context[:, :, None] & in_context[:, None, :]
-    scores = (start_logits.float()[:, :, None] + end_logits.float()[:, None, :]).masked_fill(~ok, -torch.inf)
+    scores = (start_logits.float()[:, :, None] + end_logits.float()[:, None, :]).masked_fill(
+        ~ok, -torch.inf
+    )
     flat = scores.view(n, -1).argmax(-1)
     return [(int(f) // width, int(f) % width) for f in flat]
 
@@ -250,13 +279,22 @@ def predict(model, tokenizer, inputs: dict[str, list[str]], spec, max_new_tokens
     if spec.task.qa_style == "generative":
         m = getattr(model, "module", model)
         enc_dec = bool(getattr(m.config, "is_encoder_decoder", False))
-        sources = seq.encode_sources(tokenizer, [prompt(q, c) for q, c in zip(questions, contexts)],
-                                     enc_dec, PROMPT_SUFFIX, spec.data.max_seq_length)
-        return {"prediction": seq.generate_texts(model, tokenizer, sources, spec.generation,
-                                                 max_new_tokens=max_new_tokens)}
+        sources = seq.encode_sources(
+            tokenizer,
+            [prompt(q, c) for q, c in zip(questions, contexts)],
+            enc_dec,
+            PROMPT_SUFFIX,
+            spec.data.max_seq_length,
+        )
+        return {
+            "prediction": seq.generate_texts(
+                model, tokenizer, sources, spec.generation, max_new_tokens=max_new_tokens
+            )
+        }
     enc = _encode(tokenizer, questions, contexts, spec.data.max_seq_length)
-    offsets = pad([[x for p in _context_offsets(enc, i) for x in p]
-                        for i in range(len(questions))], -1).view(len(questions), -1, 2)
+    offsets = pad(
+        [[x for p in _context_offsets(enc, i) for x in p] for i in range(len(questions))], -1
+    ).view(len(questions), -1, 2)
     kwargs = {"token_type_ids": pad(enc["token_type_ids"], 0)} if "token_type_ids" in enc else {}
     out = model(**pad_inputs(enc["input_ids"], tokenizer.pad_token_id or 0), **kwargs)
     spans = best_spans(out.start_logits, out.end_logits, offsets[..., 0] >= 0)
@@ -268,9 +306,11 @@ def metrics(loss_sum: float, weight: float, preds, labels, label_names) -> dict[
     """Loss, and SQuAD exact match and F1 (fractions in [0, 1], best over each row's answers)."""
     em = [max(exact_match(p, g) for g in golds) for p, golds in zip(preds, labels)]
     f1 = [max(f1_score(p, g) for g in golds) for p, golds in zip(preds, labels)]
-    return {"eval/loss": loss_sum / max(weight, 1.0),
-            "eval/exact_match": float(np.mean(em)) if em else 0.0,
-            "eval/f1": float(np.mean(f1)) if f1 else 0.0}
+    return {
+        "eval/loss": loss_sum / max(weight, 1.0),
+        "eval/exact_match": float(np.mean(em)) if em else 0.0,
+        "eval/f1": float(np.mean(f1)) if f1 else 0.0,
+    }
 
 
 def normalize_answer(s: str) -> str:

@@ -28,7 +28,14 @@ from trainers.tasks.common import overlong_policy, pad, pad_inputs
 IGNORE = -100
 PROMPT_SUFFIX = "\nTL;DR: "  # decoder-only models: what follows the document, before the summary
 # Metric keys every evaluation reports.
-METRICS = ("eval/loss", "eval/perplexity", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/gen_len")
+METRICS = (
+    "eval/loss",
+    "eval/perplexity",
+    "eval/rouge1",
+    "eval/rouge2",
+    "eval/rougeL",
+    "eval/gen_len",
+)
 
 
 def columns(data_cfg) -> dict[str, str]:
@@ -42,12 +49,26 @@ def predict_inputs(data_cfg) -> list[str]:
 
 def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Table, int]:
     summaries = table.column("summary").to_pylist()
-    return tokenize_pairs(table.column("text").to_pylist(), summaries, summaries, table, tokenizer,
-                          spec, PROMPT_SUFFIX)
+    return tokenize_pairs(
+        table.column("text").to_pylist(),
+        summaries,
+        summaries,
+        table,
+        tokenizer,
+        spec,
+        PROMPT_SUFFIX,
+    )
 
 
-def tokenize_pairs(sources: list[str], targets: list[str], references: list[str], table: pa.Table,
-                   tokenizer, spec, suffix: str) -> tuple[pa.Table, int]:
+def tokenize_pairs(
+    sources: list[str],
+    targets: list[str],
+    references: list[str],
+    table: pa.Table,
+    tokenizer,
+    spec,
+    suffix: str,
+) -> tuple[pa.Table, int]:
     """(source, target) text pairs -> model rows; `references` (what generations are scored
     against) ride along as UTF-8 bytes."""
     max_len = spec.data.max_seq_length
@@ -56,8 +77,10 @@ def tokenize_pairs(sources: list[str], targets: list[str], references: list[str]
     eos = tokenizer.eos_token_id
     # Encoder-decoder targets take the tokenizer's special tokens (T5: </s>; BART: <s>...</s>);
     # a decoder's target continues the prompt, so no BOS there.
-    tgt = [_ends_with(ids, eos)
-           for ids in tokenizer(text_target=targets, add_special_tokens=enc_dec)["input_ids"]]
+    tgt = [
+        _ends_with(ids, eos)
+        for ids in tokenizer(text_target=targets, add_special_tokens=enc_dec)["input_ids"]
+    ]
     files, rows = table.column("_file").to_pylist(), table.column("_row").to_pylist()
     out: dict[str, list] = {"input_ids": [], "labels": [], "reference_bytes": []}
     if not enc_dec:
@@ -87,8 +110,9 @@ def tokenize_pairs(sources: list[str], targets: list[str], references: list[str]
     return pa.table(cols), overlong
 
 
-def encode_sources(tokenizer, sources: list[str], enc_dec: bool, suffix: str,
-                   max_len: int | None) -> list[list[int]]:
+def encode_sources(
+    tokenizer, sources: list[str], enc_dec: bool, suffix: str, max_len: int | None
+) -> list[list[int]]:
     """Model input ids per source text, the same in training and prediction: the tokenizer's own
     special tokens for encoders; document + suffix, no special tokens, for decoders. `max_len`
     cuts the document (None = no cut)."""
@@ -108,7 +132,7 @@ def _truncate(s, t, max_len, enc_dec, tokenizer, suffix):
     t = _cut(t, max(1, max_len // 2), tokenizer)
     tail = len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
     doc = s[: len(s) - tail]
-    return doc[: max(1, max_len - len(t) - tail)] + s[len(s) - tail:], t
+    return doc[: max(1, max_len - len(t) - tail)] + s[len(s) - tail :], t
 
 
 def _cut(ids: list[int], n: int, tokenizer) -> list[int]:
@@ -123,21 +147,28 @@ def _ends_with(ids: list[int], eos: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=8)
-def _architecture(preset: str | None, source: str | None, revision: str | None,
-                  trust_remote_code: bool) -> bool:
+def _architecture(
+    preset: str | None,
+    source: str | None,
+    gguf_file: str | None,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> bool:
     if preset:
         return preset == "tiny-t5"
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(source, revision=revision,
-                                                  trust_remote_code=trust_remote_code)
+    # The model's config only (no weights); cached per process, read on every tokenize batch.
+    cfg = transformers.AutoConfig.from_pretrained(
+        source, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
+    )
     return bool(getattr(cfg, "is_encoder_decoder", False))
 
 
 def is_encoder_decoder(spec) -> bool:
     """Whether the run's model is an encoder-decoder (reads the config only, no weights)."""
     m = spec.model
-    return _architecture(m.preset, m.source, m.revision, m.trust_remote_code)
+    return _architecture(m.preset, m.source, m.gguf_file, m.revision, m.trust_remote_code)
 
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
@@ -166,16 +197,22 @@ def loss_and_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Summed token cross-entropy over the target tokens, and the number of target tokens.
     Predictions come from `generate` (evaluation only)."""
     if "prompt_length" in batch:  # decoder-only: predict token t+1 from tokens <= t
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits[:, :-1]
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits[:, :-1]
         targets = batch["labels"][:, 1:]
     else:  # encoder-decoder: transformers shifts the labels into decoder inputs
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=batch["labels"]).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).logits
         targets = batch["labels"]
     loss = torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-        ignore_index=IGNORE, reduction="sum",
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     return loss, (targets != IGNORE).sum().float(), None
 
@@ -195,8 +232,14 @@ def generate(model, batch, tokenizer, gen_cfg, synced: bool) -> list[str]:
     return generate_texts(model, tokenizer, sources, gen_cfg, synced)
 
 
-def generate_texts(model, tokenizer, sources: list[list[int]], gen_cfg,
-                   synced: bool = False, max_new_tokens: int | None = None) -> list[str]:
+def generate_texts(
+    model,
+    tokenizer,
+    sources: list[list[int]],
+    gen_cfg,
+    synced: bool = False,
+    max_new_tokens: int | None = None,
+) -> list[str]:
     """Decode from each source (input ids from `encode_sources`) with the `generation:` settings.
 
     Args:
@@ -216,17 +259,25 @@ def generate_texts(model, tokenizer, sources: list[list[int]], gen_cfg,
         input_ids[i, sl] = torch.as_tensor(s)
         mask[i, sl] = 1
     kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens, num_beams=gen_cfg.num_beams,
-        do_sample=gen_cfg.do_sample, repetition_penalty=gen_cfg.repetition_penalty,
+        max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens,
+        num_beams=gen_cfg.num_beams,
+        do_sample=gen_cfg.do_sample,
+        repetition_penalty=gen_cfg.repetition_penalty,
         no_repeat_ngram_size=gen_cfg.no_repeat_ngram_size,
     )
     if gen_cfg.do_sample:
         kwargs.update(temperature=gen_cfg.temperature, top_p=gen_cfg.top_p)
     device = next(m.parameters()).device
     # use_cache=True: presets train with the KV cache off (packing); generation wants it.
-    out = m.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                     pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                     synced_gpus=synced, **kwargs)
+    out = m.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        synced_gpus=synced,
+        **kwargs,
+    )
     new = out if enc_dec else out[:, width:]
     return [t.strip() for t in tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)]
 
@@ -235,10 +286,14 @@ def predict(model, tokenizer, inputs: dict[str, list[str]], spec, max_new_tokens
     """Batch prediction (trainers.predict): {"prediction": generated summary per row}."""
     m = getattr(model, "module", model)
     enc_dec = bool(getattr(m.config, "is_encoder_decoder", False))
-    sources = encode_sources(tokenizer, inputs["text"], enc_dec, PROMPT_SUFFIX,
-                             spec.data.max_seq_length)
-    return {"prediction": generate_texts(model, tokenizer, sources, spec.generation,
-                                         max_new_tokens=max_new_tokens)}
+    sources = encode_sources(
+        tokenizer, inputs["text"], enc_dec, PROMPT_SUFFIX, spec.data.max_seq_length
+    )
+    return {
+        "prediction": generate_texts(
+            model, tokenizer, sources, spec.generation, max_new_tokens=max_new_tokens
+        )
+    }
 
 
 def metrics(loss_sum: float, weight: float, preds, labels, label_names) -> dict[str, float]:
@@ -258,6 +313,7 @@ def rouge(preds: list[str], refs: list[str]) -> dict[str, float]:
     keys = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
     scores = [scorer.score(ref, pred) for pred, ref in zip(preds, refs)]
-    return {f"eval/{k}": float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0
-            for k in keys}
-
+    return {
+        f"eval/{k}": float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0
+        for k in keys
+    }

@@ -13,7 +13,10 @@ def build_ds_config(spec: RunSpec) -> dict[str, Any]:
     ds, t = spec.deepspeed, spec.train
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.scaling.gpus_per_worker > 0}
+        zero["offload_optimizer"] = {
+            "device": "cpu",
+            "pin_memory": spec.scaling.gpus_per_worker > 0,
+        }
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": spec.scaling.gpus_per_worker > 0}
     if ds.zero_stage == 3:

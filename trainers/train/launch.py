@@ -20,9 +20,13 @@ from trainers.train.loop import KillAfterStep, train_loop_per_worker
 log = logging.getLogger("ferry.launch")
 
 
-def train(plan: RunPlan, merge: bool = False, callbacks: list | None = None,
-          worker_env: dict[str, str] | None = None,
-          fault: KillAfterStep | None = None) -> TrainOutcome:
+def train(
+    plan: RunPlan,
+    merge: bool = False,
+    callbacks: list | None = None,
+    worker_env: dict[str, str] | None = None,
+    fault: KillAfterStep | None = None,
+) -> TrainOutcome:
     """Run one checked job end to end on the connected Ray cluster (method=feature_extraction:
     `trainers.features.train.train_features`).
 
@@ -39,9 +43,13 @@ def train(plan: RunPlan, merge: bool = False, callbacks: list | None = None,
         return train_features(plan)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(), "data": data.to_dict(),
-                           "steps_per_epoch": plan.steps_per_epoch,
-                           "total_steps": plan.total_steps, "fault": fault},
+        train_loop_config={
+            "spec": spec.model_dump(),
+            "data": data.to_dict(),
+            "steps_per_epoch": plan.steps_per_epoch,
+            "total_steps": plan.total_steps,
+            "fault": fault,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
             use_gpu=spec.scaling.gpus_per_worker > 0,
@@ -73,8 +81,9 @@ def train(plan: RunPlan, merge: bool = False, callbacks: list | None = None,
     if merge and spec.method == "lora":
         merge_adapter(spec.export_dir)
     best = result.best_checkpoints[0][0].path if getattr(result, "best_checkpoints", None) else None
-    return TrainOutcome(spec.export_dir, metrics,
-                        result.checkpoint.path if result.checkpoint else None, best, data)
+    return TrainOutcome(
+        spec.export_dir, metrics, result.checkpoint.path if result.checkpoint else None, best, data
+    )
 
 
 def ray_datasets(data: PreparedData, splits: tuple[str, ...] = ("train", "validation")) -> dict:

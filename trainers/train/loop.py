@@ -82,28 +82,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainable, total_params = count_parameters(model)
     # Under ZeRO-3 the base weights must already be partitioned here (built inside zero.Init),
     # or every rank held the whole model for a moment. LoRA weights are partitioned later.
-    built_partitioned = all(hasattr(p, "ds_id") for n, p in model.named_parameters()
-                            if "lora_" not in n and "modules_to_save" not in n)
+    built_partitioned = all(
+        hasattr(p, "ds_id")
+        for n, p in model.named_parameters()
+        if "lora_" not in n and "modules_to_save" not in n
+    )
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=spec.train.learning_rate, weight_decay=spec.train.weight_decay,
+        lr=spec.train.learning_rate,
+        weight_decay=spec.train.weight_decay,
     )
     schedule = lr_schedule(optimizer, spec, total)
     engine, optimizer, _, schedule = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=ds_config,
         dist_init_required=False,  # Ray Train already created the process group
     )
     state = _restore(engine, ray.train.get_checkpoint(), rank)
     state.built_partitioned = built_partitioned
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_shard = ray.train.get_dataset_shard("train")
-    val_batches = validation_batches(ray.train.get_dataset_shard("validation"), task, spec,
-                                     pad_id, rank, world)
+    val_batches = validation_batches(
+        ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world
+    )
     progress = _Progress(rank, total, world, state.step, spec.train.log_every_n_steps)
     if rank == 0:
-        _say(f"[ferry] {spec.method} on {trainable:,}/{total_params:,} trainable parameters, "
-             f"ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s), {total} steps "
-             f"({per_epoch}/epoch), resuming at step {state.step}")
+        _say(
+            f"[ferry] {spec.method} on {trainable:,}/{total_params:,} trainable parameters, "
+            f"ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s), {total} steps "
+            f"({per_epoch}/epoch), resuming at step {state.step}"
+        )
 
     if state.step == 0 and spec.train.eval_before_training and state.before is None:
         state.before = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
@@ -114,9 +124,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while state.step < total:
         engine.train()
         batches = train_shard.iter_torch_batches(
-            batch_size=spec.train.micro_batch_size_per_worker, drop_last=True,
+            batch_size=spec.train.micro_batch_size_per_worker,
+            drop_last=True,
             collate_fn=lambda rows: task.collate(rows, pad_id),
-            local_shuffle_buffer_size=1024, local_shuffle_seed=spec.run.seed + state.epoch,
+            local_shuffle_buffer_size=1024,
+            local_shuffle_seed=spec.run.seed + state.epoch,
         )
         for micro, batch in enumerate(batches):
             if micro >= micro_per_epoch or state.step >= total:
@@ -159,8 +171,12 @@ def lr_schedule(optimizer, spec: RunSpec, total_steps: int):
 
     kind = spec.train.lr_schedule
     name = "constant_with_warmup" if kind == "constant" else kind
-    return get_scheduler(name, optimizer, num_warmup_steps=int(spec.train.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=int(spec.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
 
 
 def _stop_if_diverged(loss: torch.Tensor, step: int) -> None:
@@ -180,8 +196,9 @@ def validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -> tu
     memory: re-running a Ray Data pipeline at every evaluation costs seconds each time. Also a
     spare batch, for ranks with fewer batches than others (see `evaluate`)."""
     bs = spec.train.eval_batch_size_per_worker
-    batches = val_data.iter_torch_batches(batch_size=bs,
-                                          collate_fn=lambda r: task.collate(r, pad_id))
+    batches = val_data.iter_torch_batches(
+        batch_size=bs, collate_fn=lambda r: task.collate(r, pad_id)
+    )
     mine, spare = [], None
     for i, b in enumerate(batches):
         spare = spare if spare is not None else b
@@ -191,8 +208,15 @@ def validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -> tu
 
 
 @torch.no_grad()
-def evaluate(engine, val_batches: tuple, task, data: PreparedData, world: int,
-             spec: RunSpec | None = None, tokenizer=None) -> dict[str, float]:
+def evaluate(
+    engine,
+    val_batches: tuple,
+    task,
+    data: PreparedData,
+    world: int,
+    spec: RunSpec | None = None,
+    tokenizer=None,
+) -> dict[str, float]:
     """Loss and task metrics over the whole validation set: each rank evaluates its batches,
     sums are all-reduced, predictions gathered. Ranks run the same number of forward passes
     (a rank short of a batch repeats one, uncounted) because ZeRO-3 gathers parameters
@@ -217,8 +241,9 @@ def evaluate(engine, val_batches: tuple, task, data: PreparedData, world: int,
         p = generated if generated is not None else p
         if p is not None:
             preds += p.tolist() if torch.is_tensor(p) else list(p)
-            labels += (task.references(batch) if hasattr(task, "references")
-                       else batch["labels"].tolist())
+            labels += (
+                task.references(batch) if hasattr(task, "references") else batch["labels"].tolist()
+            )
     for _ in range(rounds - len(val_batches)):
         task.loss_and_outputs(engine, spare)
         if generate:
@@ -265,7 +290,8 @@ def _report_with_checkpoint(engine, state: LoopState, metrics, rank) -> None:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(dataclasses.asdict(state), f)
         ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_step_{state.step:07d}",
         )
 
@@ -280,18 +306,23 @@ def _restore(engine, checkpoint, rank) -> LoopState:
         state = LoopState(**{k: v for k, v in saved.items() if k in known})
         load_path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path} has no DeepSpeed state for rank {rank}")
+            raise RuntimeError(
+                f"checkpoint {checkpoint.path} has no DeepSpeed state for rank {rank}"
+            )
         rng = os.path.join(d, f"rng_rank{rank}.pt")
         if os.path.exists(rng):
             torch.set_rng_state(torch.load(rng))
     if rank == 0:
-        _say(f"[ferry] resumed from {checkpoint.path} at step {state.step} "
-             f"(epoch {state.epoch}, micro-batch {state.micro_in_epoch})")
+        _say(
+            f"[ferry] resumed from {checkpoint.path} at step {state.step} "
+            f"(epoch {state.epoch}, micro-batch {state.micro_in_epoch})"
+        )
     return state
 
 
-def _export(engine, spec: RunSpec, tokenizer, data: PreparedData, state: LoopState,
-            rank: int) -> None:
+def _export(
+    engine, spec: RunSpec, tokenizer, data: PreparedData, state: LoopState, rank: int
+) -> None:
     """The trained model through the one export writer. Under ZeRO-3 the full state dict is
     gathered collectively first (every rank calls), then rank 0 writes."""
     if spec.deepspeed.zero_stage == 3:
@@ -301,8 +332,9 @@ def _export(engine, spec: RunSpec, tokenizer, data: PreparedData, state: LoopSta
     if rank != 0:
         return
     metrics = summary(spec, state.history, state.before, state.step)
-    export_model(engine.module, state_dict, spec, tokenizer, data.label_names, metrics,
-                 spec.export_dir)
+    export_model(
+        engine.module, state_dict, spec, tokenizer, data.label_names, metrics, spec.export_dir
+    )
     _say(f"[ferry] exported to {spec.export_dir}")
 
 
@@ -361,5 +393,7 @@ class _Progress:
             return
         done = step - self.start_step
         eta = self.elapsed() / max(done, 1) * (self.total - step)
-        _say(f"[ferry] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-              f"{self.tokens_per_s():,.0f} tok/s | ETA {eta:,.0f}s")
+        _say(
+            f"[ferry] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{self.tokens_per_s():,.0f} tok/s | ETA {eta:,.0f}s"
+        )
