@@ -251,7 +251,8 @@ def recommend(report: dict[str, Any], trust_model: bool = True) -> dict[str, Any
 
 
 def label_balance(labels: list[str]) -> dict[str, Any]:
-    """Counts per label, majority share and entropy (bits; normalized by log2 of the label count)."""
+    """Counts per label, majority share and entropy (bits; normalized by log2 of the label
+    count)."""
     counts = Counter(labels)
     n = len(labels)
     shares = [c / n for c in counts.values()] if n else []
@@ -432,7 +433,8 @@ def _load_base_model(spec: RunSpec, tokenizer):
     if getattr(cfg, "is_encoder_decoder", False):
         raise ConfigError(
             [
-                f"model={spec.model.preset or spec.model.name_or_path}: ferry analyze reads encoder or "
+                f"model={spec.model.preset or spec.model.name_or_path}: ferry analyze reads "
+                "encoder or "
                 f"decoder models; this {cfg.model_type} model is an encoder-decoder (not supported "
                 "yet). Analyze with a decoder or encoder model of the same domain, or skip analyze."
             ]

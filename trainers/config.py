@@ -23,16 +23,19 @@ class RunConfig(_Strict):
     name: str = Field(
         "ferry-run",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        description="Run name; with storage_path it identifies the run. Rerunning the same name resumes it.",
+        description="Run name; with storage_path it identifies the run. Rerunning the same name "
+        "resumes it.",
     )
     storage_path: str = Field(
         "./ferry-runs",
-        description="Where checkpoints, the preprocessing cache and the export go. A local path or a "
+        description="Where checkpoints, the preprocessing cache and the export go. A local path or "
+        "a "
         "pyarrow URI (s3://, gs://). Must be shared by all nodes on a multi-node cluster.",
     )
     storage_shared: bool | None = Field(
         None,
-        description="Declare that the local run.storage_path (and data.cache_dir, if set) is a mount "
+        description="Declare that the local run.storage_path (and data.cache_dir, if set) is a "
+        "mount "
         "every node shares (NFS, PVC). Required for a local path on a multi-node cluster, where it "
         "is then verified on each node (seconds); URIs are shared by nature. None = not declared.",
     )
@@ -40,7 +43,8 @@ class RunConfig(_Strict):
     stage_baseline: bool = Field(
         False,
         description="With stages: also run the last stage from the original model "
-        "(<run.name>-<stage>-baseline), so the report shows the task metric without the earlier stages.",
+        "(<run.name>-<stage>-baseline), so the report shows the task metric without the earlier "
+        "stages.",
     )
     resume: Literal["auto", "never", "must", "restart"] = Field(
         "auto",
@@ -106,12 +110,14 @@ class TaskConfig(_Strict):
     ] = Field(
         ...,
         description="What the model learns: text -> label; next-token prediction; masked-token "
-        "prediction (encoders, domain adaptation); document -> summary; question + context -> answer.",
+        "prediction (encoders, domain adaptation); document -> summary; question + context -> "
+        "answer.",
     )
     qa_style: Literal["extractive", "generative"] = Field(
         "extractive",
         description="question_answering: extractive = predict the answer span in the context "
-        "(SQuAD; encoder models); generative = write the answer (decoder or encoder-decoder models).",
+        "(SQuAD; encoder models); generative = write the answer (decoder or encoder-decoder "
+        "models).",
     )
     mlm_probability: float = Field(
         0.15,
@@ -122,7 +128,8 @@ class TaskConfig(_Strict):
     )
     labels: list[str] | None = Field(
         None,
-        description="Classification label set in index order; default: sorted distinct training labels.",
+        description="Classification label set in index order; default: sorted distinct training "
+        "labels.",
     )
 
 
@@ -217,7 +224,8 @@ class TrainConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    """Decoding settings for generative tasks (summarization, generative QA): evaluation and predict."""
+    """Decoding settings for generative tasks (summarization, generative QA): evaluation and
+    predict."""
 
     max_new_tokens: int = Field(64, ge=1, description="Most tokens generated per row.")
     num_beams: int = Field(1, ge=1, description="Beam search width; 1 = greedy (or sampling).")

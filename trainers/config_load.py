@@ -116,25 +116,30 @@ def build_spec(raw: dict[str, Any], problems: list[str] | None = None) -> RunSpe
 
 
 def check_rules(spec: RunSpec) -> list[str]:
-    """Cross-field rules the libraries do not check (Ray accepts num_workers=0, DeepSpeed stage 4...)."""
+    """Cross-field rules the libraries do not check (Ray accepts num_workers=0, DeepSpeed stage
+    4...)."""
     p: list[str] = []
     m, t, s, d, ds = spec.model, spec.train, spec.scaling, spec.data, spec.deepspeed
     sources = [x for x in (m.name_or_path, m.preset) if x]
     if len(sources) != 1:
         p.append(
-            f"model.name_or_path={m.name_or_path}: exactly one of model.name_or_path or model.preset "
-            "is required. Set a model id/directory or a preset (tiny-llama, tiny-bert, small-llama)."
+            f"model.name_or_path={m.name_or_path}: exactly one of model.name_or_path or "
+            "model.preset "
+            "is required. Set a model id/directory or a preset (tiny-llama, tiny-bert, "
+            "small-llama)."
         )
     if m.gguf_file and not m.name_or_path:
         p.append(
-            f"model.gguf_file={m.gguf_file}: needs model.name_or_path (the directory or repo holding "
+            f"model.gguf_file={m.gguf_file}: needs model.name_or_path (the directory or repo "
+            "holding "
             "the file). Set model.name_or_path to the folder that contains the GGUF file."
         )
     p += _check_task_model(spec)
     if ds.offload_params and ds.zero_stage != 3:
         p.append(
             f"deepspeed.offload_params={ds.offload_params}: parameter offload needs ZeRO stage 3 "
-            f"(deepspeed.zero_stage={ds.zero_stage}). Set deepspeed.zero_stage=3 or offload_params=false."
+            f"(deepspeed.zero_stage={ds.zero_stage}). Set deepspeed.zero_stage=3 or "
+            "offload_params=false."
         )
     if ds.offload_optimizer and ds.zero_stage == 0:
         p.append(
@@ -167,7 +172,8 @@ def check_rules(spec: RunSpec) -> list[str]:
     metric = t.best_metric
     if not metric.startswith(("eval/", "train/")):
         p.append(
-            f"train.best_metric={metric}: must be a reported metric such as eval/loss, eval/accuracy "
+            f"train.best_metric={metric}: must be a reported metric such as eval/loss, "
+            "eval/accuracy "
             "or eval/f1. Use one of those."
         )
     return p
@@ -206,7 +212,8 @@ def _check_task_model(spec: RunSpec) -> list[str]:
         )
     if task == "masked_lm" and spec.method == "lora":
         p.append(
-            "method=lora: masked_lm (continued pretraining of an encoder) trains the full model here, "
+            "method=lora: masked_lm (continued pretraining of an encoder) trains the full model "
+            "here, "
             "so the next stage can load it as a plain checkpoint. Set method=full for this stage."
         )
     if spec.method == "feature_extraction" and task != "sequence_classification":
@@ -233,7 +240,8 @@ def _check_batch_sizes(spec: RunSpec) -> list[str]:
     if accum is not None and accum * per_step != t.global_batch_size:
         return [
             f"train.global_batch_size={t.global_batch_size}: must equal scaling.num_workers*"
-            f"train.micro_batch_size_per_worker*train.gradient_accumulation_steps={accum * per_step}. "
+            "train.micro_batch_size_per_worker*"
+            f"train.gradient_accumulation_steps={accum * per_step}. "
             "Set only one of global_batch_size and gradient_accumulation_steps."
         ]
     return []

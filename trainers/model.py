@@ -250,7 +250,8 @@ def _zero3_context(ds_config: dict | None, cfg):
 
 
 def lora_targets(spec: RunSpec, model_type: str) -> list[str] | str:
-    """Target modules: the config's, else PEFT's per-architecture default, else all linear layers."""
+    """Target modules: the config's, else PEFT's per-architecture default, else all linear
+    layers."""
     if spec.lora.target_modules:
         return spec.lora.target_modules
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
@@ -304,7 +305,8 @@ def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> 
         chosen = {n: m for n, m in linears.items() if n.split(".")[-1] in targets}
     if not chosen:
         return [
-            f"lora.target_modules={targets}: no linear layer of this {cfg.model_type} model matches. "
+            f"lora.target_modules={targets}: no linear layer of this {cfg.model_type} model "
+            "matches. "
             f"Use names such as {sorted({n.split('.')[-1] for n in linears})[:8]}."
         ]
     name, layer = min(chosen.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))

@@ -63,7 +63,8 @@ class PredictSummary:
         """The one-line summary the CLI prints."""
         return (
             f"predicted {self.rows} rows from {self.input_files} file(s) in {self.seconds:.1f}s "
-            f"({self.rows_per_s:.1f} rows/s) -> {self.output_dir} ({self.output_files} Parquet file(s))"
+            f"({self.rows_per_s:.1f} rows/s) -> {self.output_dir} ({self.output_files} Parquet "
+            "file(s))"
         )
 
 
@@ -177,7 +178,8 @@ def check_predict_inputs(
         for column, key in input_columns(spec).values():
             if cols is not None and column not in cols:
                 raise DataError(
-                    f"--input={path}: column '{column}' not found (has: {', '.join(sorted(cols))}). "
+                    f"--input={path}: column '{column}' not found (has: "
+                    f"{', '.join(sorted(cols))}). "
                     f"Pass --set {key}=<column> or fix the file."
                 )
     return files

@@ -49,7 +49,8 @@ def check_data(spec: RunSpec) -> list[str]:
             for col in needed.values():
                 if cols is not None and col not in cols:
                     problems.append(
-                        f"data.{key}={path}: column '{col}' not found (has: {', '.join(sorted(cols))}). "
+                        f"data.{key}={path}: column '{col}' not found (has: "
+                        f"{', '.join(sorted(cols))}). "
                         f"Set the matching data.*_column or fix the file."
                     )
     return problems

@@ -278,7 +278,8 @@ def _label_names(train_rows, spec: RunSpec) -> list[str] | None:
     if spec.task.labels is None:
         if len(seen) < 2:
             raise DataError(
-                f"data.label_column={spec.data.label_column}: training data has {len(seen)} distinct "
+                f"data.label_column={spec.data.label_column}: training data has {len(seen)} "
+                "distinct "
                 "label(s). Classification needs at least 2; check the column."
             )
         return seen
@@ -302,7 +303,8 @@ def _drop_unknown_labels(val_rows, label_names, spec: RunSpec):
     if n and spec.data.on_bad_rows == "error":
         first = unknown.sort(["_file", "_row"]).take(1)[0]
         raise DataError(
-            f"data.on_bad_rows=error: {n} validation rows have a label not in the training label set "
+            f"data.on_bad_rows=error: {n} validation rows have a label not in the training label "
+            "set "
             f"{label_names}; first at {first['_file']} row {first['_row']} ('{first['label']}'). "
             "Fix the data, list the labels in task.labels, or set data.on_bad_rows=skip."
         )

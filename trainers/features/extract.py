@@ -1,7 +1,8 @@
 """method=feature_extraction: a frozen model's pooled embeddings -> a feature cache -> a small head.
 
-`trainers.features.train.train_features` is the entry point (driver side; `trainers.train.launch.train`
-dispatches there after preflight); this module extracts and caches the features. Stages:
+`trainers.features.train.train_features` is the entry point (driver side;
+`trainers.train.launch.train` dispatches there after preflight); this module extracts and caches
+the features. Stages:
   prepare_dataset (the spine's tokenized Parquet cache; a preset's tokenizer is trained there)
   -> extract_features: Ray Data `read_parquet` of the tokenized splits -> `map_batches` on an
      actor pool of features.num_actors (each actor loads the frozen model once) -> pooled hidden
@@ -86,7 +87,8 @@ def check_features(spec: RunSpec) -> list[str]:
     layers = getattr(cfg, "num_hidden_layers", None)
     if layers is not None and not -(layers + 1) <= f.layer <= layers:
         problems.append(
-            f"features.layer={f.layer}: this model has {layers} layers, so the layer must be between "
+            f"features.layer={f.layer}: this model has {layers} layers, so the layer must be "
+            "between "
             f"{-(layers + 1)} and {layers} (0 = embeddings, -1 = last). Pick a layer in that range."
         )
     if f.pooling == "cls" and _is_decoder_only(cfg):
@@ -108,8 +110,10 @@ def check_features(spec: RunSpec) -> list[str]:
         cpus = ray.cluster_resources().get("CPU", 0.0)
         if need > cpus + 1e-9:
             problems.append(
-                f"features.num_actors={f.num_actors}: {f.num_actors} actors x scaling.cpus_per_worker="
-                f"{s.cpus_per_worker:g} + scaling.data_cpus={s.data_cpus:g} = {need:g} CPUs, but the "
+                f"features.num_actors={f.num_actors}: {f.num_actors} actors x "
+                "scaling.cpus_per_worker="
+                f"{s.cpus_per_worker:g} + scaling.data_cpus={s.data_cpus:g} = {need:g} CPUs, but "
+                "the "
                 f"cluster has {cpus:g}. Lower features.num_actors or scaling.cpus_per_worker."
             )
     return problems

@@ -40,7 +40,8 @@ class _Standardize(torch.nn.Module):
 
 
 def build_head(kind: str, dim: int, num_labels: int, hidden: int) -> torch.nn.Sequential:
-    """Logistic regression = standardize + linear; MLP = standardize + Linear-ReLU-Dropout-Linear."""
+    """Logistic regression = standardize + linear; MLP = standardize +
+    Linear-ReLU-Dropout-Linear."""
     if kind == "logistic_regression":
         return torch.nn.Sequential(_Standardize(dim), torch.nn.Linear(dim, num_labels))
     return torch.nn.Sequential(
@@ -101,7 +102,8 @@ def _fit_logistic_regression(spec: RunSpec, head, features: FeatureCache):
     bias = np.zeros(head[1].out_features, dtype=np.float32)
     classes = clf.classes_.astype(int)
     if len(classes) == 2:
-        # Binary: sklearn keeps one vector w with p(class 1) = sigmoid(w.x + b) = softmax([0, w.x + b]).
+        # Binary: sklearn keeps one vector w with p(class 1) = sigmoid(w.x + b)
+        # = softmax([0, w.x + b]).
         weight[classes[1]], bias[classes[1]] = clf.coef_[0], clf.intercept_[0]
     else:
         # A label absent from training keeps zero weights (never the argmax unless all tie).

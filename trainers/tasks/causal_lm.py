@@ -1,4 +1,5 @@
-"""Causal LM: continued pretraining on plain text, or prompt/response with loss on the response only.
+"""Causal LM: continued pretraining on plain text, or prompt/response with loss on the response
+only.
 
 Packing: documents (each ending in EOS) are concatenated and cut into rows of exactly
 data.max_seq_length tokens. `position_ids` restart at 0 at every document start; transformers

@@ -18,7 +18,9 @@ import pyarrow as pa
 import torch
 
 from trainers.errors import DataError
-from trainers.tasks.causal_lm import IGNORE, METRICS, metrics  # noqa: F401  same loss/perplexity metrics
+
+# same loss/perplexity metrics
+from trainers.tasks.causal_lm import IGNORE, METRICS, metrics  # noqa: F401
 from trainers.tasks.common import overlong_policy, pad, pad_inputs
 
 
@@ -32,10 +34,12 @@ def predict_inputs(data_cfg) -> list[str]:
 
 
 def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Table, int]:
-    """Token ids with static masks; over-long rows are cut, dropped or rejected per data.overlong."""
+    """Token ids with static masks; over-long rows are cut, dropped or rejected per
+    data.overlong."""
     if tokenizer.mask_token_id is None:
         raise DataError(
-            f"task.type=masked_lm: the tokenizer of model {spec.model.name_or_path or spec.model.preset} "
+            "task.type=masked_lm: the tokenizer of model "
+            f"{spec.model.name_or_path or spec.model.preset} "
             "has no mask token. Use an encoder (BERT-style) model or task.type=causal_lm."
         )
     max_len = spec.data.max_seq_length

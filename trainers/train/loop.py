@@ -232,7 +232,9 @@ def evaluate(
     generate = None
     if hasattr(task, "generate") and spec is not None:
         synced = spec.deepspeed.zero_stage == 3 and world > 1
-        generate = lambda b: task.generate(engine, b, tokenizer, spec.generation, synced)  # noqa: E731
+        generate = lambda b: task.generate(  # noqa: E731
+            engine, b, tokenizer, spec.generation, synced
+        )
     loss_sum, weight, preds, labels = 0.0, 0.0, [], []
     for batch in val_batches:
         ls, w, p = task.loss_and_outputs(engine, batch)
@@ -381,7 +383,8 @@ class _Progress:
         return self.tokens * self.world / max(self.elapsed(), 1e-9)
 
     def median_step_time(self) -> float:
-        """Median optimizer-step time since the last call (evaluation and checkpoint time excluded)."""
+        """Median optimizer-step time since the last call (evaluation and checkpoint time
+        excluded)."""
         times, self.step_times = sorted(self.step_times), []
         return times[len(times) // 2] if times else float("nan")
 
