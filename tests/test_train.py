@@ -6,6 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_spec
 
 from trainers.preflight import has_checkpoint, prepare_run
 from trainers.train.launch import train
@@ -55,19 +56,55 @@ def _reload_eval_loss(export_dir, prepared, task_type, method):
     return loss_sum / weight
 
 
+def _matrix_spec(root, data_dir, kind: str, method: str, stage: int, **sections):
+    lr = {"full": 3e-3, "lora": 2e-2 if kind == "lm" else 5e-3}[method]
+    # LoRA adapts every linear layer here: q/v alone barely moves a random-init model.
+    targets = (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+               if kind == "lm" else ["query", "key", "value", "dense"])
+    return make_spec(root, kind, data_dir, method=method, deepspeed={"zero_stage": stage},
+                     train={"learning_rate": lr, "eval_every_n_steps": 5},
+                     lora={"target_modules": targets}, **sections)
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory, data_dir):
+    """Trained runs shared by the tests that only read them: each is trained once, on first use.
+    `lm-lora-zero3` is stopped after step 12 (fault injection, max_failures=0) and resumed by a
+    rerun with run.resume=must; `runs.stopped_marker` records that the kill happened."""
+    from trainers.errors import TrainingFailedError
+
+    root = tmp_path_factory.mktemp("shared-runs")
+    done: dict = {}
+
+    def get(name: str):
+        if name in done:
+            return done[name]
+        kind, method, stage = name.split("-")
+        spec = _matrix_spec(root / name, data_dir, kind, method, int(stage.removeprefix("zero")),
+                            run={"name": name})
+        if name == "lm-lora-zero3":
+            with pytest.raises(TrainingFailedError):
+                # max_failures=0: the kill stops the run, like a lost driver or node would.
+                train(prepare_run(spec), fault=KillAfterStep(12, str(root / "stopped")))
+            get.stopped_marker = root / "stopped"
+            get.had_checkpoint_after_stop = has_checkpoint(spec)
+            spec = spec.model_copy(update={"run": spec.run.model_copy(update={"resume": "must"})})
+        done[name] = (spec, train(prepare_run(spec)))
+        return done[name]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "kind, method, stage",
     [("cls", "full", 2), ("lm", "lora", 3), ("cls", "lora", 3), ("lm", "full", 2)],
     ids=["cls-full-zero2", "lm-lora-zero3", "cls-lora-zero3", "lm-full-zero2"],
 )
-def test_two_worker_training_learns_and_exports(ray_session, spec_factory, kind, method, stage):
-    lr = {"full": 3e-3, "lora": 2e-2 if kind == "lm" else 5e-3}[method]
-    # LoRA adapts every linear layer here: q/v alone barely moves a random-init model.
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = {"target_modules": targets} if kind == "lm" else {"target_modules": ["query", "key", "value", "dense"]}
-    spec = spec_factory(kind, method=method, deepspeed={"zero_stage": stage},
-                        train={"learning_rate": lr}, lora=lora)
-    outcome = train(prepare_run(spec))
+def test_two_worker_training_learns_and_exports(runs, kind, method, stage):
+    # Two of these runs are shared with the resume tests below (trained once): the ZeRO-2 full
+    # fine-tune is their uninterrupted baseline, the ZeRO-3 LoRA run is the one stopped at step
+    # 12 and resumed, so what it learned and exported is checked after a resume.
+    spec, outcome = runs(f"{kind}-{method}-zero{stage}")
     before, final = outcome.metrics["before"], outcome.metrics["final"]
     assert outcome.metrics["steps"] == 2 * (outcome.data.train_rows // 2 // 4)
     # LoRA cannot touch a random-init model's embeddings, so the LM gains less than full tuning.
@@ -148,11 +185,11 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
     assert len(everything - (seen[0] | seen[1])) <= 1  # an equal split drops at most world-1 rows
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_session, spec_factory, tmp_path):
-    common = dict(method="full", deepspeed={"zero_stage": 2}, train={"eval_every_n_steps": 5})
-    baseline = train(prepare_run(spec_factory("cls", run={"name": "base"}, **common)))
+def test_killed_worker_resumes_and_matches_uninterrupted_run(runs, data_dir, tmp_path):
+    _, baseline = runs("cls-full-zero2")  # the same run, uninterrupted
     marker = tmp_path / "killed"
-    spec = spec_factory("cls", run={"name": "killed"}, scaling={"max_failures": 1}, **common)
+    spec = _matrix_spec(tmp_path, data_dir, "cls", "full", 2, run={"name": "killed"},
+                        scaling={"max_failures": 1})
     outcome = train(prepare_run(spec), fault=KillAfterStep(12, str(marker)))
     assert marker.exists()  # the worker really was killed
     state = _history(outcome)
@@ -167,28 +204,27 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(ray_session, spec_f
     assert outcome.metrics["final"]["eval/accuracy"] == pytest.approx(baseline.metrics["final"]["eval/accuracy"], abs=0.05)
 
 
-def test_stopped_run_resumes_on_rerun_and_completed_run_is_not_retrained(ray_session, spec_factory, tmp_path):
-    from trainers.errors import TrainingFailedError
+def test_stopped_run_resumes_on_rerun_and_completed_run_is_not_retrained(runs):
+    from trainers.errors import ConfigError
 
-    common = dict(method="lora", deepspeed={"zero_stage": 3}, train={"eval_every_n_steps": 5, "learning_rate": 1e-2},
-                  run={"name": "stop"})
-    spec = spec_factory("lm", **common)
-    marker = tmp_path / "stopped"
-    with pytest.raises(TrainingFailedError):
-        # max_failures=0: the kill stops the run, like a lost driver or node would.
-        train(prepare_run(spec), fault=KillAfterStep(12, str(marker)))
-    assert has_checkpoint(spec)
-    resumed = train(prepare_run(spec_factory("lm", **{**common, "run": {"name": "stop", "resume": "must"}})))
+    spec, resumed = runs("lm-lora-zero3")  # stopped after step 12, then rerun with resume=must
+    assert runs.stopped_marker.exists() and runs.had_checkpoint_after_stop
     state = _history(resumed)
     assert [h["train/step"] for h in state["history"]][:2] == [5, 10]
     total = resumed.metrics["steps"]
     assert total == 2 * (resumed.data.train_rows // 2 // 4)
     # Rerunning a completed run continues from its last checkpoint: no extra steps, same metrics.
-    again = train(prepare_run(spec))
+    auto = spec.model_copy(update={"run": spec.run.model_copy(update={"resume": "auto"})})
+    again = train(prepare_run(auto))
     assert again.metrics["steps"] == total
     assert again.metrics["final"]["eval/loss"] == pytest.approx(resumed.metrics["final"]["eval/loss"], rel=1e-6)
     # resume=never refuses, before anything starts, to touch a run that has checkpoints.
-    from trainers.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"run\.resume=never: run\.name=stop already has checkpoints"):
-        prepare_run(spec_factory("lm", **{**common, "run": {"name": "stop", "resume": "never"}}))
+    never = spec.model_copy(update={"run": spec.run.model_copy(update={"resume": "never"})})
+    with pytest.raises(ConfigError, match=r"run\.resume=never: run\.name=lm-lora-zero3 already has checkpoints"):
+        prepare_run(never)
+    # A rerun of the same name with another config is refused too, naming what changed, instead
+    # of silently resuming (or re-exporting) the old run.
+    changed = auto.model_copy(update={"train": auto.train.model_copy(update={"learning_rate": 1e-3})})
+    with pytest.raises(ConfigError, match=r"run\.name=lm-lora-zero3: this run finished earlier with a "
+                                          r"different config \(changed: train\.learning_rate;"):
+        prepare_run(changed)
