@@ -88,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint or export on the validation data")
     common(e)
     ray_opts(e)
-    e.add_argument("--checkpoint", required=True, help="<run>/final or a checkpoint_step_* folder")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="<run>/final or a checkpoint_step_* folder; repeat it to compare several in one "
+        "evaluation (data prepared and workers started once)",
+    )
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser(
@@ -414,13 +420,15 @@ def _train_stages(spec, args) -> int:
 
 def cmd_eval(args) -> int:
     from trainers.config_load import load_config
-    from trainers.evaluate import evaluate_checkpoint
+    from trainers.evaluate import evaluate_checkpoints
 
     spec = load_config(args.config, args.overrides)
     s = spec.scaling
     with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
-        metrics = evaluate_checkpoint(spec, args.checkpoint)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+        results = evaluate_checkpoints(spec, args.checkpoint)
+    # One checkpoint: its metrics; several: {checkpoint: metrics}, in the order given.
+    shown = results[0] if len(results) == 1 else dict(zip(args.checkpoint, results, strict=True))
+    print(json.dumps(shown, indent=2, sort_keys=len(results) == 1))
     return 0
 
 

@@ -80,8 +80,9 @@ def runs(ray_session, tmp_path_factory, data_dir):
         if name in done:
             return done[name]
         kind, method, stage = name.split("-")
+        # One preprocessing cache for all of them: the same data, tokenized once per model kind.
         spec = _matrix_spec(root / name, data_dir, kind, method, int(stage.removeprefix("zero")),
-                            run={"name": name})
+                            run={"name": name}, data={"cache_dir": str(root / "cache")})
         if name == "lm-lora-zero3":
             with pytest.raises(TrainingFailedError):
                 # max_failures=0: the kill stops the run, like a lost driver or node would.
@@ -186,10 +187,10 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
 
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(runs, data_dir, tmp_path):
-    _, baseline = runs("cls-full-zero2")  # the same run, uninterrupted
+    base_spec, baseline = runs("cls-full-zero2")  # the same run, uninterrupted
     marker = tmp_path / "killed"
     spec = _matrix_spec(tmp_path, data_dir, "cls", "full", 2, run={"name": "killed"},
-                        scaling={"max_failures": 1})
+                        scaling={"max_failures": 1}, data={"cache_dir": base_spec.cache_dir})
     outcome = train(prepare_run(spec), fault=KillAfterStep(12, str(marker)))
     assert marker.exists()  # the worker really was killed
     state = _history(outcome)

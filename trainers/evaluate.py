@@ -23,14 +23,27 @@ from trainers.train.loop import evaluate, validation_batches
 
 def evaluate_checkpoint(spec: RunSpec, checkpoint: str) -> dict[str, Any]:
     """Metrics (same keys as training's eval) of `checkpoint` on the run's validation set."""
+    return evaluate_checkpoints(spec, [checkpoint])[0]
+
+
+def evaluate_checkpoints(spec: RunSpec, checkpoints: list[str]) -> list[dict[str, Any]]:
+    """Metrics of each checkpoint, in order, from one distributed evaluation: the data is
+    prepared and the workers start once, then load and evaluate the checkpoints in turn.
+
+    Raises:
+        ConfigError: a missing checkpoint folder, data or resource problems (all at once).
+        TrainingFailedError: an evaluation worker failed.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if not is_uri(checkpoint) and not os.path.isdir(checkpoint):
+    missing = [c for c in checkpoints if not is_uri(c) and not os.path.isdir(c)]
+    if missing:
         raise ConfigError(
             [
-                f"--checkpoint={checkpoint}: folder not found. Pass <run>/final or a "
+                f"--checkpoint={c}: folder not found. Pass <run>/final or a "
                 "checkpoint_step_* folder of the run."
+                for c in missing
             ]
         )
     data = prepare_data(spec)
@@ -39,7 +52,7 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: str) -> dict[str, Any]:
         train_loop_config={
             "spec": spec.model_dump(),
             "data": data.to_dict(),
-            "checkpoint": absolute(checkpoint),
+            "checkpoints": [absolute(c) for c in checkpoints],
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers,
@@ -59,7 +72,7 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: str) -> dict[str, Any]:
     return result.return_value
 
 
-def _eval_worker(config: dict[str, Any]) -> dict[str, float]:
+def _eval_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     import ray.train
     import torch
 
@@ -69,10 +82,13 @@ def _eval_worker(config: dict[str, Any]) -> dict[str, float]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     task = TASKS[spec.task.type]
     tokenizer = load_tokenizer(data.tokenizer_path)
-    model = load_saved(spec, tokenizer, data, localize(config["checkpoint"]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = validation_batches(
         ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world
     )
-    with torch.no_grad():
-        return evaluate(model, batches, task, data, world, spec, tokenizer)
+    out = []
+    for checkpoint in config["checkpoints"]:
+        model = load_saved(spec, tokenizer, data, localize(checkpoint))
+        with torch.no_grad():
+            out.append(evaluate(model, batches, task, data, world, spec, tokenizer))
+    return out

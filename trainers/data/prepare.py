@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import uuid
 import zlib
@@ -31,7 +30,7 @@ from trainers.config import RunSpec
 from trainers.data.files import expand_files, format_of, parse_file, raw_columns
 from trainers.errors import DataError, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
-from trainers.storage import filesystem, is_uri, publish, read_marker, with_scheme
+from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
 
 log = logging.getLogger("ferry.data")
@@ -396,13 +395,3 @@ def _tokenizer_identity(tokenizer) -> str:
     )
     extra = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     return hashlib.sha256((text + extra).encode()).hexdigest()
-
-
-def clear_partial_caches(cache_dir: str) -> int:
-    """Delete half-written caches left by interrupted runs (local caches only)."""
-    if is_uri(cache_dir) or not os.path.isdir(cache_dir):
-        return 0
-    stale = [d for d in os.listdir(cache_dir) if ".partial-" in d]
-    for d in stale:
-        shutil.rmtree(os.path.join(cache_dir, d), ignore_errors=True)
-    return len(stale)
