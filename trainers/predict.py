@@ -107,9 +107,6 @@ def predict_dataset(
     data = _prepared_data_for(spec, checkpoint)
     labels = _label_names(spec, checkpoint, data)
     rows = _read_inputs(files, spec)
-    # Outputs keep the input's order (file by file, row by row); a copy of the context keeps the
-    # setting to this dataset.
-    rows.context.execution_options.preserve_order = True
     actors = num_actors or spec.scaling.num_workers
     predictions = rows.map_batches(
         _Predictor,
@@ -126,12 +123,41 @@ def predict_dataset(
         num_cpus=spec.scaling.cpus_per_worker,
         num_gpus=spec.scaling.gpus_per_worker,
     )
+    # Outputs keep the input's order (file by file, row by row); the dataset's own copy of the
+    # context keeps the setting to this run.
+    predictions.context.execution_options.preserve_order = True
     os.makedirs(output_dir, exist_ok=True)
     with unwrap_data_errors():
-        predictions.write_parquet(os.path.abspath(output_dir))
-    written = sorted(f for f in os.listdir(output_dir) if f.endswith(".parquet"))
-    n = sum(pq.ParquetFile(os.path.join(output_dir, f)).metadata.num_rows for f in written)
-    return PredictSummary(output_dir, n, len(files), len(written), time.perf_counter() - t0)
+        n, written = _write_in_order(predictions, output_dir)
+    return PredictSummary(output_dir, n, len(files), written, time.perf_counter() - t0)
+
+
+def _write_in_order(predictions, output_dir: str) -> tuple[int, int]:
+    """Stream the predictions to `part-NNNNN.parquet` files in input order; return (rows, files).
+
+    Written here, batch by batch, rather than by Ray Data's write_parquet: that names its files
+    by write task, and under load a later block's task can get the earlier name, so reading the
+    folder back mixed the rows' order (seen with 9 rows in 3 batches). A new file starts when a
+    batch's schema differs (e.g. integer ids in one input file, string ids in the next)."""
+    rows, files, writer, schema = 0, 0, None, None
+    try:
+        for batch in predictions.iter_batches(batch_format="pyarrow", batch_size=None):
+            if batch.num_rows == 0:
+                continue
+            if writer is None or not batch.schema.equals(schema):
+                if writer is not None:
+                    writer.close()
+                schema = batch.schema
+                writer = pq.ParquetWriter(
+                    os.path.join(output_dir, f"part-{files:05d}.parquet"), schema
+                )
+                files += 1
+            writer.write_table(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows, files
 
 
 def check_predict_inputs(

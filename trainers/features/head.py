@@ -89,8 +89,14 @@ def _fit_logistic_regression(spec: RunSpec, head, features: FeatureCache):
     if c is None:
         folds = int(min(_CV_FOLDS, np.bincount(y).min())) if len(y) else 0
         if folds >= 2:
+            # Scored by log loss, the quantity eval/loss reports (and what ranks checkpoints by
+            # default): accuracy would pick among Cs that tie on a small validation fold.
             cv = LogisticRegressionCV(
-                Cs=_CV_CS, cv=folds, max_iter=_LR_MAX_ITER, random_state=spec.run.seed
+                Cs=_CV_CS,
+                cv=folds,
+                scoring="neg_log_loss",
+                max_iter=_LR_MAX_ITER,
+                random_state=spec.run.seed,
             ).fit(z, y)
             c, how = float(cv.C_[0]), f"{folds}-fold cross-validation"
         else:  # a class with a single training row: no fold could hold it out
