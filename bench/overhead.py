@@ -140,7 +140,7 @@ def measure_ferry(spec, threads: int) -> tuple[dict, str]:
     import ray
 
     from trainers.data.prepare import prepare_dataset
-    from trainers.model import load_tokenizer_for
+    from trainers.preflight import prepare_run
     from trainers.storage import STATE_FILE
     from trainers.train.launch import train
 
@@ -153,12 +153,12 @@ def measure_ferry(spec, threads: int) -> tuple[dict, str]:
         ray.data.DataContext.get_current().enable_progress_bars = False
         # Prepared once here so the baselines read the very rows Ferry trains on; train() then
         # finds the cache and skips preprocessing.
-        data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
+        data = prepare_dataset(spec)
         print(f"[bench] data: {data.train_rows} train rows of {spec.data.max_seq_length} tokens",
               flush=True)
         load, t0 = os.getloadavg()[0], time.perf_counter()
         # Ray would give a 1-CPU worker OMP_NUM_THREADS=1 anyway; set it so every variant matches.
-        outcome = train(spec, worker_env={"OMP_NUM_THREADS": str(threads)})
+        outcome = train(prepare_run(spec), worker_env={"OMP_NUM_THREADS": str(threads)})
         print(f"[bench] ferry: train() took {time.perf_counter() - t0:.1f}s", flush=True)
     finally:
         ray.shutdown()
@@ -356,23 +356,12 @@ def _init_single_process_gloo() -> None:
     """torch.distributed with gloo, world size 1, as a DeepSpeed launcher would set it up."""
     import deepspeed
 
+    from trainers.train.loop import skip_unused_shm_build
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    _skip_unused_shm_build()
+    skip_unused_shm_build()  # the same patch Ferry's workers apply
     deepspeed.init_distributed("gloo")
-
-
-def _skip_unused_shm_build() -> None:
-    """Same no-op patch as trainers/loop.py `_skip_unused_shm_build`: DeepSpeed JIT-compiles a
-    shared-memory comm op (~130 s on first start) that gloo training on CPU never uses."""
-    import importlib
-
-    import torch
-
-    # importlib, not `import deepspeed.comm.torch as m`: that statement binds the real `torch`.
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-    if hasattr(ds_torch_comm, "build_shm_op") and not torch.cuda.is_available():
-        ds_torch_comm.build_shm_op = lambda: None
 
 
 def _free_port() -> int:
