@@ -1,6 +1,6 @@
 """method=feature_extraction: a frozen model's pooled embeddings -> a feature cache -> a small head.
 
-`trainers.features.train.train_features` is the entry point (driver side;
+`trainers.train.features.train_features` is the entry point (driver side;
 `trainers.train.launch.train` dispatches there after preflight); this module extracts and caches
 the features. Stages:
   prepare_dataset (the spine's tokenized Parquet cache; a preset's tokenizer is trained there)

@@ -11,10 +11,10 @@ import logging
 from trainers.data.prepare import PreparedData
 from trainers.errors import TrainingFailedError, root_message
 from trainers.export import TrainOutcome
-from trainers.features.train import train_features
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
 from trainers.storage import absolute, filesystem
+from trainers.train.features import train_features
 from trainers.train.loop import KillAfterStep, train_loop_per_worker
 
 log = logging.getLogger("ferry.launch")
@@ -28,7 +28,7 @@ def train(
     fault: KillAfterStep | None = None,
 ) -> TrainOutcome:
     """Run one checked job end to end on the connected Ray cluster (method=feature_extraction:
-    `trainers.features.train.train_features`).
+    `trainers.train.features.train_features`).
 
     Raises:
         TrainingFailedError: the run started and failed.

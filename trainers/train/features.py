@@ -1,6 +1,7 @@
 """method=feature_extraction, end to end: features (cached) -> head -> metrics -> export.
 
-`train_features` is the entry point; `trainers.train.launch.train` dispatches here after preflight.
+`train_features` is the entry point; `trainers.train.launch.train` dispatches here after preflight
+(the driver of a feature run beside the fine-tuning one; `trainers.features` holds its parts).
 """
 
 from __future__ import annotations
@@ -8,8 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
-from trainers.export import TrainOutcome, summary
-from trainers.features.export import export_features
+from trainers.export import TrainOutcome, export_features, summary
 from trainers.features.extract import extract_features
 from trainers.features.head import evaluate_head, read_features, train_head
 from trainers.preflight import RunPlan
