@@ -601,6 +601,16 @@ def _print_summary(metrics: dict, seconds: float) -> None:
         b = before.get(key)
         table.add_row(key, "" if b is None else f"{b:.4f}", f"{after[key]:.4f}")
     Console().print(table)
+    shares = [
+        f"{name} {metrics[key]:.1%}"
+        for key, name in (
+            ("data/packing_efficiency", "packing efficiency"),
+            ("data/trained_token_share", "loss-bearing tokens"),
+        )
+        if key in metrics
+    ]
+    if shares:
+        print("training data: " + ", ".join(shares))
 
 
 if __name__ == "__main__":

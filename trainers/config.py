@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from trainers.storage import EXPORT_DIR, join
 
@@ -106,12 +106,18 @@ class LoraConfig(_Strict):
 
 class TaskConfig(_Strict):
     type: Literal[
-        "sequence_classification", "causal_lm", "masked_lm", "summarization", "question_answering"
+        "sequence_classification",
+        "causal_lm",
+        "chat",
+        "masked_lm",
+        "summarization",
+        "question_answering",
     ] = Field(
         ...,
-        description="What the model learns: text -> label; next-token prediction; masked-token "
-        "prediction (encoders, domain adaptation); document -> summary; question + context -> "
-        "answer.",
+        description="What the model learns: text -> label; next-token prediction; chat / "
+        "instruction SFT (conversations through the chat template, loss on assistant turns); "
+        "masked-token prediction (encoders, domain adaptation); document -> summary; question + "
+        "context -> answer.",
     )
     qa_style: Literal["extractive", "generative"] = Field(
         "extractive",
@@ -130,6 +136,77 @@ class TaskConfig(_Strict):
         None,
         description="Classification label set in index order; default: sorted distinct training "
         "labels.",
+    )
+
+
+ChatRole = Literal["system", "user", "assistant"]
+
+
+# Per format: the turns column, role key, content key and role names its own docs use.
+CONVERSATION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "messages": {
+        "messages_column": "messages",
+        "role_key": "role",
+        "content_key": "content",
+        "roles": {"system": "system", "user": "user", "assistant": "assistant"},
+    },
+    "sharegpt": {
+        "messages_column": "conversations",
+        "role_key": "from",
+        "content_key": "value",
+        "roles": {"system": "system", "human": "user", "gpt": "assistant"},
+    },
+}
+
+
+class ConversationConfig(_Strict):
+    """task.type=chat: how rows hold conversations. Every format becomes a list of
+    {role, content} messages, which the chat template turns into tokens."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_defaults(cls, data: Any) -> Any:
+        """Unset names take the format's own (sharegpt: conversations/from/value)."""
+        if not isinstance(data, dict):
+            return data
+        fmt = data.get("format", "messages")
+        defaults = CONVERSATION_DEFAULTS.get(fmt, CONVERSATION_DEFAULTS["messages"])
+        return {**data, **{k: v for k, v in defaults.items() if data.get(k) is None}}
+
+    format: Literal["messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
+        "messages",
+        description="messages: a list of {role, content} per row (OpenAI/TRL); sharegpt: a list "
+        "of {from, value} (human/gpt/system); alpaca: instruction, optional input, output; "
+        "prompt_completion: one user prompt and its assistant completion.",
+    )
+    messages_column: str | None = Field(
+        None,
+        description="messages/sharegpt: the column holding the turns; default messages "
+        "(messages) or conversations (sharegpt).",
+    )
+    role_key: str | None = Field(
+        None, description="Key of a turn's role; default role (messages) or from (sharegpt)."
+    )
+    content_key: str | None = Field(
+        None, description="Key of a turn's text; default content (messages) or value (sharegpt)."
+    )
+    roles: dict[str, ChatRole] | None = Field(
+        None,
+        description="Role names in the data -> system/user/assistant; default the format's own "
+        "(sharegpt: human->user, gpt->assistant, system->system). A role not listed is a bad row.",
+    )
+    instruction_column: str = Field("instruction", description="alpaca: the instruction.")
+    input_column: str = Field(
+        "input",
+        description="alpaca: optional context, appended to the instruction after a newline.",
+    )
+    output_column: str = Field("output", description="alpaca: the reply to learn.")
+    prompt_column: str = Field("prompt", description="prompt_completion: the user turn.")
+    completion_column: str = Field(
+        "completion", description="prompt_completion: the assistant turn to learn."
+    )
+    system_column: str | None = Field(
+        None, description="alpaca/prompt_completion: optional column with a system prompt per row."
     )
 
 
@@ -166,9 +243,15 @@ class DataConfig(_Strict):
     max_seq_length: int = Field(
         128, ge=8, description="Tokens per sequence (packed length for LM)."
     )
-    pack: bool = Field(True, description="Causal LM: pack documents into full sequences.")
+    pack: bool = Field(
+        True,
+        description="Causal LM: pack documents into full sequences (concatenated and cut). Chat: "
+        "pack whole conversations into rows (best-fit decreasing), attention kept within each.",
+    )
     overlong: Literal["truncate", "drop", "error"] = Field(
-        "truncate", description="Rows longer than max_seq_length (unpacked): cut, skip, or fail."
+        "truncate",
+        description="Rows longer than max_seq_length: cut, skip, or fail (causal LM: only when "
+        "unpacked; chat: truncate keeps whole leading turns, ending after an assistant turn).",
     )
     on_bad_rows: Literal["error", "skip"] = Field(
         "error", description="Rows with missing/empty text, unknown label or bad encoding."
@@ -179,6 +262,29 @@ class DataConfig(_Strict):
     cache_dir: str | None = Field(
         None, description="Preprocessed-data cache; default <storage_path>/_cache."
     )
+    conversation: ConversationConfig = Field(
+        default_factory=ConversationConfig,
+        description="task.type=chat: the data format and its column and role names.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="task.type=chat: the chat template; default the tokenizer's own (its "
+        "tokenizer config or GGUF file). A built-in name (chatml, llama3, zephyr) or a Jinja "
+        "template string.",
+    )
+    train_on: Literal["all_assistant", "last_assistant", "all"] = Field(
+        "all_assistant",
+        description="task.type=chat: which tokens carry loss: every assistant turn (with its "
+        "end-of-turn token), the last one only, or every token.",
+    )
+
+    def column(self, field: str) -> str:
+        """The user's column named by a field of this section, dotted for nested ones
+        (`conversation.messages_column`)."""
+        value: Any = self
+        for part in field.split("."):
+            value = getattr(value, part)
+        return value
 
 
 class TrainConfig(_Strict):
@@ -239,6 +345,12 @@ class GenerationConfig(_Strict):
     )
     no_repeat_ngram_size: int = Field(
         0, ge=0, description="Forbid repeating n-grams of this size (0 = off)."
+    )
+    score_replies: bool = Field(
+        True,
+        description="task.type=chat: at every evaluation, generate each validation "
+        "conversation's last assistant reply and score it (eval/rougeL, eval/exact_match); "
+        "false = loss and perplexity only (cheaper). Summarization and QA always generate.",
     )
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainers.config import RunSpec
+from trainers.chat_templates import TEMPLATES, is_template_source
+from trainers.config import DataConfig, RunSpec
 from trainers.errors import ConfigError
 from trainers.storage import is_uri
 
@@ -165,6 +166,7 @@ def check_rules(spec: RunSpec) -> list[str]:
             f"data.prompt_column={d.prompt_column}: prompt/response columns are for causal_lm. "
             "Remove them or set task.type=causal_lm."
         )
+    p += _check_chat(spec)
     if spec.task.labels is not None and len(set(spec.task.labels)) != len(spec.task.labels):
         p.append(f"task.labels={spec.task.labels}: labels must be distinct. Remove duplicates.")
     if spec.task.labels is not None and len(spec.task.labels) < 2:
@@ -185,12 +187,14 @@ _PRESET_TASKS = {
     "tiny-llama": {
         "sequence_classification",
         "causal_lm",
+        "chat",
         "summarization",
         "question_answering:generative",
     },
     "small-llama": {
         "sequence_classification",
         "causal_lm",
+        "chat",
         "summarization",
         "question_answering:generative",
     },
@@ -220,6 +224,37 @@ def _check_task_model(spec: RunSpec) -> list[str]:
         p.append(
             f"method=feature_extraction: trains a classifier head on frozen features, so it needs "
             f"task.type=sequence_classification (got {task}). Use method full or lora for {task}."
+        )
+    return p
+
+
+def _check_chat(spec: RunSpec) -> list[str]:
+    """Chat settings only mean something for task.type=chat; a template must be one we know."""
+    d = spec.data
+    if spec.task.type != "chat":
+        defaults = DataConfig.model_fields
+        return [
+            f"data.{key}={getattr(d, key)}: only task.type=chat reads it. Set task.type=chat or "
+            "remove it."
+            for key in ("chat_template", "train_on", "conversation")
+            if getattr(d, key) != (defaults[key].get_default(call_default_factory=True))
+        ]
+    p = []
+    if (
+        d.chat_template
+        and d.chat_template not in TEMPLATES
+        and not is_template_source(d.chat_template)
+    ):
+        p.append(
+            f"data.chat_template={d.chat_template}: neither a built-in template nor a Jinja "
+            f"template. Use one of {', '.join(sorted(TEMPLATES))}, or a Jinja string that loops "
+            "over messages ({% for message in messages %}...)."
+        )
+    if d.prompt_column or d.response_column:
+        p.append(
+            f"data.prompt_column={d.prompt_column}: task.type=chat reads its columns from "
+            "data.conversation. Use data.conversation.format=prompt_completion with "
+            "data.conversation.prompt_column/completion_column."
         )
     return p
 

@@ -43,16 +43,23 @@ class TrainOutcome:
 
 
 def summary(
-    spec: RunSpec, history: list[dict], before: dict | None, steps: int, **extra: Any
+    spec: RunSpec,
+    history: list[dict],
+    before: dict | None,
+    steps: int,
+    data: Any = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """metrics.json: the last evaluation (`final`), the one before training, steps, method, task,
-    and whatever the caller adds (e.g. the checkpoint it came from)."""
+    the training data's token figures (`data/packing_efficiency`, `data/trained_token_share`
+    where they apply) and whatever the caller adds (e.g. the checkpoint it came from)."""
     return {
         "final": dict(history[-1]) if history else {},
         "before": before,
         "steps": steps,
         "method": spec.method,
         "task": spec.task.type,
+        **(getattr(data, "stats", None) or {}),
         **extra,
     }
 
@@ -119,6 +126,7 @@ def export_checkpoint(
         state.get("history") or [],
         state.get("before"),
         state["step"],
+        data,
         checkpoint=checkpoint,
         **(extra or {}),
     )

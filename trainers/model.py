@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from trainers.chat_templates import apply_template, template_tokens
 from trainers.config import ModelConfig, RunSpec
 from trainers.storage import is_uri, localize
 from trainers.tasks import TASKS
@@ -47,9 +48,18 @@ PRESETS = {
 
 def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None):
     """The run's tokenizer: trained on the training text for presets, else from_pretrained."""
+    chat = spec.task.type == "chat"
     if spec.model.preset:
         assert texts is not None, "presets train their tokenizer on the training text"
-        return _train_tokenizer(spec.model.preset, spec.model.preset_vocab_size, texts())
+        tok = _train_tokenizer(
+            spec.model.preset,
+            spec.model.preset_vocab_size,
+            texts(),
+            template_tokens(spec.data.chat_template) if chat else (),
+        )
+        if chat:
+            apply_template(tok, spec.data.chat_template, is_preset=True)
+        return tok
     from transformers import AutoTokenizer
 
     m = spec.model
@@ -61,14 +71,19 @@ def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None)
         tok.pad_token = tok.eos_token
     if tok.eos_token_id is None and spec.task.type in (
         "causal_lm",
+        "chat",
         "summarization",
         "question_answering",
     ):
         tok.eos_token = tok.sep_token or tok.pad_token
+    if chat:
+        apply_template(tok, spec.data.chat_template, is_preset=False)
     return tok
 
 
-def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
+def _train_tokenizer(
+    preset: str, vocab_size: int, texts: Iterator[str], extra_specials: tuple[str, ...] = ()
+):
     from tokenizers import (
         Tokenizer,
         decoders,
@@ -106,7 +121,8 @@ def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
             sep_token="[SEP]",
             mask_token="[MASK]",
         )
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    # A chat template's turn markers are whole tokens, as in the models that use them.
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *extra_specials]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -124,6 +140,7 @@ def _train_tokenizer(preset: str, vocab_size: int, texts: Iterator[str]):
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
+        extra_special_tokens=list(extra_specials),
     )
 
 

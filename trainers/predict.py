@@ -217,7 +217,7 @@ def input_columns(spec: RunSpec) -> dict[str, tuple[str, str]]:
     task = TASKS[spec.task.type]
     fields = task.columns(spec.data)
     return {
-        canon: (getattr(spec.data, fields[canon]), f"data.{fields[canon]}")
+        canon: (spec.data.column(fields[canon]), f"data.{fields[canon]}")
         for canon in task.predict_inputs(spec.data)
     }
 

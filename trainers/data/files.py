@@ -89,13 +89,14 @@ def expand_files(patterns: list[str], key: str) -> list[str]:
     return out
 
 
-def raw_columns(spec: RunSpec) -> dict[str, str]:
+def raw_columns(spec: RunSpec, optional: bool = False) -> dict[str, str]:
     """Canonical name -> the user's column name, for the columns the task reads (the task says
-    which; the config says what they are called)."""
-    return {
-        canon: getattr(spec.data, field)
-        for canon, field in TASKS[spec.task.type].columns(spec.data).items()
-    }
+    which; the config says what they are called); with `optional`, also those a row may lack."""
+    task = TASKS[spec.task.type]
+    fields = dict(task.columns(spec.data))
+    if optional and hasattr(task, "optional_columns"):
+        fields.update(task.optional_columns(spec.data))
+    return {canon: spec.data.column(field) for canon, field in fields.items()}
 
 
 def format_of(path: str, fmt: str) -> str:

@@ -32,10 +32,11 @@ from trainers.errors import DataError, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
+from trainers.tasks.causal_lm import IGNORE
 
 log = logging.getLogger("ferry.data")
 
-_CACHE_VERSION = 3  # bump when the preprocessed format changes
+_CACHE_VERSION = 4  # bump when the preprocessed format changes
 
 
 @dataclass
@@ -49,6 +50,9 @@ class PreparedData:
     validation_rows: int
     train_tokens: int
     bad_rows: dict[str, int] = field(default_factory=dict)
+    # Training split, token-level LM tasks: data/packing_efficiency (real tokens / token slots
+    # of packed rows) and data/trained_token_share (loss-bearing / real tokens).
+    stats: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False
 
     @property
@@ -147,7 +151,7 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
                     "label_index": label_index,
                 },
             ).materialize()
-        n, overlong, tokens = _split_stats(out)
+        n, overlong, tokens, real, loss = _split_stats(out)
         if n == 0:
             raise DataError(
                 f"data.max_seq_length={spec.data.max_seq_length}: every {split} row was dropped as "
@@ -160,8 +164,10 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
                 overlong,
                 spec.data.overlong,
             )
-        out = out.drop_columns(["_overlong", "_tokens"])
+        out = out.drop_columns(["_overlong", "_tokens", "_real", "_loss"])
         counts[split] = (n, tokens)
+        if split == "train":
+            stats = _token_stats(spec, tokens, real, loss)
         out.write_parquet(with_scheme(spec.cache_dir, f"{partial}/{split}"))
     meta = {
         "tokenizer_path": with_scheme(spec.cache_dir, f"{final}/tokenizer"),
@@ -170,6 +176,7 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
         "validation_rows": counts["validation"][0],
         "train_tokens": counts["train"][1],
         "bad_rows": bad,
+        "stats": stats,
     }
     publish(fs, partial, final, meta)
     return PreparedData(**meta, cache_path=with_scheme(spec.cache_dir, final))
@@ -179,7 +186,7 @@ def _read_rows(files: dict[str, list[str]], spec: RunSpec):
     import ray.data
 
     items = [{"path": p, "split": split} for split, paths in files.items() for p in paths]
-    cols = raw_columns(spec)
+    cols = raw_columns(spec, optional=True)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_file_batch,
         batch_size=1,
@@ -201,32 +208,50 @@ def _read_file_batch(
 ) -> pa.Table:
     """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error.
 
-    Nested values (SQuAD `answers` objects) are kept as JSON text; a task's optional
+    A task's optional `read_row(record, data_cfg)` turns a record into its canonical columns
+    (chat: any conversation format -> `messages`); otherwise each column is text. Nested values
+    are kept as JSON text only where the task reads structure (`NESTED`: SQuAD `answers`);
+    elsewhere a list or object is a bad row, never training text. A task's optional
     `check_row(row, spec)` adds its own rule (e.g. the answer must sit in the context)."""
     spec = RunSpec.model_validate(spec_dict) if spec_dict else None
-    check_row = getattr(TASKS[spec.task.type], "check_row", None) if spec else None
+    task = TASKS[spec.task.type] if spec else None
+    check_row = getattr(task, "check_row", None)
+    read_row = getattr(task, "read_row", None)
+    nested = getattr(task, "NESTED", ())
     path = batch.column("path")[0].as_py()
     split = batch.column("split")[0].as_py()
     records, errors = parse_file(path, format_of(path, fmt), list(columns.values()))
     if max_rows:
         records, errors = records[:max_rows], errors[:max_rows]
-    out: dict[str, list] = {k: [] for k in columns}
+    out: dict[str, list] = {k: [] for k in (task.ROW_COLUMNS if read_row else columns)}
     rows, splits = [], []
     name = os.path.basename(path)
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
-        for canon, col in columns.items():
-            v = rec.get(col) if rec else None
-            out[canon].append(
-                None if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
-            )
-        if err is None:
-            for col in columns.values():
-                v = rec.get(col)
-                if v is None or (isinstance(v, str) and not v.strip()):
-                    err = f"missing or empty '{col}'"
-                    break
+        if read_row is not None:
+            values, reason = read_row(rec, spec.data) if rec is not None else ({}, None)
+            err = err or reason
+            for canon in out:
+                out[canon].append((values or {}).get(canon))
+        else:
+            for canon, col in columns.items():
+                v = rec.get(col) if rec else None
+                if isinstance(v, (dict, list)) and canon not in nested:
+                    err = err or (
+                        f"not text ('{col}' holds a JSON {type(v).__name__}; for chat data set "
+                        "task.type=chat, see data.conversation)"
+                    )
+                    v = None
+                out[canon].append(
+                    None if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                )
+            if err is None:
+                for col in columns.values():
+                    v = rec.get(col)
+                    if v is None or (isinstance(v, str) and not v.strip()):
+                        err = f"missing or empty '{col}'"
+                        break
         if err is None and check_row is not None:
-            err = check_row({canon: out[canon][-1] for canon in columns}, spec)
+            err = check_row({canon: out[canon][-1] for canon in out}, spec)
         errors[i - 1] = err
         rows.append(i)
         if split == "train" and fraction and _in_validation(name, i, seed, fraction):
@@ -313,12 +338,15 @@ def _drop_unknown_labels(val_rows, label_names, spec: RunSpec):
 def _iter_text(ds):
     cols = [
         c
-        for c in ("text", "prompt", "response", "summary", "question", "context")
+        for c in ("text", "prompt", "response", "summary", "question", "context", "messages")
         if c in ds.columns()
     ]
     for batch in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=1024):
         for c in cols:
-            yield from (x for x in batch.column(c).to_pylist() if x)
+            values = [x for x in batch.column(c).to_pylist() if x]
+            if c == "messages":  # chat rows: the turns' text
+                values = [m["content"] for x in values for m in json.loads(x)]
+            yield from values
 
 
 def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index: dict) -> pa.Table:
@@ -329,24 +357,40 @@ def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index:
     out, overlong = TASKS[spec.task.type].tokenize(table, tokenizer, spec, label_index)
     flags = [overlong] + [0] * (out.num_rows - 1) if out.num_rows else []
     out = out.append_column("_overlong", pa.array(flags, type=pa.int64()))
-    return out.append_column(
-        "_tokens",
-        pa.compute.cast(pa.compute.list_value_length(out.column("input_ids")), pa.int64()),
-    )
+    slots = pa.compute.cast(pa.compute.list_value_length(out.column("input_ids")), pa.int64())
+    out = out.append_column("_tokens", slots)
+    if "_real" not in out.column_names:  # only packers add filler tokens
+        out = out.append_column("_real", slots)
+    loss = [0] * out.num_rows
+    if "labels" in out.column_names and pa.types.is_list(out.schema.field("labels").type):
+        loss = [sum(x != IGNORE for x in row) for row in out.column("labels").to_pylist()]
+    return out.append_column("_loss", pa.array(loss, type=pa.int64()))
 
 
-def _split_stats(ds) -> tuple[int, int, int]:
-    """Rows, over-long rows and tokens of a tokenized split, from its two small bookkeeping
-    columns in one pass. Ray Data's own aggregations (count + sum) would each start a job, and
-    a sum starts a shuffle: seconds each on a freshly started Ray."""
-    rows = overlong = tokens = 0
-    for batch in ds.select_columns(["_overlong", "_tokens"]).iter_batches(
+def _split_stats(ds) -> tuple[int, int, int, int, int]:
+    """Rows, over-long rows, token slots, real tokens and loss-bearing tokens of a tokenized
+    split, from its small bookkeeping columns in one pass. Ray Data's own aggregations (count +
+    sum) would each start a job, and a sum starts a shuffle: seconds each on a fresh Ray."""
+    sums = dict.fromkeys(("_overlong", "_tokens", "_real", "_loss"), 0)
+    rows = 0
+    for batch in ds.select_columns(list(sums)).iter_batches(
         batch_format="pyarrow", batch_size=None
     ):
         rows += batch.num_rows
-        overlong += int(pa.compute.sum(batch.column("_overlong")).as_py() or 0)
-        tokens += int(pa.compute.sum(batch.column("_tokens")).as_py() or 0)
-    return rows, overlong, tokens
+        for k in sums:
+            sums[k] += int(pa.compute.sum(batch.column(k)).as_py() or 0)
+    return rows, sums["_overlong"], sums["_tokens"], sums["_real"], sums["_loss"]
+
+
+def _token_stats(spec: RunSpec, slots: int, real: int, loss: int) -> dict[str, float]:
+    """What the training split's tokens are worth: how full packed rows are and how many
+    tokens teach the model (LM-style tasks, whose labels are per token)."""
+    out: dict[str, float] = {}
+    if spec.task.type in ("causal_lm", "chat") and spec.data.pack:
+        out["data/packing_efficiency"] = real / max(slots, 1)
+    if loss:
+        out["data/trained_token_share"] = loss / max(real, 1)
+    return out
 
 
 def _distinct(ds, column: str) -> set:

@@ -2,7 +2,8 @@
 
 Every task module provides:
     columns(data_cfg) -> {canonical: data field}   raw columns a row must have, e.g.
-        {"text": "text_column"}: rows are read into the canonical names
+        {"text": "text_column"} (nested fields dotted: "conversation.messages_column"): rows
+        are read into the canonical names
     predict_inputs(data_cfg) -> [canonical]         the columns the model reads in `ferry predict`
     tokenize(table, tokenizer, spec, label_index) -> (pa.Table, n_overlong)
     collate(rows, pad_id) -> dict[str, torch.Tensor]
@@ -12,6 +13,10 @@ Every task module provides:
     metrics(loss_sum, weight, preds, labels, label_names) -> dict[str, float]
     METRICS: the metric keys every evaluation reports
 and optionally:
+    optional_columns(data_cfg) -> {canonical: data field}   columns a row may lack
+    read_row(record, data_cfg) -> (canonical values, bad-row reason)   builds the canonical
+        columns (ROW_COLUMNS) from a raw record itself (chat: any format -> messages)
+    NESTED: canonical columns that hold JSON structure rather than text (QA answers)
     check_row(row, spec) -> bad-row reason or None     a task rule on raw rows (QA answers)
     references(batch) -> list                         the `labels` metrics get (default: labels)
     generate(model, batch, tokenizer, gen_cfg, synced) -> list[str] | None
@@ -21,11 +26,19 @@ and optionally:
 A new task is a new module here plus one line in TASKS.
 """
 
-from trainers.tasks import causal_lm, classification, masked_lm, question_answering, summarization
+from trainers.tasks import (
+    causal_lm,
+    chat,
+    classification,
+    masked_lm,
+    question_answering,
+    summarization,
+)
 
 TASKS = {
     "sequence_classification": classification,
     "causal_lm": causal_lm,
+    "chat": chat,
     "masked_lm": masked_lm,
     "summarization": summarization,
     "question_answering": question_answering,

@@ -56,7 +56,7 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
         out_ids.append(ids)
         out_labels.append(labels)
     positions = [list(range(len(x))) for x in out_ids]
-    return _table(out_ids, out_labels, positions), overlong
+    return table_of(out_ids, out_labels, positions), overlong
 
 
 def _documents(table: pa.Table, tokenizer, eos: int) -> list[tuple[list[int], list[int]]]:
@@ -94,10 +94,14 @@ def _pack(docs, max_len: int, eos: int) -> pa.Table:
             r_lab = [IGNORE] + r_lab[1:]
         pad = max_len - len(r_ids)
         rows.append((r_ids + [eos] * pad, r_lab + [IGNORE] * pad, r_pos + list(range(pad))))
-    return _table([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    table = table_of([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+    # Real tokens per row (the rest is filler): data/packing_efficiency.
+    real = [min(max_len, len(ids) - start) for start in range(0, len(ids), max_len)]
+    return table.append_column("_real", pa.array(real, type=pa.int64()))
 
 
-def _table(ids, labels, positions) -> pa.Table:
+def table_of(ids, labels, positions) -> pa.Table:
+    """Token rows as the cache stores them (int32 lists)."""
     lst = pa.list_(pa.int32())
     return pa.table(
         {

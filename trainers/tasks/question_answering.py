@@ -38,6 +38,10 @@ PROMPT_SUFFIX = "\nanswer: "  # generative, decoder-only models: between the pro
 METRICS = ("eval/loss", "eval/exact_match", "eval/f1")
 
 
+# Columns holding structure rather than text: SQuAD's answers object travels as JSON text.
+NESTED = ("answers",)
+
+
 def columns(data_cfg) -> dict[str, str]:
     """Canonical column -> the `data.` field naming the user's column."""
     return {"question": "question_column", "context": "context_column", "answers": "answers_column"}

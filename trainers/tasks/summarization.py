@@ -239,6 +239,7 @@ def generate_texts(
     gen_cfg,
     synced: bool = False,
     max_new_tokens: int | None = None,
+    stop_ids: list[int] | None = None,
 ) -> list[str]:
     """Decode from each source (input ids from `encode_sources`) with the `generation:` settings.
 
@@ -246,6 +247,8 @@ def generate_texts(
         model: a transformers/PEFT model or a DeepSpeed engine (its module generates).
         synced: ZeRO-3 on several ranks: every rank keeps stepping until all are done, since
             each forward gathers the sharded weights collectively.
+        stop_ids: tokens that end generation (default the tokenizer's EOS); chat models stop at
+            their end-of-turn token.
     """
     m = getattr(model, "module", model)
     enc_dec = bool(getattr(m.config, "is_encoder_decoder", False))
@@ -273,7 +276,7 @@ def generate_texts(
         input_ids=input_ids.to(device),
         attention_mask=mask.to(device),
         pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids or tokenizer.eos_token_id,
         use_cache=True,
         synced_gpus=synced,
         **kwargs,

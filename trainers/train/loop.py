@@ -333,7 +333,7 @@ def _export(
         state_dict = engine.module.state_dict() if rank == 0 else None
     if rank != 0:
         return
-    metrics = summary(spec, state.history, state.before, state.step)
+    metrics = summary(spec, state.history, state.before, state.step, data)
     export_model(
         engine.module, state_dict, spec, tokenizer, data.label_names, metrics, spec.export_dir
     )
