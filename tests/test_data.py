@@ -218,3 +218,51 @@ def test_json_array_files_are_read_with_row_numbers(ray_session, spec_factory, t
     broken.write_text(jsonlib.dumps(rows)[:-5])
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
         _prepare(spec_factory("cls", data={"train_files": [str(broken)]}))
+
+
+# --- Hugging Face `datasets` data: .arrow files, save_to_disk folders, hf-hub: names ---------
+
+
+def test_arrow_files_classlabels_and_column_checks(spec_factory, tmp_path):
+    """A direct `.arrow` file (IPC stream as `datasets` writes it, or IPC file format), read
+    with only the columns asked for; a `ClassLabel` column reads as its names (-1: no label);
+    check_data checks columns against the schema; a non-Arrow `.arrow` file is named."""
+    import datasets
+    import pyarrow as pa
+
+    from trainers.data.files import parse_file, peek_columns
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    folder = str(tmp_path / "cl")
+    datasets.Dataset.from_dict(
+        {"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features
+    ).save_to_disk(folder)
+    stream = f"{folder}/data-00000-of-00001.arrow"
+    assert parse_file(stream, "arrow", ["label", "text"])[0] == [
+        {"label": "pos", "text": "a"},
+        {"label": "neg", "text": "b"},
+        {"label": None, "text": "c"},
+    ]
+
+    table = pa.Table.from_pylist(classification_rows(6))
+    file_format = tmp_path / "rows.arrow"
+    with pa.OSFile(str(file_format), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    assert peek_columns(str(file_format), "arrow") == {"text", "label"}
+    records, errors = parse_file(str(file_format), "arrow", ["text", "id"])
+    assert records == [{"text": r["text"]} for r in classification_rows(6)]
+    assert errors == [None] * 6
+
+    spec = spec_factory("cls", data={"train_files": [str(file_format), stream]})
+    assert check_data(spec) == []
+    spec = spec_factory("cls", data={"train_files": [stream], "label_column": "stars"})
+    assert check_data(spec) == [
+        f"data.train_files={stream}: column 'stars' not found (has: label, "
+        "text). Set the matching data.*_column or fix the file."
+    ]
+
+    (tmp_path / "fake.arrow").write_text('{"text": "not arrow"}\n')
+    with pytest.raises(DataError, match=r"fake\.arrow: not an Arrow IPC stream or file"):
+        parse_file(str(tmp_path / "fake.arrow"), "arrow", ["text"])

@@ -16,6 +16,7 @@ import os
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
 from trainers.config import RunSpec
@@ -107,12 +108,13 @@ def format_of(path: str, fmt: str) -> str:
         (".json", "jsonl"),
         (".csv", "csv"),
         (".parquet", "parquet"),
+        (".arrow", "arrow"),
     ):
         if name.endswith(ext):
             return f
     raise DataError(
         f"data.format=auto: cannot tell the format of {path} from its extension. "
-        "Set data.format to jsonl (JSON Lines or a JSON array), csv or parquet."
+        "Set data.format to jsonl (JSON Lines or a JSON array), csv, parquet or arrow."
     )
 
 
@@ -121,6 +123,9 @@ def peek_columns(path: str, fmt: str) -> set[str] | None:
     if fmt == "parquet":
         with fs.open_input_file(p) as f:
             return set(pq.ParquetFile(f).schema_arrow.names)
+    if fmt == "arrow":
+        with _open(fs, p) as f:
+            return set(_arrow_reader(path, f).schema.names)
     with fs.open_input_stream(p) as f:
         head = f.read(1 << 16)
     if fmt == "csv":
@@ -154,6 +159,11 @@ def parse_file(
                 f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names]
             )
         return t.to_pylist(), [None] * t.num_rows
+    if fmt == "arrow":
+        with _open(fs, p) as f:
+            reader = _arrow_reader(path, f)
+            t = reader.read_all().select([c for c in columns if c in reader.schema.names])
+        return _decode_class_labels(t).to_pylist(), [None] * t.num_rows
     with fs.open_input_stream(p, compression="detect") as f:
         raw = f.read()
     if fmt == "csv":
@@ -178,6 +188,51 @@ def parse_file(
             records.append(None)
             errors.append(f"malformed JSON ({str(e)[:60]})")
     return records, errors
+
+
+def _open(fs: pafs.FileSystem, p: str) -> pa.NativeFile:
+    """A local file memory-mapped (only the columns read are ever paged in), else opened."""
+    return pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(p)
+
+
+def _arrow_reader(
+    path: str, f: pa.NativeFile
+) -> paipc.RecordBatchStreamReader | paipc.RecordBatchFileReader:
+    """`datasets` writes the Arrow IPC stream format; pyarrow and Feather v2 write the file
+    format: try the stream, then the file."""
+    try:
+        return paipc.open_stream(f)
+    except pa.ArrowInvalid:
+        f.seek(0)
+    try:
+        return paipc.open_file(f)
+    except pa.ArrowInvalid as e:
+        raise DataError(
+            f"{path}: not an Arrow IPC stream or file ({e}). Check the file and data.format."
+        ) from None
+
+
+def _decode_class_labels(t: pa.Table) -> pa.Table:
+    """Columns `datasets` declares a `ClassLabel` hold class indices: give back the names (what a
+    JSONL export of the same data holds, and what the trained model's labels should be called).
+    -1 (`datasets`' "no label") becomes null, a row without a label."""
+    meta = (t.schema.metadata or {}).get(b"huggingface")
+    try:
+        features = json.loads(meta)["info"]["features"] if meta else {}
+    except (ValueError, KeyError, TypeError):
+        return t  # metadata from another writer: the values are what they are
+    for name, feature in features.items() if isinstance(features, dict) else ():
+        if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+            continue
+        if name not in t.column_names or not pa.types.is_integer(t.schema.field(name).type):
+            continue
+        names = feature.get("names") or []
+        values = [
+            names[i] if i is not None and 0 <= i < len(names) else None
+            for i in t.column(name).to_pylist()
+        ]
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, type=pa.string()))
+    return t
 
 
 def _parse_json_array(path: str, raw: bytes) -> tuple[list[dict | None], list[str | None]]:
