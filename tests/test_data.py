@@ -223,6 +223,94 @@ def test_json_array_files_are_read_with_row_numbers(ray_session, spec_factory, t
 # --- Hugging Face `datasets` data: .arrow files, save_to_disk folders, hf-hub: names ---------
 
 
+def _chat_rows(n: int) -> list[dict]:
+    """Classification rows with a nested chat column; row 4 has an empty text (a bad row)."""
+    rows = classification_rows(n, seed=5)
+    for r in rows:
+        r["messages"] = [
+            {"role": "user", "content": r["text"]},
+            {"role": "assistant", "content": r["label"]},
+        ]
+    rows[3]["text"] = ""
+    return rows
+
+
+def _save_to_disk(rows, folder, **kwargs) -> str:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder), **kwargs)
+    return str(folder)
+
+
+def _read_as_prepare_does(path):
+    """One file through the training reader: canonical columns, 1-based _row, _error."""
+    import pyarrow as pa
+
+    from trainers.data.prepare import _read_file_batch
+
+    columns = {"text": "text", "label": "label", "messages": "messages"}
+    t = _read_file_batch(
+        pa.table({"path": [path], "split": ["train"]}),
+        columns,
+        "auto",
+        fraction=0.0,
+        seed=0,
+        max_rows=None,
+    )
+    return t.drop_columns(["_file"]).to_pylist()
+
+
+def test_saved_dataset_folder_reads_like_the_same_jsonl(spec_factory, tmp_path):
+    """A `save_to_disk` folder gives exactly its Arrow data files (not its JSON metadata, not the
+    cache file a later `.map` leaves there) and the same rows, row numbers and bad rows as the
+    JSONL of the same data; nested `messages` stay a list of dicts; check_data checks the
+    folder's columns."""
+    import datasets
+
+    from trainers.data.files import expand_files, format_of, parse_file
+
+    rows = _chat_rows(12)
+    jsonl = write_jsonl(tmp_path / "chat.jsonl", rows)
+    folder = _save_to_disk(rows, tmp_path / "chat")
+    datasets.load_from_disk(folder).map(lambda r: {"n": 1})  # leaves cache-*.arrow in the folder
+    assert any(f.startswith("cache-") for f in os.listdir(folder))
+    files = expand_files([folder], "data.train_files")
+    assert files == [f"{folder}/data-00000-of-00001.arrow"]
+    assert format_of(files[0], "auto") == "arrow"
+
+    records, errors = parse_file(files[0], "arrow", ["text", "label", "messages"])
+    assert records == rows and errors == [None] * 12
+    assert records[0]["messages"] == [
+        {"role": "user", "content": rows[0]["text"]},
+        {"role": "assistant", "content": rows[0]["label"]},
+    ]
+    from_arrow, from_jsonl = _read_as_prepare_does(files[0]), _read_as_prepare_does(jsonl)
+    assert from_arrow == from_jsonl
+    assert [r["_row"] for r in from_arrow] == list(range(1, 13))
+    assert from_arrow[3]["_error"] == "missing or empty 'text'"
+    assert json.loads(from_arrow[0]["messages"]) == rows[0]["messages"]
+    assert check_data(spec_factory("cls", data={"train_files": [folder]})) == []
+    spec = spec_factory("cls", data={"train_files": [folder], "text_column": "prompt"})
+    assert check_data(spec) == [
+        f"data.train_files={files[0]}: column 'prompt' not found (has: label, messages, text). "
+        "Set the matching data.*_column or fix the file."
+    ]
+
+    # Several folders (one in two shards) by a glob or by their parent folder: shard order kept.
+    _save_to_disk(rows[:5], tmp_path / "many" / "a", num_shards=2)
+    _save_to_disk(rows[5:], tmp_path / "many" / "b")
+    shards = [
+        f"{tmp_path}/many/a/data-00000-of-00002.arrow",
+        f"{tmp_path}/many/a/data-00001-of-00002.arrow",
+        f"{tmp_path}/many/b/data-00000-of-00001.arrow",
+    ]
+    assert expand_files([str(tmp_path / "many" / "*")], "data.train_files") == shards
+    assert expand_files([str(tmp_path / "many")], "data.train_files") == shards
+    assert [
+        r for f in shards for r in parse_file(f, "arrow", ["text", "label", "messages"])[0]
+    ] == rows
+
+
 def test_arrow_files_classlabels_and_column_checks(spec_factory, tmp_path):
     """A direct `.arrow` file (IPC stream as `datasets` writes it, or IPC file format), read
     with only the columns asked for; a `ClassLabel` column reads as its names (-1: no label);
@@ -266,3 +354,40 @@ def test_arrow_files_classlabels_and_column_checks(spec_factory, tmp_path):
     (tmp_path / "fake.arrow").write_text('{"text": "not arrow"}\n')
     with pytest.raises(DataError, match=r"fake\.arrow: not an Arrow IPC stream or file"):
         parse_file(str(tmp_path / "fake.arrow"), "arrow", ["text"])
+
+
+def test_dataset_dict_folder_is_refused_with_its_splits(spec_factory, tmp_path):
+    import datasets
+
+    from trainers.data.files import expand_files
+
+    ds = datasets.Dataset.from_list(classification_rows(8))
+    folder = str(tmp_path / "dd")
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(folder)
+    message = (
+        f"data.train_files={folder}: a DatasetDict folder with splits train, test. "
+        f"Point at one split's folder, e.g. {folder}/train."
+    )
+    with pytest.raises(DataError) as e:
+        expand_files([folder], "data.train_files")
+    assert str(e.value) == message
+    assert check_data(spec_factory("cls", data={"train_files": [folder]})) == [message]
+    assert expand_files([f"{folder}/test"], "data.validation_files") == [
+        f"{folder}/test/data-00000-of-00001.arrow"
+    ]
+
+
+def test_prepare_reads_a_saved_dataset_folder(ray_session, spec_factory, tmp_path):
+    """Through Ray Data end to end: every row of a `save_to_disk` folder lands in train or
+    validation, and its `ClassLabel` names are the labels."""
+    import datasets
+
+    rows = classification_rows(60, seed=7)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    folder = str(tmp_path / "reviews")
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
+    prepared = _prepare(spec_factory("cls", data={"train_files": [folder]}))
+    assert prepared.train_rows + prepared.validation_rows == 60
+    assert prepared.label_names == ["neg", "pos"]

@@ -24,6 +24,10 @@ from trainers.errors import DataError
 from trainers.storage import absolute, is_uri
 from trainers.tasks import TASKS
 
+_LOCAL = pafs.LocalFileSystem()
+# What `Dataset.save_to_disk` writes beside the Arrow data: never rows.
+_SAVED_DATASET_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
+
 
 def check_data(spec: RunSpec) -> list[str]:
     """Driver-side checks before anything starts: files exist, formats known, columns present."""
@@ -58,7 +62,15 @@ def check_data(spec: RunSpec) -> list[str]:
 
 
 def expand_files(patterns: list[str], key: str) -> list[str]:
-    """Expand local globs; check URIs exist. Raises DataError naming the pattern."""
+    """The data files the entries of `key` name, in order.
+
+    An entry is a local path or glob, a pyarrow URI, a folder (walked) or a folder written by
+    `datasets.Dataset.save_to_disk` (its Arrow data files, in the order its `state.json` lists
+    them).
+
+    Raises:
+        DataError: naming the entry: nothing found, a `DatasetDict` folder.
+    """
     out: list[str] = []
     for pat in patterns:
         if is_uri(pat):
@@ -66,28 +78,92 @@ def expand_files(patterns: list[str], key: str) -> list[str]:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.NotFound:
                 raise DataError(f"{key}={pat}: file not found. Check the URI and credentials.")
+            scheme = pat.split("://")[0] + "://"
             if info.type == pafs.FileType.Directory:
-                sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                out += [
-                    pat.split("://")[0] + "://" + i.path
-                    for i in sel
-                    if i.type == pafs.FileType.File
-                ]
+                saved = _saved_dataset_files(fs, path, key, pat, pat)
+                if saved is None:
+                    sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                    saved = [i.path for i in sel if i.type == pafs.FileType.File]
+                out += [scheme + p for p in saved]
             else:
                 out.append(pat)
             continue
-        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        if os.path.isdir(pat):
-            matches = sorted(
-                os.path.join(d, f)
-                for d, _, fs_ in os.walk(pat)
-                for f in fs_
-                if not f.startswith((".", "_"))
-            )
+        local = os.path.expanduser(pat)
+        if os.path.isdir(local):
+            matches = _walk(local, key, pat)
+        else:
+            matches = []
+            for m in sorted(glob.glob(local, recursive=True)):
+                if os.path.isdir(m):  # plain folders matched by a glob are skipped, as ever
+                    matches += _saved_dataset_files(_LOCAL, m, key, pat, m) or []
+                elif os.path.isfile(m) and not _is_saved_dataset_metadata(m):
+                    matches.append(m)
         if not matches:
             raise DataError(f"{key}={pat}: file not found. Fix the path or glob.")
-        out += [os.path.abspath(m) for m in matches if os.path.isfile(m)]
+        out += list(dict.fromkeys(os.path.abspath(m) for m in matches))
     return out
+
+
+def _walk(folder: str, key: str, pat: str) -> list[str]:
+    """Every file under `folder` (hidden and `_`-prefixed ones left out), sorted by path; a saved
+    `datasets` folder inside contributes its data files, in its own order, at its place."""
+    groups: list[tuple[str, list[str]]] = []
+    for d, dirs, files in os.walk(folder):
+        if "state.json" in files or "dataset_dict.json" in files:
+            saved = _saved_dataset_files(_LOCAL, d, key, pat, d)
+            if saved is not None:
+                dirs[:] = []
+                groups.append((os.path.join(d, ""), saved))
+                continue
+        groups += [
+            (os.path.join(d, f), [os.path.join(d, f)])
+            for f in files
+            if not f.startswith((".", "_"))
+        ]
+    return [p for _, paths in sorted(groups) for p in paths]
+
+
+def _saved_dataset_files(
+    fs: pafs.FileSystem, folder: str, key: str, pat: str, shown: str
+) -> list[str] | None:
+    """The Arrow data files of a folder `Dataset.save_to_disk` wrote (listed in its `state.json`;
+    any other `.arrow` there is a cache file of a later `.map`), or None for any other folder.
+
+    Args:
+        fs, folder: the folder on its filesystem.
+        key, pat: the config key and its entry that led here, for messages.
+        shown: the folder as the user writes it (a local path or a URI).
+
+    Raises:
+        DataError: the folder holds a `DatasetDict` (one subfolder per split): which split to
+            train on is the user's choice, not ours.
+    """
+    folder, shown = folder.rstrip("/"), shown.rstrip("/")
+    try:
+        with fs.open_input_stream(f"{folder}/dataset_dict.json") as f:
+            splits = [str(x) for x in json.loads(f.read())["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        splits = None
+    if splits is not None:
+        where = pat if shown == os.path.expanduser(pat).rstrip("/") else f"{pat} ({shown})"
+        raise DataError(
+            f"{key}={where}: a DatasetDict folder with splits {', '.join(splits)}. "
+            f"Point at one split's folder, e.g. {shown}/{splits[0] if splits else 'train'}."
+        )
+    try:
+        with fs.open_input_stream(f"{folder}/state.json") as f:
+            names = [entry["filename"] for entry in json.loads(f.read())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [f"{folder}/{name}" for name in names]
+
+
+def _is_saved_dataset_metadata(path: str) -> bool:
+    """`state.json` & co. beside the data of a saved `datasets` folder (a glob like `ds/*`)."""
+    folder, name = os.path.split(path)
+    return name in _SAVED_DATASET_METADATA and any(
+        os.path.isfile(os.path.join(folder, m)) for m in ("state.json", "dataset_dict.json")
+    )
 
 
 def raw_columns(spec: RunSpec) -> dict[str, str]:
