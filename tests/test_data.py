@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -375,6 +376,45 @@ def test_dataset_dict_folder_is_refused_with_its_splits(spec_factory, tmp_path):
     assert expand_files([f"{folder}/test"], "data.validation_files") == [
         f"{folder}/test/data-00000-of-00001.arrow"
     ]
+
+
+@pytest.mark.timeout(60)
+def test_hub_dataset_offline_is_one_clear_error(spec_factory, tmp_path, monkeypatch):
+    """`hf-hub:NAME[:SPLIT]` offline fails at once with one message and the fix, no chained
+    traceback; a name `load_dataset` can resolve without the network expands to its cache files;
+    a config file does not take the entry for a path relative to itself."""
+    import datasets
+
+    from trainers.config_load import load_raw
+    from trainers.data.files import expand_files, parse_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    entry = "hf-hub:ferry-tests/no-such-dataset:validation"
+    with pytest.raises(DataError) as e:
+        expand_files([entry], "data.train_files")
+    assert re.fullmatch(
+        r"data\.train_files=hf-hub:ferry-tests/no-such-dataset:validation: cannot load the Hub "
+        r"dataset here: offline, no network or no such dataset \(.+\)\. Check the name, or run "
+        r"datasets\.load_dataset\('ferry-tests/no-such-dataset', split='validation'\)"
+        r"\.save_to_disk\(DIR\) where the network allows and set data\.train_files to DIR\.",
+        str(e.value),
+    )
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    problems = check_data(spec_factory("cls", data={"train_files": ["hf-hub:ferry-tests/none"]}))
+    assert len(problems) == 1 and "split='train'" in problems[0]
+
+    # load_dataset also takes a local folder of data files: the cache-file path without a network.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "train.jsonl", classification_rows(5))
+    files = expand_files([f"hf-hub:{tmp_path}/src"], "data.train_files")
+    assert len(files) == 1 and files[0].startswith(str(tmp_path / "hf-cache"))
+    assert parse_file(files[0], "arrow", ["text", "label"])[0] == classification_rows(5)
+
+    (tmp_path / "run.yaml").write_text(f"data:\n  train_files: [{entry}, a.jsonl]\n")
+    raw, _ = load_raw(tmp_path / "run.yaml")
+    assert raw["data"]["train_files"] == [entry, str(tmp_path / "a.jsonl")]
 
 
 def test_prepare_reads_a_saved_dataset_folder(ray_session, spec_factory, tmp_path):

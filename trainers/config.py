@@ -135,10 +135,16 @@ class TaskConfig(_Strict):
 
 class DataConfig(_Strict):
     train_files: list[str] = Field(
-        ..., min_length=1, description="Training files: paths, globs or pyarrow URIs."
+        ...,
+        min_length=1,
+        description="Training files: paths, globs, folders or pyarrow URIs; a folder written by "
+        "datasets' save_to_disk, or hf-hub:NAME[:SPLIT] (a Hub dataset, split default train, "
+        "loaded on the driver).",
     )
     validation_files: list[str] = Field(
-        default_factory=list, description="Validation files; empty = split off the training data."
+        default_factory=list,
+        description="Validation files, written like data.train_files; empty = split off the "
+        "training data.",
     )
     format: Literal["auto", "jsonl", "csv", "parquet", "arrow"] = Field(
         "auto",

@@ -8,6 +8,7 @@ uses, so a bad row is reported the same way everywhere.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from trainers.config import RunSpec
 from trainers.errors import DataError
-from trainers.storage import absolute, is_uri
+from trainers.storage import HUB_DATASET_PREFIX, absolute, is_hub_dataset, is_uri
 from trainers.tasks import TASKS
 
 _LOCAL = pafs.LocalFileSystem()
@@ -64,15 +65,19 @@ def check_data(spec: RunSpec) -> list[str]:
 def expand_files(patterns: list[str], key: str) -> list[str]:
     """The data files the entries of `key` name, in order.
 
-    An entry is a local path or glob, a pyarrow URI, a folder (walked) or a folder written by
+    An entry is a local path or glob, a pyarrow URI, a folder (walked), a folder written by
     `datasets.Dataset.save_to_disk` (its Arrow data files, in the order its `state.json` lists
-    them).
+    them) or `hf-hub:NAME[:SPLIT]` (the Arrow cache files of `datasets.load_dataset`).
 
     Raises:
-        DataError: naming the entry: nothing found, a `DatasetDict` folder.
+        DataError: naming the entry: nothing found, a `DatasetDict` folder, a Hub dataset that
+            cannot be loaded here.
     """
     out: list[str] = []
     for pat in patterns:
+        if is_hub_dataset(pat):
+            out += _hub_files(pat, key)
+            continue
         if is_uri(pat):
             fs, path = pafs.FileSystem.from_uri(pat)
             info = fs.get_file_info(path)
@@ -163,6 +168,66 @@ def _is_saved_dataset_metadata(path: str) -> bool:
     folder, name = os.path.split(path)
     return name in _SAVED_DATASET_METADATA and any(
         os.path.isfile(os.path.join(folder, m)) for m in ("state.json", "dataset_dict.json")
+    )
+
+
+def _hub_files(entry: str, key: str) -> list[str]:
+    """`hf-hub:NAME[:SPLIT]` -> the Arrow files `datasets.load_dataset(NAME, split=SPLIT)` keeps
+    in its cache (downloaded on first use, on the driver).
+
+    Raises:
+        DataError: one message, the fix included, when the dataset cannot be loaded here
+            (offline, no network, unknown name or split).
+    """
+    name, _, split = entry.removeprefix(HUB_DATASET_PREFIX).partition(":")
+    split = split or "train"
+    save = (
+        f"datasets.load_dataset('{name}', split='{split}').save_to_disk(DIR) where the network "
+        f"allows and set {key} to DIR"
+    )
+    if not name:
+        raise DataError(
+            f"{key}={entry}: no dataset name. Write {HUB_DATASET_PREFIX}NAME or "
+            f"{HUB_DATASET_PREFIX}NAME:SPLIT, e.g. {HUB_DATASET_PREFIX}tatsu-lab/alpaca:train."
+        )
+    if "[" in split:
+        # A sliced split (train[:10%]) is an index over the cached files, which hold every row.
+        raise DataError(
+            f"{key}={entry}: split slices are not read. Name a whole split and cap rows with "
+            f"data.max_rows, or save the slice with {save}."
+        )
+    try:
+        return list(_load_hub_dataset(name, split))
+    except Exception as e:  # every failure becomes one message, not a traceback
+        text = str(e).strip()
+        reason = type(e).__name__ + (f": {text.splitlines()[0][:300]}" if text else "")
+        if _is_unreachable(e):
+            raise DataError(
+                f"{key}={entry}: cannot load the Hub dataset here: offline, no network or no such "
+                f"dataset ({reason}). Check the name, or run {save}."
+            ) from None
+        raise DataError(
+            f"{key}={entry}: datasets.load_dataset failed ({reason}). Fix the name or split, "
+            f"or run {save}."
+        ) from None
+
+
+@functools.cache  # check_data and prepare_dataset both expand the same entry on the driver
+def _load_hub_dataset(name: str, split: str) -> tuple[str, ...]:
+    import datasets  # slow to import (seconds): only when an hf-hub entry is used
+
+    ds = datasets.load_dataset(name, split=split)
+    files = tuple(f["filename"] for f in ds.cache_files)
+    if not files:
+        raise ValueError("the dataset was loaded in memory and has no cache files")
+    return files
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    """The network or the dataset is not there: OSError covers ConnectionError, the Hub's
+    OfflineModeIsEnabled and `datasets`' DatasetNotFoundError; httpx's errors are no OSError."""
+    return isinstance(e, OSError) or any(
+        c.__module__.split(".")[0].startswith("httpx") for c in type(e).__mro__
     )
 
 
