@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -218,3 +219,215 @@ def test_json_array_files_are_read_with_row_numbers(ray_session, spec_factory, t
     broken.write_text(jsonlib.dumps(rows)[:-5])
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON"):
         _prepare(spec_factory("cls", data={"train_files": [str(broken)]}))
+
+
+# --- Hugging Face `datasets` data: .arrow files, save_to_disk folders, hf-hub: names ---------
+
+
+def _chat_rows(n: int) -> list[dict]:
+    """Classification rows with a nested chat column; row 4 has an empty text (a bad row)."""
+    rows = classification_rows(n, seed=5)
+    for r in rows:
+        r["messages"] = [
+            {"role": "user", "content": r["text"]},
+            {"role": "assistant", "content": r["label"]},
+        ]
+    rows[3]["text"] = ""
+    return rows
+
+
+def _save_to_disk(rows, folder, **kwargs) -> str:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder), **kwargs)
+    return str(folder)
+
+
+def _read_as_prepare_does(path):
+    """One file through the training reader: canonical columns, 1-based _row, _error."""
+    import pyarrow as pa
+
+    from trainers.data.prepare import _read_file_batch
+
+    columns = {"text": "text", "label": "label", "messages": "messages"}
+    t = _read_file_batch(
+        pa.table({"path": [path], "split": ["train"]}),
+        columns,
+        "auto",
+        fraction=0.0,
+        seed=0,
+        max_rows=None,
+    )
+    return t.drop_columns(["_file"]).to_pylist()
+
+
+def test_saved_dataset_folder_reads_like_the_same_jsonl(spec_factory, tmp_path):
+    """A `save_to_disk` folder gives exactly its Arrow data files (not its JSON metadata, not the
+    cache file a later `.map` leaves there) and the same rows, row numbers and bad rows as the
+    JSONL of the same data; nested `messages` stay a list of dicts; check_data checks the
+    folder's columns."""
+    import datasets
+
+    from trainers.data.files import expand_files, format_of, parse_file
+
+    rows = _chat_rows(12)
+    jsonl = write_jsonl(tmp_path / "chat.jsonl", rows)
+    folder = _save_to_disk(rows, tmp_path / "chat")
+    datasets.load_from_disk(folder).map(lambda r: {"n": 1})  # leaves cache-*.arrow in the folder
+    assert any(f.startswith("cache-") for f in os.listdir(folder))
+    files = expand_files([folder], "data.train_files")
+    assert files == [f"{folder}/data-00000-of-00001.arrow"]
+    assert format_of(files[0], "auto") == "arrow"
+
+    records, errors = parse_file(files[0], "arrow", ["text", "label", "messages"])
+    assert records == rows and errors == [None] * 12
+    assert records[0]["messages"] == [
+        {"role": "user", "content": rows[0]["text"]},
+        {"role": "assistant", "content": rows[0]["label"]},
+    ]
+    from_arrow, from_jsonl = _read_as_prepare_does(files[0]), _read_as_prepare_does(jsonl)
+    assert from_arrow == from_jsonl
+    assert [r["_row"] for r in from_arrow] == list(range(1, 13))
+    assert from_arrow[3]["_error"] == "missing or empty 'text'"
+    assert json.loads(from_arrow[0]["messages"]) == rows[0]["messages"]
+    assert check_data(spec_factory("cls", data={"train_files": [folder]})) == []
+    spec = spec_factory("cls", data={"train_files": [folder], "text_column": "prompt"})
+    assert check_data(spec) == [
+        f"data.train_files={files[0]}: column 'prompt' not found (has: label, messages, text). "
+        "Set the matching data.*_column or fix the file."
+    ]
+
+    # Several folders (one in two shards) by a glob or by their parent folder: shard order kept.
+    _save_to_disk(rows[:5], tmp_path / "many" / "a", num_shards=2)
+    _save_to_disk(rows[5:], tmp_path / "many" / "b")
+    shards = [
+        f"{tmp_path}/many/a/data-00000-of-00002.arrow",
+        f"{tmp_path}/many/a/data-00001-of-00002.arrow",
+        f"{tmp_path}/many/b/data-00000-of-00001.arrow",
+    ]
+    assert expand_files([str(tmp_path / "many" / "*")], "data.train_files") == shards
+    assert expand_files([str(tmp_path / "many")], "data.train_files") == shards
+    assert [
+        r for f in shards for r in parse_file(f, "arrow", ["text", "label", "messages"])[0]
+    ] == rows
+
+
+def test_arrow_files_classlabels_and_column_checks(spec_factory, tmp_path):
+    """A direct `.arrow` file (IPC stream as `datasets` writes it, or IPC file format), read
+    with only the columns asked for; a `ClassLabel` column reads as its names (-1: no label);
+    check_data checks columns against the schema; a non-Arrow `.arrow` file is named."""
+    import datasets
+    import pyarrow as pa
+
+    from trainers.data.files import parse_file, peek_columns
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    folder = str(tmp_path / "cl")
+    datasets.Dataset.from_dict(
+        {"text": ["a", "b", "c"], "label": [1, 0, -1]}, features=features
+    ).save_to_disk(folder)
+    stream = f"{folder}/data-00000-of-00001.arrow"
+    assert parse_file(stream, "arrow", ["label", "text"])[0] == [
+        {"label": "pos", "text": "a"},
+        {"label": "neg", "text": "b"},
+        {"label": None, "text": "c"},
+    ]
+
+    table = pa.Table.from_pylist(classification_rows(6))
+    file_format = tmp_path / "rows.arrow"
+    with pa.OSFile(str(file_format), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    assert peek_columns(str(file_format), "arrow") == {"text", "label"}
+    records, errors = parse_file(str(file_format), "arrow", ["text", "id"])
+    assert records == [{"text": r["text"]} for r in classification_rows(6)]
+    assert errors == [None] * 6
+
+    spec = spec_factory("cls", data={"train_files": [str(file_format), stream]})
+    assert check_data(spec) == []
+    spec = spec_factory("cls", data={"train_files": [stream], "label_column": "stars"})
+    assert check_data(spec) == [
+        f"data.train_files={stream}: column 'stars' not found (has: label, "
+        "text). Set the matching data.*_column or fix the file."
+    ]
+
+    (tmp_path / "fake.arrow").write_text('{"text": "not arrow"}\n')
+    with pytest.raises(DataError, match=r"fake\.arrow: not an Arrow IPC stream or file"):
+        parse_file(str(tmp_path / "fake.arrow"), "arrow", ["text"])
+
+
+def test_dataset_dict_folder_is_refused_with_its_splits(spec_factory, tmp_path):
+    import datasets
+
+    from trainers.data.files import expand_files
+
+    ds = datasets.Dataset.from_list(classification_rows(8))
+    folder = str(tmp_path / "dd")
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(folder)
+    message = (
+        f"data.train_files={folder}: a DatasetDict folder with splits train, test. "
+        f"Point at one split's folder, e.g. {folder}/train."
+    )
+    with pytest.raises(DataError) as e:
+        expand_files([folder], "data.train_files")
+    assert str(e.value) == message
+    assert check_data(spec_factory("cls", data={"train_files": [folder]})) == [message]
+    assert expand_files([f"{folder}/test"], "data.validation_files") == [
+        f"{folder}/test/data-00000-of-00001.arrow"
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_hub_dataset_offline_is_one_clear_error(spec_factory, tmp_path, monkeypatch):
+    """`hf-hub:NAME[:SPLIT]` offline fails at once with one message and the fix, no chained
+    traceback; a name `load_dataset` can resolve without the network expands to its cache files;
+    a config file does not take the entry for a path relative to itself."""
+    import datasets
+
+    from trainers.config_load import load_raw
+    from trainers.data.files import expand_files, parse_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    entry = "hf-hub:ferry-tests/no-such-dataset:validation"
+    with pytest.raises(DataError) as e:
+        expand_files([entry], "data.train_files")
+    assert re.fullmatch(
+        r"data\.train_files=hf-hub:ferry-tests/no-such-dataset:validation: cannot load the Hub "
+        r"dataset here: offline, no network or no such dataset \(.+\)\. Check the name, or run "
+        r"datasets\.load_dataset\('ferry-tests/no-such-dataset', split='validation'\)"
+        r"\.save_to_disk\(DIR\) where the network allows and set data\.train_files to DIR\.",
+        str(e.value),
+    )
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    problems = check_data(spec_factory("cls", data={"train_files": ["hf-hub:ferry-tests/none"]}))
+    assert len(problems) == 1 and "split='train'" in problems[0]
+
+    # load_dataset also takes a local folder of data files: the cache-file path without a network.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "src").mkdir()
+    write_jsonl(tmp_path / "src" / "train.jsonl", classification_rows(5))
+    files = expand_files([f"hf-hub:{tmp_path}/src"], "data.train_files")
+    assert len(files) == 1 and files[0].startswith(str(tmp_path / "hf-cache"))
+    assert parse_file(files[0], "arrow", ["text", "label"])[0] == classification_rows(5)
+
+    (tmp_path / "run.yaml").write_text(f"data:\n  train_files: [{entry}, a.jsonl]\n")
+    raw, _ = load_raw(tmp_path / "run.yaml")
+    assert raw["data"]["train_files"] == [entry, str(tmp_path / "a.jsonl")]
+
+
+def test_prepare_reads_a_saved_dataset_folder(ray_session, spec_factory, tmp_path):
+    """Through Ray Data end to end: every row of a `save_to_disk` folder lands in train or
+    validation, and its `ClassLabel` names are the labels."""
+    import datasets
+
+    rows = classification_rows(60, seed=7)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])}
+    )
+    folder = str(tmp_path / "reviews")
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(folder)
+    prepared = _prepare(spec_factory("cls", data={"train_files": [folder]}))
+    assert prepared.train_rows + prepared.validation_rows == 60
+    assert prepared.label_names == ["neg", "pos"]

@@ -212,15 +212,22 @@ class ConversationConfig(_Strict):
 
 class DataConfig(_Strict):
     train_files: list[str] = Field(
-        ..., min_length=1, description="Training files: paths, globs or pyarrow URIs."
+        ...,
+        min_length=1,
+        description="Training files: paths, globs, folders or pyarrow URIs; a folder written by "
+        "datasets' save_to_disk, or hf-hub:NAME[:SPLIT] (a Hub dataset, split default train, "
+        "loaded on the driver).",
     )
     validation_files: list[str] = Field(
-        default_factory=list, description="Validation files; empty = split off the training data."
+        default_factory=list,
+        description="Validation files, written like data.train_files; empty = split off the "
+        "training data.",
     )
-    format: Literal["auto", "jsonl", "csv", "parquet"] = Field(
+    format: Literal["auto", "jsonl", "csv", "parquet", "arrow"] = Field(
         "auto",
         description="File format; auto = from the extension (.jsonl/.json, .csv, "
-        ".parquet). jsonl reads JSON Lines and also a file holding one JSON array of rows.",
+        ".parquet, .arrow). jsonl reads JSON Lines and also a file holding one JSON array of "
+        "rows; arrow reads Arrow IPC stream or file data (what datasets writes).",
     )
     text_column: str = Field("text", description="Input text column (plain text for causal LM).")
     label_column: str = Field("label", description="Label column (classification).")

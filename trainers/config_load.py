@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from trainers.chat_templates import TEMPLATES, is_template_source
 from trainers.config import DataConfig, RunSpec
 from trainers.errors import ConfigError
-from trainers.storage import is_uri
+from trainers.storage import is_hub_dataset, is_uri
 
 
 class _Loader(yaml.SafeLoader):
@@ -354,7 +354,13 @@ _PATH_KEYS = {("data", "train_files"), ("data", "validation_files"), ("deepspeed
 
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     def fix(v: Any) -> Any:
-        if isinstance(v, str) and v and not is_uri(v) and not os.path.isabs(v):
+        if (
+            isinstance(v, str)
+            and v
+            and not is_uri(v)
+            and not is_hub_dataset(v)
+            and not os.path.isabs(v)
+        ):
             return str((base / v).resolve())
         return v
 

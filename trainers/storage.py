@@ -25,11 +25,18 @@ MERGED_DIR = "merged"
 STATE_FILE = "ferry_state.json"
 DS_TAG = "ds"
 RUN_CONFIG_FILE = "ferry_run.yaml"
+HUB_DATASET_PREFIX = "hf-hub:"
 
 
 def is_uri(path: str) -> bool:
     """A pyarrow URI (s3://, gs://, file://, ...) rather than a plain local path."""
     return "://" in path
+
+
+def is_hub_dataset(entry: str) -> bool:
+    """A Hugging Face Hub dataset named in a data file list (`hf-hub:NAME[:SPLIT]`): neither a
+    local path nor a URI, so it is never resolved against a folder."""
+    return entry.startswith(HUB_DATASET_PREFIX)
 
 
 def absolute(path: str) -> str:

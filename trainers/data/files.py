@@ -8,6 +8,7 @@ uses, so a bad row is reported the same way everywhere.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import json
@@ -16,12 +17,17 @@ import os
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.ipc as paipc
 import pyarrow.parquet as pq
 
 from trainers.config import RunSpec
 from trainers.errors import DataError
-from trainers.storage import absolute, is_uri
+from trainers.storage import HUB_DATASET_PREFIX, absolute, is_hub_dataset, is_uri
 from trainers.tasks import TASKS
+
+_LOCAL = pafs.LocalFileSystem()
+# What `Dataset.save_to_disk` writes beside the Arrow data: never rows.
+_SAVED_DATASET_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 
 
 def check_data(spec: RunSpec) -> list[str]:
@@ -57,36 +63,172 @@ def check_data(spec: RunSpec) -> list[str]:
 
 
 def expand_files(patterns: list[str], key: str) -> list[str]:
-    """Expand local globs; check URIs exist. Raises DataError naming the pattern."""
+    """The data files the entries of `key` name, in order.
+
+    An entry is a local path or glob, a pyarrow URI, a folder (walked), a folder written by
+    `datasets.Dataset.save_to_disk` (its Arrow data files, in the order its `state.json` lists
+    them) or `hf-hub:NAME[:SPLIT]` (the Arrow cache files of `datasets.load_dataset`).
+
+    Raises:
+        DataError: naming the entry: nothing found, a `DatasetDict` folder, a Hub dataset that
+            cannot be loaded here.
+    """
     out: list[str] = []
     for pat in patterns:
+        if is_hub_dataset(pat):
+            out += _hub_files(pat, key)
+            continue
         if is_uri(pat):
             fs, path = pafs.FileSystem.from_uri(pat)
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.NotFound:
                 raise DataError(f"{key}={pat}: file not found. Check the URI and credentials.")
+            scheme = pat.split("://")[0] + "://"
             if info.type == pafs.FileType.Directory:
-                sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-                out += [
-                    pat.split("://")[0] + "://" + i.path
-                    for i in sel
-                    if i.type == pafs.FileType.File
-                ]
+                saved = _saved_dataset_files(fs, path, key, pat, pat)
+                if saved is None:
+                    sel = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                    saved = [i.path for i in sel if i.type == pafs.FileType.File]
+                out += [scheme + p for p in saved]
             else:
                 out.append(pat)
             continue
-        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True))
-        if os.path.isdir(pat):
-            matches = sorted(
-                os.path.join(d, f)
-                for d, _, fs_ in os.walk(pat)
-                for f in fs_
-                if not f.startswith((".", "_"))
-            )
+        local = os.path.expanduser(pat)
+        if os.path.isdir(local):
+            matches = _walk(local, key, pat)
+        else:
+            matches = []
+            for m in sorted(glob.glob(local, recursive=True)):
+                if os.path.isdir(m):  # plain folders matched by a glob are skipped, as ever
+                    matches += _saved_dataset_files(_LOCAL, m, key, pat, m) or []
+                elif os.path.isfile(m) and not _is_saved_dataset_metadata(m):
+                    matches.append(m)
         if not matches:
             raise DataError(f"{key}={pat}: file not found. Fix the path or glob.")
-        out += [os.path.abspath(m) for m in matches if os.path.isfile(m)]
+        out += list(dict.fromkeys(os.path.abspath(m) for m in matches))
     return out
+
+
+def _walk(folder: str, key: str, pat: str) -> list[str]:
+    """Every file under `folder` (hidden and `_`-prefixed ones left out), sorted by path; a saved
+    `datasets` folder inside contributes its data files, in its own order, at its place."""
+    groups: list[tuple[str, list[str]]] = []
+    for d, dirs, files in os.walk(folder):
+        if "state.json" in files or "dataset_dict.json" in files:
+            saved = _saved_dataset_files(_LOCAL, d, key, pat, d)
+            if saved is not None:
+                dirs[:] = []
+                groups.append((os.path.join(d, ""), saved))
+                continue
+        groups += [
+            (os.path.join(d, f), [os.path.join(d, f)])
+            for f in files
+            if not f.startswith((".", "_"))
+        ]
+    return [p for _, paths in sorted(groups) for p in paths]
+
+
+def _saved_dataset_files(
+    fs: pafs.FileSystem, folder: str, key: str, pat: str, shown: str
+) -> list[str] | None:
+    """The Arrow data files of a folder `Dataset.save_to_disk` wrote (listed in its `state.json`;
+    any other `.arrow` there is a cache file of a later `.map`), or None for any other folder.
+
+    Args:
+        fs, folder: the folder on its filesystem.
+        key, pat: the config key and its entry that led here, for messages.
+        shown: the folder as the user writes it (a local path or a URI).
+
+    Raises:
+        DataError: the folder holds a `DatasetDict` (one subfolder per split): which split to
+            train on is the user's choice, not ours.
+    """
+    folder, shown = folder.rstrip("/"), shown.rstrip("/")
+    try:
+        with fs.open_input_stream(f"{folder}/dataset_dict.json") as f:
+            splits = [str(x) for x in json.loads(f.read())["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        splits = None
+    if splits is not None:
+        where = pat if shown == os.path.expanduser(pat).rstrip("/") else f"{pat} ({shown})"
+        raise DataError(
+            f"{key}={where}: a DatasetDict folder with splits {', '.join(splits)}. "
+            f"Point at one split's folder, e.g. {shown}/{splits[0] if splits else 'train'}."
+        )
+    try:
+        with fs.open_input_stream(f"{folder}/state.json") as f:
+            names = [entry["filename"] for entry in json.loads(f.read())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [f"{folder}/{name}" for name in names]
+
+
+def _is_saved_dataset_metadata(path: str) -> bool:
+    """`state.json` & co. beside the data of a saved `datasets` folder (a glob like `ds/*`)."""
+    folder, name = os.path.split(path)
+    return name in _SAVED_DATASET_METADATA and any(
+        os.path.isfile(os.path.join(folder, m)) for m in ("state.json", "dataset_dict.json")
+    )
+
+
+def _hub_files(entry: str, key: str) -> list[str]:
+    """`hf-hub:NAME[:SPLIT]` -> the Arrow files `datasets.load_dataset(NAME, split=SPLIT)` keeps
+    in its cache (downloaded on first use, on the driver).
+
+    Raises:
+        DataError: one message, the fix included, when the dataset cannot be loaded here
+            (offline, no network, unknown name or split).
+    """
+    name, _, split = entry.removeprefix(HUB_DATASET_PREFIX).partition(":")
+    split = split or "train"
+    save = (
+        f"datasets.load_dataset('{name}', split='{split}').save_to_disk(DIR) where the network "
+        f"allows and set {key} to DIR"
+    )
+    if not name:
+        raise DataError(
+            f"{key}={entry}: no dataset name. Write {HUB_DATASET_PREFIX}NAME or "
+            f"{HUB_DATASET_PREFIX}NAME:SPLIT, e.g. {HUB_DATASET_PREFIX}tatsu-lab/alpaca:train."
+        )
+    if "[" in split:
+        # A sliced split (train[:10%]) is an index over the cached files, which hold every row.
+        raise DataError(
+            f"{key}={entry}: split slices are not read. Name a whole split and cap rows with "
+            f"data.max_rows, or save the slice with {save}."
+        )
+    try:
+        return list(_load_hub_dataset(name, split))
+    except Exception as e:  # every failure becomes one message, not a traceback
+        text = str(e).strip()
+        reason = type(e).__name__ + (f": {text.splitlines()[0][:300]}" if text else "")
+        if _is_unreachable(e):
+            raise DataError(
+                f"{key}={entry}: cannot load the Hub dataset here: offline, no network or no such "
+                f"dataset ({reason}). Check the name, or run {save}."
+            ) from None
+        raise DataError(
+            f"{key}={entry}: datasets.load_dataset failed ({reason}). Fix the name or split, "
+            f"or run {save}."
+        ) from None
+
+
+@functools.cache  # check_data and prepare_dataset both expand the same entry on the driver
+def _load_hub_dataset(name: str, split: str) -> tuple[str, ...]:
+    import datasets  # slow to import (seconds): only when an hf-hub entry is used
+
+    ds = datasets.load_dataset(name, split=split)
+    files = tuple(f["filename"] for f in ds.cache_files)
+    if not files:
+        raise ValueError("the dataset was loaded in memory and has no cache files")
+    return files
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    """The network or the dataset is not there: OSError covers ConnectionError, the Hub's
+    OfflineModeIsEnabled and `datasets`' DatasetNotFoundError; httpx's errors are no OSError."""
+    return isinstance(e, OSError) or any(
+        c.__module__.split(".")[0].startswith("httpx") for c in type(e).__mro__
+    )
 
 
 def raw_columns(spec: RunSpec, optional: bool = False) -> dict[str, str]:
@@ -108,12 +250,13 @@ def format_of(path: str, fmt: str) -> str:
         (".json", "jsonl"),
         (".csv", "csv"),
         (".parquet", "parquet"),
+        (".arrow", "arrow"),
     ):
         if name.endswith(ext):
             return f
     raise DataError(
         f"data.format=auto: cannot tell the format of {path} from its extension. "
-        "Set data.format to jsonl (JSON Lines or a JSON array), csv or parquet."
+        "Set data.format to jsonl (JSON Lines or a JSON array), csv, parquet or arrow."
     )
 
 
@@ -122,6 +265,9 @@ def peek_columns(path: str, fmt: str) -> set[str] | None:
     if fmt == "parquet":
         with fs.open_input_file(p) as f:
             return set(pq.ParquetFile(f).schema_arrow.names)
+    if fmt == "arrow":
+        with _open(fs, p) as f:
+            return set(_arrow_reader(path, f).schema.names)
     with fs.open_input_stream(p) as f:
         head = f.read(1 << 16)
     if fmt == "csv":
@@ -155,6 +301,11 @@ def parse_file(
                 f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names]
             )
         return t.to_pylist(), [None] * t.num_rows
+    if fmt == "arrow":
+        with _open(fs, p) as f:
+            reader = _arrow_reader(path, f)
+            t = reader.read_all().select([c for c in columns if c in reader.schema.names])
+        return _decode_class_labels(t).to_pylist(), [None] * t.num_rows
     with fs.open_input_stream(p, compression="detect") as f:
         raw = f.read()
     if fmt == "csv":
@@ -179,6 +330,51 @@ def parse_file(
             records.append(None)
             errors.append(f"malformed JSON ({str(e)[:60]})")
     return records, errors
+
+
+def _open(fs: pafs.FileSystem, p: str) -> pa.NativeFile:
+    """A local file memory-mapped (only the columns read are ever paged in), else opened."""
+    return pa.memory_map(p) if isinstance(fs, pafs.LocalFileSystem) else fs.open_input_file(p)
+
+
+def _arrow_reader(
+    path: str, f: pa.NativeFile
+) -> paipc.RecordBatchStreamReader | paipc.RecordBatchFileReader:
+    """`datasets` writes the Arrow IPC stream format; pyarrow and Feather v2 write the file
+    format: try the stream, then the file."""
+    try:
+        return paipc.open_stream(f)
+    except pa.ArrowInvalid:
+        f.seek(0)
+    try:
+        return paipc.open_file(f)
+    except pa.ArrowInvalid as e:
+        raise DataError(
+            f"{path}: not an Arrow IPC stream or file ({e}). Check the file and data.format."
+        ) from None
+
+
+def _decode_class_labels(t: pa.Table) -> pa.Table:
+    """Columns `datasets` declares a `ClassLabel` hold class indices: give back the names (what a
+    JSONL export of the same data holds, and what the trained model's labels should be called).
+    -1 (`datasets`' "no label") becomes null, a row without a label."""
+    meta = (t.schema.metadata or {}).get(b"huggingface")
+    try:
+        features = json.loads(meta)["info"]["features"] if meta else {}
+    except (ValueError, KeyError, TypeError):
+        return t  # metadata from another writer: the values are what they are
+    for name, feature in features.items() if isinstance(features, dict) else ():
+        if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+            continue
+        if name not in t.column_names or not pa.types.is_integer(t.schema.field(name).type):
+            continue
+        names = feature.get("names") or []
+        values = [
+            names[i] if i is not None and 0 <= i < len(names) else None
+            for i in t.column(name).to_pylist()
+        ]
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, type=pa.string()))
+    return t
 
 
 def _parse_json_array(path: str, raw: bytes) -> tuple[list[dict | None], list[str | None]]:
