@@ -1,4 +1,5 @@
-"""The `ferry` command line: validate, train, eval, predict, analyze, tune, submit, jobs, k8s.
+"""The `ferry` command line: validate, preprocess, train, eval, predict, analyze, tune, submit,
+jobs, k8s.
 
 `main` is the entry point. Every argument is parsed here; the commands call plain library
 functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
@@ -10,10 +11,13 @@ of `--set key.path=value` overrides. Errors end in one clear message and a non-z
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
 
 from cluster.jobs import (
     DEFAULT_ADDRESS,
@@ -78,6 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(v)
     v.set_defaults(func=cmd_validate)
+
+    pp = sub.add_parser(
+        "preprocess",
+        help="build (or reuse) the preprocessed data cache as `ferry train` would, without "
+        "training; print its counts and the first rows with their loss-bearing tokens marked",
+        description="Prepare the run's data exactly as `ferry train` does (same cache key: a "
+        "following `ferry train` reuses it), then print the counts (rows, tokens, bad rows, "
+        "cache) and the first --show rows of the train split, decoded with the cache's "
+        "tokenizer: loss-bearing tokens in colour on a terminal, else inside [[...]]; "
+        "classification rows show their label.",
+    )
+    common(pp)
+    ray_opts(pp)
+    pp.add_argument(
+        "--show", type=int, default=3, metavar="N", help="rows shown (default 3; 0: none)"
+    )
+    pp.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines on stdout and nothing else: first the counts "
+        '({"summary": true, "train_rows": ..., "cache_hit": ..., ...}), then one object per '
+        "row shown (row, text, segments, loss_spans, loss_text, tokens, loss_tokens; label "
+        "for classification, target for encoder-decoder rows)",
+    )
+    pp.set_defaults(func=cmd_preprocess)
 
     t = sub.add_parser("train", help="fine-tune: prepare data, train, evaluate, export")
     common(t)
@@ -360,6 +389,58 @@ def cmd_validate(args) -> int:
         raise ConfigError(problems)
     print(dump_spec(spec), end="")
     return 0
+
+
+def cmd_preprocess(args) -> int:
+    from trainers.config_load import load_config
+    from trainers.data.files import check_data
+    from trainers.data.inspect import format_summary, print_samples, sample_rows, summarize
+    from trainers.errors import ConfigError
+    from trainers.preflight import prepare_checked_data
+
+    spec = load_config(args.config, args.overrides)
+    if spec.stages:
+        raise ConfigError(
+            [
+                f"stages={[s.name for s in spec.stages]}: a staged config's data is prepared "
+                "stage by stage in `ferry train` (a later stage reads the earlier one's "
+                "tokenizer). Put one stage's settings in a config without stages: to preprocess "
+                "it."
+            ]
+        )
+    problems = check_data(spec)
+    if args.show < 0:
+        problems.append(f"--show={args.show}: must be >= 0. Use 0 to show no rows.")
+    if problems:  # files and columns fail in a second, before Ray starts
+        raise ConfigError(problems)
+    # No training workers: Ray Data has the cluster (an embedded Ray: the machine's CPUs).
+    with _stdout_to_stderr(), ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
+        data = prepare_checked_data(spec)
+    summary, samples = summarize(data), sample_rows(data, args.show)
+    if args.json:
+        for record in [{"summary": True, **summary}, *samples]:
+            print(json.dumps(record))
+        return 0
+    print("\n".join(format_summary(summary)), flush=True)
+    print_samples(samples, color=sys.stdout.isatty())
+    return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Whatever is printed in the block goes to stderr, so that stdout carries only the
+    command's own output (`ferry preprocess --json` is read by scripts). Redirected at the file
+    descriptor too: a preset's tokenizer trainer (Rust) writes its progress bar's newlines to
+    fd 1, below Python's sys.stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def cmd_train(args) -> int:

@@ -1,8 +1,9 @@
 """Every check before a run starts, and the run's step plan: `prepare_run(spec) -> RunPlan`.
 
 Each entry point (ferry train, each stage, ferry tune's driver, eval, predict) calls it once; a
-tune trial reuses its driver's prepared data through `plan_for` and repeats no check. Problems
-are collected from every check and raised together as one `ConfigError`, in the house format.
+tune trial reuses its driver's prepared data through `plan_for` and repeats no check; ferry
+preprocess prepares the data alone (`prepare_checked_data`). Problems are collected from every
+check and raised together as one `ConfigError`, in the house format.
 """
 
 from __future__ import annotations
@@ -125,6 +126,24 @@ def prepare_data(spec: RunSpec) -> PreparedData:
         ConfigError: every data and resource problem found.
     """
     problems = check_data(spec) + check_resources(spec)
+    if problems:
+        raise ConfigError(problems)
+    return prepare_dataset(spec)
+
+
+def prepare_checked_data(spec: RunSpec) -> PreparedData:
+    """The data of a run alone (ferry preprocess), for a spec whose `check_data` already passed:
+    `prepare_dataset`, the call and cache key training makes, so a following `ferry train` hits
+    the cache. Needs a connected Ray.
+
+    The storage check runs (Ray Data tasks write the cache from any node); the rerun and
+    resource checks do not: nothing is trained and the run's folder is not touched.
+
+    Raises:
+        ConfigError: run.storage_path or data.cache_dir not shared on a multi-node cluster.
+        DataError: bad rows (raised by data preparation with file and row).
+    """
+    problems = check_storage(spec)
     if problems:
         raise ConfigError(problems)
     return prepare_dataset(spec)
