@@ -149,8 +149,12 @@ def test_every_format_reads_to_the_same_training_rows(ray_session, tmp_path):
     pairs = [{"prompt": c[0]["content"], "completion": c[1]["content"]} for c in convs]
     (tmp_path / "share.json").write_text(json.dumps(sharegpt))
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
+    import datasets
+
+    datasets.Dataset.from_list(msgs).save_to_disk(str(tmp_path / "saved"))
     cases = {
         "messages": (write_jsonl(tmp_path / "m.jsonl", msgs), {}),
+        "save_to_disk": (str(tmp_path / "saved"), {}),
         "sharegpt": (str(tmp_path / "share.json"), {"format": "sharegpt"}),
         "alpaca": (write_jsonl(tmp_path / "a.jsonl", alpaca), {"format": "alpaca"}),
         "prompt_completion": (str(tmp_path / "pairs.parquet"), {"format": "prompt_completion"}),
@@ -268,3 +272,26 @@ def test_two_worker_chat_lora_learns_replies(ray_session, tmp_path):
     tok = load_tokenizer(outcome.export_dir)
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}],
                                                      tokenize=False)
+
+
+def test_preprocess_json_shows_the_masking(ray_session, tmp_path, capsys):
+    from cluster.cli import main
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in conversations(30)])
+    (tmp_path / "chat.yaml").write_text(
+        f"run: {{name: pp, storage_path: {tmp_path / 'runs'}}}\n"
+        "model: {preset: tiny-llama}\n"
+        "task: {type: chat}\n"
+        f"data: {{train_files: [{path}], chat_template: chatml, max_seq_length: 96}}\n"
+    )
+    assert main(["preprocess", str(tmp_path / "chat.yaml"), "--json", "--show", "4"]) == 0
+    summary, *samples = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert 0 < summary["stats"]["data/trained_token_share"] < 0.6
+    assert len(samples) == 4
+    for sample in samples:
+        # Packed rows: several conversations, each reply with its end-of-turn token.
+        assert "<|im_start|>user" in sample["text"]
+        sounds = [w for w in SOUNDS.values() if w in sample["loss_text"]]
+        assert sounds and sample["loss_text"].count("<|im_end|>") == len(sample["loss_spans"])
+        for word in ["Which", "noise", "make", "system", "user", "answer"]:
+            assert word not in sample["loss_text"]

@@ -12,6 +12,8 @@ Every output row carries `file` and `row` (1-based line/row in that file), the i
 when it has one, the text (and label, if present) columns, and the predictions:
   sequence_classification: `prediction` (label name), `score` (its probability), `prob_<label>`;
   causal_lm: `generation` (greedy continuation of the prompt, prompt text excluded);
+  chat: `prediction` (the assistant's reply to the conversation up to its last user turn, with
+    the chat template and the `generation:` settings), beside the `messages` it answered;
   summarization: `prediction` (the generated summary, `generation:` settings);
   question_answering: `prediction` (the answer), and `answer_start` (its character offset in the
     context, -1 if none) for the extractive style.
@@ -31,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainers.config import RunSpec
-from trainers.data.files import expand_files, format_of, parse_file, peek_columns
+from trainers.data.files import expand_files, format_of, parse_file, peek_columns, raw_columns
 from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError, DataError, unwrap_data_errors
 from trainers.model import load_tokenizer
@@ -267,21 +269,36 @@ def _read_inputs(files: list[str], spec: RunSpec):
             "label_column": spec.data.label_column,
             "fmt": spec.data.format,
             "on_bad_rows": spec.data.on_bad_rows,
+            "spec_dict": spec.model_dump(),
         },
     )
 
 
 def _read_file_batch(
-    batch: pa.Table, columns: list[str], label_column: str, fmt: str, on_bad_rows: str
+    batch: pa.Table,
+    columns: list[str],
+    label_column: str,
+    fmt: str,
+    on_bad_rows: str,
+    spec_dict: dict | None = None,
 ) -> pa.Table:
-    """One input file -> file, row, [id], text columns[, label]; bad rows fail or are left out."""
+    """One input file -> file, row, [id], text columns[, label]; bad rows fail or are left out.
+    A task that reads its rows itself (`read_row`: chat) gets its canonical columns instead of
+    the text columns (chat: `messages`, the conversation up to its last user turn)."""
+    spec = RunSpec.model_validate(spec_dict) if spec_dict else None
+    read_row = getattr(TASKS[spec.task.type], "read_row", None) if spec else None
     path = batch.column("path")[0].as_py()
     wanted = [ID_COLUMN, *columns, label_column]
+    if read_row is not None:
+        wanted += list(raw_columns(spec, optional=True).values())
     records, errors = parse_file(path, format_of(path, fmt), wanted)
     keep: list[tuple[int, dict]] = []
     skipped = 0
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
-        for column in columns:
+        if read_row is not None and err is None:
+            values, err = read_row(rec, spec.data, need_reply=False)
+            rec = {**rec, **(values or {})}
+        for column in [] if read_row is not None else columns:
             v = rec.get(column) if rec else None
             if err is None and (v is None or (isinstance(v, str) and not v.strip())):
                 err = f"missing or empty '{column}'"
@@ -303,7 +320,8 @@ def _read_file_batch(
     present = set().union(*(r.keys() for _, r in keep)) if keep else set()
     if ID_COLUMN in present:
         out[ID_COLUMN] = _as_array([r.get(ID_COLUMN) for _, r in keep])
-    for column in columns:
+    read = TASKS[spec.task.type].ROW_COLUMNS if read_row is not None else columns
+    for column in read:
         out[column] = pa.array([str(r[column]) for _, r in keep], type=pa.string())
     if label_column in present and label_column not in columns:
         out[label_column] = pa.array(
@@ -348,18 +366,23 @@ class _Predictor:
         import torch
 
         task = TASKS[self.spec.task.type]
-        texts = batch.column(self.column).to_pylist()
         with torch.no_grad():
             if hasattr(task, "predict"):
-                inputs = {
-                    canon: batch.column(col).to_pylist()
-                    for canon, (col, _) in input_columns(self.spec).items()
-                }
+                names = getattr(task, "ROW_COLUMNS", None)
+                inputs = (
+                    {c: batch.column(c).to_pylist() for c in names}
+                    if names
+                    else {
+                        canon: batch.column(col).to_pylist()
+                        for canon, (col, _) in input_columns(self.spec).items()
+                    }
+                )
                 for name, values in task.predict(
                     self.model, self.tokenizer, inputs, self.spec, self.max_new_tokens
                 ).items():
                     batch = batch.append_column(name, pa.array(values))
                 return batch
+            texts = batch.column(self.column).to_pylist()
             if self.spec.task.type == "sequence_classification":
                 return self._classify(batch, texts)
             return self._generate(batch, texts)
