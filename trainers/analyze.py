@@ -23,10 +23,11 @@ from collections import Counter
 from typing import Any
 
 from trainers.config import RunSpec
-from trainers.data.files import expand_files, format_of, parse_file, peek_columns
+from trainers.data.files import expand_files, format_of, parse_file, peek_columns, raw_columns
 from trainers.errors import ConfigError, DataError
 from trainers.model import load_pretrained, load_tokenizer_for, model_config
 from trainers.storage import is_uri
+from trainers.tasks import TASKS
 
 # Thresholds of the recommendation. Ratios compare the target with the source side.
 UNK_RATE_HIGH = 0.01
@@ -324,6 +325,8 @@ def _read_target(spec: RunSpec, max_rows: int) -> tuple[list[str], list[str] | N
         columns = [d.prompt_column, d.response_column]
     elif spec.task.type == "question_answering":
         columns = [d.question_column, d.context_column]
+    elif spec.task.type == "chat":
+        columns = list(raw_columns(spec).values())
     else:
         columns = [d.text_column]
     is_cls = spec.task.type == "sequence_classification"
@@ -331,6 +334,12 @@ def _read_target(spec: RunSpec, max_rows: int) -> tuple[list[str], list[str] | N
     texts, labels, bad = [], [], 0
     for path in files:
         records, n_bad = _read_file(path, spec, needed, "data.train_files")
+        if spec.task.type == "chat":  # the turns' text, read as training reads conversations
+            chats = [TASKS["chat"].read_row(rec, d) for rec in records]
+            bad += sum(err is not None for _, err in chats)
+            records = [json.loads(v["messages"]) for v, err in chats if err is None]
+            texts += ["\n".join(m["content"] for m in msgs) for msgs in records]
+            continue
         texts += [" ".join(str(rec[c]) for c in columns) for rec in records]
         labels += [str(rec[d.label_column]) for rec in records] if is_cls else []
         bad += n_bad
@@ -441,7 +450,7 @@ def _load_base_model(spec: RunSpec, tokenizer):
         )
     archs = getattr(cfg, "architectures", None) or []
     if (
-        spec.task.type == "causal_lm"
+        spec.task.type in ("causal_lm", "chat")
         or spec.model.preset in ("tiny-llama", "small-llama")
         or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     ):
