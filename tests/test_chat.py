@@ -5,6 +5,7 @@ import json
 import random
 
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
@@ -148,6 +149,7 @@ def test_every_format_reads_to_the_same_training_rows(ray_session, tmp_path):
     alpaca = [{"instruction": c[0]["content"], "input": "", "output": c[1]["content"]} for c in convs]
     pairs = [{"prompt": c[0]["content"], "completion": c[1]["content"]} for c in convs]
     (tmp_path / "share.json").write_text(json.dumps(sharegpt))
+    pa.csv.write_csv(pa.Table.from_pylist(alpaca), tmp_path / "alpaca.csv")
     pq.write_table(pa.Table.from_pylist(pairs), tmp_path / "pairs.parquet")
     import datasets
 
@@ -157,6 +159,7 @@ def test_every_format_reads_to_the_same_training_rows(ray_session, tmp_path):
         "save_to_disk": (str(tmp_path / "saved"), {}),
         "sharegpt": (str(tmp_path / "share.json"), {"format": "sharegpt"}),
         "alpaca": (write_jsonl(tmp_path / "a.jsonl", alpaca), {"format": "alpaca"}),
+        "alpaca_csv": (str(tmp_path / "alpaca.csv"), {"format": "alpaca"}),
         "prompt_completion": (str(tmp_path / "pairs.parquet"), {"format": "prompt_completion"}),
     }
     seen = {}
@@ -251,6 +254,14 @@ def test_sharegpt_defaults_and_role_mapping(tmp_path):
                                                conversation={"format": "sharegpt"}).data)
     assert err is None and [m["role"] for m in json.loads(values["messages"])] == \
         ["system", "user", "assistant"]
+    # Role and key names are the data's own, mapped in the config.
+    own = chat_spec(tmp_path, ["x"], conversation={
+        "format": "messages", "messages_column": "turns", "role_key": "speaker",
+        "content_key": "text", "roles": {"me": "user", "bot": "assistant"}}).data
+    values, err = chat.read_row({"turns": [{"speaker": "me", "text": "q"},
+                                           {"speaker": "bot", "text": "a"}]}, own)
+    assert err is None and json.loads(values["messages"]) == [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     # Prediction inputs stop at the last user turn: a trailing reply is the reference.
     data_cfg = chat_spec(tmp_path, ["x"], conversation={"format": "sharegpt"}).data
     values, _ = chat.read_row(row, data_cfg, need_reply=False)
