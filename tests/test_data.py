@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import classification_rows, lm_rows, write_jsonl
 
+from trainers.config_load import build_spec
 from trainers.data.files import check_data
 from trainers.data.prepare import prepare_dataset
 from trainers.errors import ConfigError, DataError
@@ -243,13 +244,14 @@ def _save_to_disk(rows, folder, **kwargs) -> str:
     return str(folder)
 
 
-def _read_as_prepare_does(path):
-    """One file through the training reader: canonical columns, 1-based _row, _error."""
+def _read_as_prepare_does(path, spec=None):
+    """One file through the training reader: canonical columns, 1-based _row, _error; with a
+    chat spec, the conversation as the chat task reads it."""
     import pyarrow as pa
 
     from trainers.data.prepare import _read_file_batch
 
-    columns = {"text": "text", "label": "label", "messages": "messages"}
+    columns = {"messages": "messages"} if spec else {"text": "text", "label": "label"}
     t = _read_file_batch(
         pa.table({"path": [path], "split": ["train"]}),
         columns,
@@ -257,6 +259,7 @@ def _read_as_prepare_does(path):
         fraction=0.0,
         seed=0,
         max_rows=None,
+        spec_dict=spec.model_dump() if spec else None,
     )
     return t.drop_columns(["_file"]).to_pylist()
 
@@ -289,7 +292,11 @@ def test_saved_dataset_folder_reads_like_the_same_jsonl(spec_factory, tmp_path):
     assert from_arrow == from_jsonl
     assert [r["_row"] for r in from_arrow] == list(range(1, 13))
     assert from_arrow[3]["_error"] == "missing or empty 'text'"
-    assert json.loads(from_arrow[0]["messages"]) == rows[0]["messages"]
+    chat = build_spec({"model": {"preset": "tiny-llama"}, "task": {"type": "chat"},
+                       "data": {"train_files": [folder]}})
+    chat_arrow = _read_as_prepare_does(files[0], chat)
+    assert chat_arrow == _read_as_prepare_does(jsonl, chat)
+    assert json.loads(chat_arrow[0]["messages"]) == rows[0]["messages"]
     assert check_data(spec_factory("cls", data={"train_files": [folder]})) == []
     spec = spec_factory("cls", data={"train_files": [folder], "text_column": "prompt"})
     assert check_data(spec) == [
