@@ -155,7 +155,7 @@ def track_run(
     try:
         yield tracking
         tracking.status = "finished"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray's own SIGINT handler may exit
         tracking.status = "interrupted"
         raise
     except BaseException as e:
