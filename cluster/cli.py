@@ -1,5 +1,5 @@
-"""The `ferry` command line: validate, preprocess, train, eval, predict, analyze, tune, submit,
-jobs, k8s.
+"""The `ferry` command line: validate, preprocess, train, eval, predict, analyze, tune, runs,
+compare, submit, jobs, k8s.
 
 `main` is the entry point. Every argument is parsed here; the commands call plain library
 functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
@@ -31,6 +31,7 @@ from cluster.jobs import (
 )
 from cluster.k8s import COMMANDS, dump_manifests, render_manifests
 from cluster.session import ray_session
+from trainers import __version__
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -64,6 +65,7 @@ def _is_input_error(e: Exception) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     """The whole `ferry` command line; each subcommand's `func` runs it."""
     p = argparse.ArgumentParser(prog="ferry", description="Transfer learning on Ray clusters.")
+    p.add_argument("--version", action="version", version=f"ferry {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -197,9 +199,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tu.set_defaults(func=cmd_tune)
 
+    _add_runs_parsers(sub)
     _add_k8s_parser(sub)
     _add_jobs_parsers(sub)
     return p
+
+
+def _add_runs_parsers(sub: argparse._SubParsersAction) -> None:
+    """`ferry runs [PATH]` and `ferry compare RUN RUN ...`: read run folders, start nothing."""
+    rs = sub.add_parser(
+        "runs",
+        help="table of the runs under a storage path (status, steps, best metric, export)",
+        description="List every run under STORAGE_PATH (a run.storage_path; search trials "
+        "included) from the files the runs left: name, status (finished, stopped early, failed, "
+        "interrupted, running?), method, task, steps done/total, best metric and its step, "
+        "start, wall time, export. A run folder lists that run alone.",
+    )
+    rs.add_argument(
+        "path",
+        nargs="?",
+        default="./ferry-runs",
+        metavar="STORAGE_PATH",
+        help="a run.storage_path or one run's folder (default ./ferry-runs)",
+    )
+    rs.add_argument(
+        "--curves",
+        action="store_true",
+        help="also redraw each listed run's report/curves.png from its metrics and print the path",
+    )
+    rs.add_argument("--json", action="store_true", help="one JSON object per run, nothing else")
+    rs.add_argument("--debug", action="store_true", help="show tracebacks")
+    rs.set_defaults(func=cmd_runs)
+
+    cp = sub.add_parser(
+        "compare",
+        help="config differences and final metrics of runs side by side, curves overlaid",
+    )
+    cp.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders, or run names under --storage-path"
+    )
+    cp.add_argument(
+        "--storage-path",
+        default="./ferry-runs",
+        help="where run names are looked up (default ./ferry-runs)",
+    )
+    cp.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE.png",
+        help="the overlay plot (default <storage of the first run>/compare/<runs>.png)",
+    )
+    cp.add_argument("--debug", action="store_true", help="show tracebacks")
+    cp.set_defaults(func=cmd_compare)
 
 
 def _add_k8s_parser(sub: argparse._SubParsersAction) -> None:
@@ -463,7 +514,23 @@ def cmd_train(args) -> int:
         outcome = train(prepare_checked_run(spec), merge=args.merge)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
     print(f"model: {outcome.export_dir}")
+    _print_tracking(outcome.tracking)
     return 0
+
+
+def _print_tracking(tracking: dict | None) -> None:
+    """Where the run's curves and trackers are; tracking problems were warned about already."""
+    if not tracking:
+        return
+    if tracking.get("curves"):
+        print(f"curves: {tracking['curves']}")
+    mlflow = tracking.get("mlflow")
+    if mlflow and "mlflow" not in tracking.get("problems", {}):
+        print(
+            f"mlflow: run {mlflow['run_id']} in experiment {mlflow['experiment']} at {mlflow['uri']}"
+        )
+    if tracking.get("tensorboard") and "tensorboard" not in tracking.get("problems", {}):
+        print(f"tensorboard: {tracking['tensorboard']}")
 
 
 def _train_stages(spec, args) -> int:
@@ -580,6 +647,36 @@ def cmd_tune(args) -> int:
     with ray_session(args.address, needed_cpus=need):
         outcome = run_search(search, resume=args.resume)
     print(f"search: {outcome.experiment_dir}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from trainers.runs import list_runs, print_runs, redraw_curves
+
+    rows = list_runs(args.path)
+    print_runs(rows, as_json=args.json)
+    if args.curves:
+        for row in rows:
+            path = redraw_curves(row.path)
+            print(f"{row.name}: {path or 'no metrics reported yet'}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from trainers.errors import ConfigError
+    from trainers.runs import compare_runs, print_comparison, resolve_run
+    from trainers.storage import join
+
+    if len(args.runs) < 2:
+        raise ConfigError([f"runs={args.runs}: compare needs two runs or more. Name another."])
+    run_dirs = [resolve_run(r, args.storage_path) for r in args.runs]
+    names = "-vs-".join(d.rstrip("/").rsplit("/", 1)[-1] for d in run_dirs)
+    output = args.output or join(
+        os.path.dirname(run_dirs[0].rstrip("/")), "compare", f"{names}.png"
+    )
+    comparison = compare_runs(run_dirs, output)
+    print_comparison(comparison)
+    print(f"curves: {comparison.plot}")
     return 0
 
 

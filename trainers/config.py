@@ -467,6 +467,35 @@ class ScalingConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """Where a run's metrics go besides its own files. Every run always keeps its reported metrics
+    (`<run>/report/history.jsonl`) and curves (`<run>/report/curves.png`); these add MLflow and
+    TensorBoard, logged on the driver's node from what the workers report."""
+
+    mlflow: bool = Field(
+        False,
+        description="Log to MLflow: the resolved config as params, every reported metric at its "
+        "optimizer step, tags, and metrics.json + curves.png as artifacts. Costs a few seconds of "
+        "start-up (import, store).",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: a server (http://host:5000) or a database "
+        "(sqlite:///path.db); default sqlite:///<run.storage_path>/mlflow.db (a local storage "
+        "path only). An unreachable server warns once and training goes on.",
+    )
+    experiment: str | None = Field(
+        None,
+        description="MLflow experiment name; default run.name (ferry tune: the search's name, "
+        "with one child run per trial under the search's run).",
+    )
+    tensorboard: bool = Field(
+        False,
+        description="Write TensorBoard event files to <run>/tensorboard (view with "
+        "`tensorboard --logdir <run.storage_path>`).",
+    )
+
+
 class RunSpec(_Strict):
     """One complete run: what to adapt, how, on what data, with what resources."""
 
@@ -484,6 +513,11 @@ class RunSpec(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="MLflow and TensorBoard logging (both off by default; the metrics history "
+        "and curves are always written).",
+    )
     stages: list[StageConfig] | None = Field(
         None,
         description="Run these stages in order as one command (domain adaptation: continued "

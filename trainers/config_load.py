@@ -171,6 +171,7 @@ def check_rules(spec: RunSpec) -> list[str]:
         p.append(f"task.labels={spec.task.labels}: labels must be distinct. Remove duplicates.")
     if spec.task.labels is not None and len(spec.task.labels) < 2:
         p.append(f"task.labels={spec.task.labels}: need at least 2 labels. List every class.")
+    p += _check_tracking(spec)
     metric = t.best_metric
     if not metric.startswith(("eval/", "train/")):
         p.append(
@@ -179,6 +180,32 @@ def check_rules(spec: RunSpec) -> list[str]:
             "or eval/f1. Use one of those."
         )
     return p
+
+
+def _check_tracking(spec: RunSpec) -> list[str]:
+    """MLflow's default store is a SQLite file beside the runs, which needs a local path; a file
+    store is refused by MLflow 3 itself (it raises unless MLFLOW_ALLOW_FILE_STORE is set)."""
+    tr, storage = spec.tracking, spec.run.storage_path
+    if not tr.mlflow:
+        ignored = [k for k in ("mlflow_uri", "experiment") if getattr(tr, k) is not None]
+        if ignored:
+            logging.getLogger("ferry.config").warning(
+                "tracking.%s is ignored: tracking.mlflow=false", " and tracking.".join(ignored)
+            )
+        return []
+    uri = tr.mlflow_uri
+    if uri is None and is_uri(storage) and not storage.startswith("file://"):
+        return [
+            f"tracking.mlflow_uri=None: the default MLflow store is "
+            f"sqlite:///<run.storage_path>/mlflow.db, and run.storage_path={storage} is not a "
+            "local path. Set tracking.mlflow_uri to a tracking server (http://host:5000)."
+        ]
+    if uri is not None and (uri.startswith("file:") or ("://" not in uri and uri != "databricks")):
+        return [
+            f"tracking.mlflow_uri={uri}: MLflow 3 refuses a plain folder (file store). Use a "
+            "database such as sqlite:////abs/path/mlflow.db, or a server (http://host:5000)."
+        ]
+    return []
 
 
 # Which presets can learn which task (pretrained models are checked when loaded).
@@ -382,6 +409,20 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         if model["name_or_path"].startswith((".", "/")) or candidate.is_dir():
             model["name_or_path"] = fix(model["name_or_path"])
     return raw
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as dotted keys: `{"train": {"learning_rate": 1e-4}}` ->
+    `{"train.learning_rate": 1e-4}` (the keys `--set` takes). Lists and empty sections stay
+    values."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 def dump_spec(spec: RunSpec) -> str:

@@ -40,6 +40,8 @@ class TrainOutcome:
     checkpoint_path: str | None
     best_checkpoint_path: str | None
     data: Any  # trainers.data.prepare.PreparedData
+    # trainers.tracking.RunTracking.summary(): curves, MLflow run, TensorBoard folder, problems.
+    tracking: dict[str, Any] | None = None
 
 
 def summary(

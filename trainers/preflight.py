@@ -44,6 +44,7 @@ _RERUN_FREE_KEYS = {
     "train.log_every_n_steps",
     "data.cache_dir",
     "stages",
+    "tracking",
 }
 
 

@@ -17,8 +17,10 @@ import pyarrow.fs as pafs
 MARKER = "_FERRY_COMPLETE"
 # A run's layout under <run.storage_path>/<run.name>: Ray Train's checkpoint_step_* folders (each
 # with DeepSpeed's DS_TAG folder and the loop's STATE_FILE), the config the run started with
-# (RUN_CONFIG_FILE) and the export (EXPORT_DIR; a LoRA export may carry BASE_DIR, and --merge
-# adds MERGED_DIR).
+# (RUN_CONFIG_FILE), the export (EXPORT_DIR; a LoRA export may carry BASE_DIR, and --merge
+# adds MERGED_DIR), and what the driver's node records while it runs (trainers.tracking): in
+# REPORT_DIR the reported metrics (HISTORY_FILE), their plot (CURVES_FILE) and the run's status
+# and trackers (STATUS_FILE); TensorBoard's event files in TENSORBOARD_DIR.
 EXPORT_DIR = "final"
 BASE_DIR = "base"
 MERGED_DIR = "merged"
@@ -26,6 +28,11 @@ STATE_FILE = "ferry_state.json"
 DS_TAG = "ds"
 RUN_CONFIG_FILE = "ferry_run.yaml"
 HUB_DATASET_PREFIX = "hf-hub:"
+REPORT_DIR = "report"
+HISTORY_FILE = "history.jsonl"
+CURVES_FILE = "curves.png"
+STATUS_FILE = "run.json"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def is_uri(path: str) -> bool:
@@ -86,6 +93,30 @@ def read_json(path: str) -> Any:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return json.loads(f.read())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a small file whole (a local path or URI), creating its folder. Locally it is written
+    beside and renamed into place, so a reader never sees half a file."""
+    fs, p = filesystem(path)
+    fs.create_dir(p.rsplit("/", 1)[0])
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{p}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+        return
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def read_text(path: str) -> str | None:
+    """A small file's text, or None when it does not exist."""
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
 
 
 def read_marker(fs: pafs.FileSystem, folder: str) -> dict | None:

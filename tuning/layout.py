@@ -10,6 +10,7 @@ Folder of an experiment (`<run.storage_path>/<tune.name>`):
     runs/trial-<id>.json      the trial's plan and every start (fresh or resumed)
     ferry_search.json         the base config and tune block (what --report and --resume read)
     stop_reasons.json         the stopper's decisions
+    ferry_tracking.json       the search's MLflow parent run (a resumed search goes on in it)
     report/                   trials.csv/.parquet, best.yaml, plots (see tuning.report)
     best/                     the best checkpoint, exported (HF format)
 """
@@ -22,6 +23,7 @@ from tuning.config import SearchSpec
 
 SEARCH_FILE = "ferry_search.json"
 REASONS_FILE = "stop_reasons.json"
+TRACKING_FILE = "ferry_tracking.json"
 REPORT_DIR = "report"
 BEST_DIR = "best"
 TRIAL_PREFIX = "trial-"

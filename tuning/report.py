@@ -20,6 +20,7 @@ from ray.tune import ExperimentAnalysis
 
 from trainers.config import ScalingConfig
 from trainers.config_load import set_path
+from trainers.curves import pyplot
 from tuning.config import TuneConfig
 from tuning.layout import (
     BEST_DIR,
@@ -312,11 +313,7 @@ def _write(report: Report, base: dict[str, Any]) -> None:
 
 
 def _plots(report: Report, out: str, params: list[str]) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     files = {}
     fig, ax = plt.subplots(figsize=(8, 5))
     for t in report.trials:

@@ -27,6 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from trainers.config import RunSpec
+from trainers.config_load import flatten
 from trainers.data.files import check_data
 from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError
@@ -40,12 +41,14 @@ from trainers.preflight import (
     plan_for,
 )
 from trainers.tasks import TASKS
+from trainers.tracking import track_search
 from trainers.train.launch import train
 from tuning.config import Distribution, SearchSpec, TuneConfig
 from tuning.layout import (
     BEST_DIR,
     REASONS_FILE,
     SEARCH_FILE,
+    TRACKING_FILE,
     experiment_dir,
     experiment_name,
     runs_dir,
@@ -122,70 +125,100 @@ def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
             json.dump({**search.model_dump(mode="json"), "plan": plan}, f, indent=2)
     # Tune saves its experiment state every few seconds; a killed driver loses at most this much.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-    every = spec.train.eval_every_n_steps
-    trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=spec, exp_dir=exp_dir, data=data.to_dict()),
-        {"CPU": tune_cfg.trial_cpus},
-    )
-    stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
-    log.info(
-        "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
+    # One MLflow parent run for the search (with tracking.mlflow on); each trial logs a child run.
+    with track_search(
+        spec,
         experiment_name(search),
-        _trial_count(tune_cfg),
-        concurrency,
-        plan["total_steps"],
-        every,
-    )
-    t0 = time.perf_counter()
-    if resume:
-        tuner = tune.Tuner.restore(
-            exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(tune_cfg),
-            tune_config=tune.TuneConfig(
-                search_alg=_searcher(tune_cfg, concurrency),
-                scheduler=_scheduler(tune_cfg, every, plan["total_steps"]),
-                num_samples=tune_cfg.num_samples,
-                max_concurrent_trials=concurrency,
-                trial_dirname_creator=_trial_dirname,
+        {
+            **flatten(spec.model_dump(mode="json")),
+            **flatten({"tune": tune_cfg.model_dump(mode="json")}),
+        },
+        os.path.join(exp_dir, TRACKING_FILE),
+    ) as tracking:
+        every = spec.train.eval_every_n_steps
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                _run_trial,
+                base=spec,
+                exp_dir=exp_dir,
+                data=data.to_dict(),
+                tracking=tracking.trial_overrides(),
+                parent_run_id=tracking.mlflow.run_id if tracking.mlflow else None,
             ),
-            run_config=tune.RunConfig(
-                name=experiment_name(search),
-                storage_path=os.path.dirname(exp_dir),
-                stop=stopper,
-                # A trial that fails (e.g. diverges) is not retried; --resume retries errored ones.
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=1,
-            ),
+            {"CPU": tune_cfg.trial_cpus},
         )
-    tuner.fit()
-    log.info("search finished in %.0f s", time.perf_counter() - t0)
-
-    report = build_report(exp_dir, write=False)  # written below, once the best model exists
-    if report.best is None:
-        raise SearchFailedError(
-            f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial errors above or "
-            "in the trial folders' error.txt."
+        stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
+        log.info(
+            "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
+            experiment_name(search),
+            _trial_count(tune_cfg),
+            concurrency,
+            plan["total_steps"],
+            every,
         )
-    best_export = _export_best(report, spec, data, exp_dir)
-    if tune_cfg.delete_stopped_checkpoints:
-        _delete_stopped_checkpoints(report, exp_dir)
-    report = build_report(exp_dir)
-    print_report(report)
-    return SearchOutcome(exp_dir, report, best_export)
+        t0 = time.perf_counter()
+        if resume:
+            tuner = tune.Tuner.restore(
+                exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_param_space(tune_cfg),
+                tune_config=tune.TuneConfig(
+                    search_alg=_searcher(tune_cfg, concurrency),
+                    scheduler=_scheduler(tune_cfg, every, plan["total_steps"]),
+                    num_samples=tune_cfg.num_samples,
+                    max_concurrent_trials=concurrency,
+                    trial_dirname_creator=_trial_dirname,
+                ),
+                run_config=tune.RunConfig(
+                    name=experiment_name(search),
+                    storage_path=os.path.dirname(exp_dir),
+                    stop=stopper,
+                    # A trial that fails (e.g. diverges) is not retried; --resume retries
+                    # errored ones.
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    verbose=1,
+                ),
+            )
+        tuner.fit()
+        log.info("search finished in %.0f s", time.perf_counter() - t0)
+
+        report = build_report(exp_dir, write=False)  # written below, once the best model exists
+        if report.best is None:
+            raise SearchFailedError(
+                f"no trial of {exp_dir} reported {tune_cfg.metric}; see the trial errors above or "
+                "in the trial folders' error.txt."
+            )
+        best_export = _export_best(report, spec, data, exp_dir)
+        if tune_cfg.delete_stopped_checkpoints:
+            _delete_stopped_checkpoints(report, exp_dir)
+        report = build_report(exp_dir)
+        print_report(report)
+        tracking.log_results(
+            list(report.files.values()), {f"best/{tune_cfg.metric}": report.best["best_metric"]}
+        )
+        return SearchOutcome(exp_dir, report, best_export)
 
 
-def _run_trial(config: dict[str, Any], base: RunSpec, exp_dir: str, data: dict) -> None:
+def _run_trial(
+    config: dict[str, Any],
+    base: RunSpec,
+    exp_dir: str,
+    data: dict,
+    tracking: dict[str, Any],
+    parent_run_id: str | None,
+) -> None:
     """One trial: the base run with this trial's values (`config`, keyed by dotted path),
-    trained by the spine on the data the driver prepared and checked."""
+    trained by the spine on the data the driver prepared and checked, logged (with MLflow on)
+    as a child of the search's run."""
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(
         base,
         {
             **config,
+            **tracking,
             # Deterministic per trial: a resumed trial finds its own checkpoints and goes on.
             "run.name": trial_name(trial_id),
             "run.storage_path": runs_dir(exp_dir),
@@ -201,7 +234,7 @@ def _run_trial(config: dict[str, Any], base: RunSpec, exp_dir: str, data: dict) 
         plan.total_steps,
         resumed=has_checkpoint(spec),
     )
-    train(plan, callbacks=[TuneReportCallback()])
+    train(plan, callbacks=[TuneReportCallback()], tracking_parent=parent_run_id)
 
 
 def _record_start(path: str, params: dict[str, Any], total_steps: int, resumed: bool) -> None:

@@ -26,9 +26,19 @@ def train(
     callbacks: list | None = None,
     worker_env: dict[str, str] | None = None,
     fault: KillAfterStep | None = None,
+    tracking_parent: str | None = None,
 ) -> TrainOutcome:
     """Run one checked job end to end on the connected Ray cluster (method=feature_extraction:
-    `trainers.train.features.train_features`).
+    `trainers.train.features.train_features`), recorded by `trainers.tracking.track_run`
+    (history, curves, and MLflow/TensorBoard when the config turns them on).
+
+    Args:
+        plan: the checked run (`trainers.preflight`).
+        merge: also write the LoRA-merged model.
+        callbacks: more Ray Train callbacks (a tune trial's `TuneReportCallback`).
+        worker_env: environment variables for the training workers.
+        fault: fault injection for resume tests.
+        tracking_parent: the MLflow run of the search this run is a trial of.
 
     Raises:
         TrainingFailedError: the run started and failed.
@@ -36,53 +46,65 @@ def train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Here, like ray.train: its callback class loads Ray Train, which `ferry validate` never needs.
+    from trainers.tracking import track_run
+
     spec, data = plan.spec, plan.data
     record_config(spec)
     if spec.method == "feature_extraction":
         # No checkpoints to resume: a rerun reuses the cached features and retrains the head.
-        return train_features(plan)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": spec.model_dump(),
-            "data": data.to_dict(),
-            "steps_per_epoch": plan.steps_per_epoch,
-            "total_steps": plan.total_steps,
-            "fault": fault,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=spec.scaling.num_workers,
-            use_gpu=spec.scaling.gpus_per_worker > 0,
-            resources_per_worker=spec.scaling.resources_per_worker,
-            placement_strategy=spec.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=spec.run.name,
-            storage_path=absolute(spec.run.storage_path),
-            failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=spec.train.keep_best_checkpoints,
-                checkpoint_score_attribute=spec.train.best_metric,
-                checkpoint_score_order=spec.train.best_metric_mode,
+        with track_run(spec, None, tracking_parent) as tracking:
+            outcome = train_features(plan)
+        outcome.tracking = tracking.summary()
+        return outcome
+    with track_run(spec, plan.total_steps, tracking_parent) as tracking:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "spec": spec.model_dump(),
+                "data": data.to_dict(),
+                "steps_per_epoch": plan.steps_per_epoch,
+                "total_steps": plan.total_steps,
+                "fault": fault,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=spec.scaling.num_workers,
+                use_gpu=spec.scaling.gpus_per_worker > 0,
+                resources_per_worker=spec.scaling.resources_per_worker,
+                placement_strategy=spec.scaling.placement_strategy,
             ),
-            callbacks=callbacks,
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-        ),
-        datasets=ray_datasets(data),
-        dataset_config=dataset_config(),
-    )
-    try:
-        result = trainer.fit()
-    except Exception as e:  # Ray wraps the worker's exception; surface the worker's own message
-        raise TrainingFailedError(root_message(e)) from e
-    if result.error is not None:
-        raise TrainingFailedError(root_message(result.error))
+            run_config=ray.train.RunConfig(
+                name=spec.run.name,
+                storage_path=absolute(spec.run.storage_path),
+                failure_config=ray.train.FailureConfig(max_failures=spec.scaling.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    num_to_keep=spec.train.keep_best_checkpoints,
+                    checkpoint_score_attribute=spec.train.best_metric,
+                    checkpoint_score_order=spec.train.best_metric_mode,
+                ),
+                callbacks=[*(callbacks or []), tracking.callback],
+                worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            ),
+            datasets=ray_datasets(data),
+            dataset_config=dataset_config(),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps the worker's exception; surface the worker's message
+            raise TrainingFailedError(root_message(e)) from e
+        if result.error is not None:
+            raise TrainingFailedError(root_message(result.error))
     metrics = read_export_metrics(spec.export_dir)
     if merge and spec.method == "lora":
         merge_adapter(spec.export_dir)
     best = result.best_checkpoints[0][0].path if getattr(result, "best_checkpoints", None) else None
     return TrainOutcome(
-        spec.export_dir, metrics, result.checkpoint.path if result.checkpoint else None, best, data
+        spec.export_dir,
+        metrics,
+        result.checkpoint.path if result.checkpoint else None,
+        best,
+        data,
+        tracking.summary(),
     )
 
 
