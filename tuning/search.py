@@ -127,7 +127,12 @@ def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
         tune.with_parameters(_run_trial, base=spec, exp_dir=exp_dir, data=data.to_dict()),
         {"CPU": tune_cfg.trial_cpus},
     )
-    stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
+    stopper = OverfittingStopper(
+        tune_cfg.overfitting,
+        os.path.join(exp_dir, REASONS_FILE),
+        metric=tune_cfg.metric,
+        mode=tune_cfg.mode,
+    )
     log.info(
         "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
         experiment_name(search),
