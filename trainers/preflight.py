@@ -42,6 +42,7 @@ _RERUN_FREE_KEYS = {
     "scaling.max_failures",
     "scaling.data_cpus",
     "train.log_every_n_steps",
+    "train.export",
     "data.cache_dir",
     "stages",
 }

@@ -197,6 +197,10 @@ def _run_trial(config: dict[str, Any], base: RunSpec, exp_dir: str, data: dict) 
             "run.resume": "auto",
             # The base's cache (the driver filled it), not one under the trial's own storage path.
             "data.cache_dir": base.cache_dir,
+            # The trial's workers export its last state, as they always did: the search exports
+            # the best checkpoint of the best trial itself (_export_best), so a best export per
+            # trial would only cost each trial's driver a checkpoint load.
+            "train.export": "last",
         },
     )
     plan = plan_for(spec, PreparedData(**data))
