@@ -1,5 +1,5 @@
-"""The `ferry` command line: validate, preprocess, train, eval, predict, analyze, tune, runs,
-compare, submit, jobs, k8s.
+"""The `ferry` command line: validate, preprocess, train, export, eval, predict, analyze, tune,
+runs, compare, submit, jobs, k8s.
 
 `main` is the entry point. Every argument is parsed here; the commands call plain library
 functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
@@ -115,6 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     ray_opts(t)
     t.add_argument("--merge", action="store_true", help="also write the LoRA-merged model")
     t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser(
+        "export",
+        help="export a committed checkpoint of a finished or interrupted run (HF format)",
+        description="Export one committed checkpoint of the run in RUN_DIR "
+        "(<run.storage_path>/<run.name>) like a finished run's final/: the config the run "
+        "started with (RUN_DIR/ferry_run.yaml) and its prepared data are reused. Default output: "
+        "RUN_DIR/final for best or last, RUN_DIR/export-step-STEP for a step.",
+    )
+    x.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder")
+    x.add_argument(
+        "--checkpoint",
+        default="best",
+        metavar="best|last|STEP",
+        help="best (by train.best_metric, the default), last, or an optimizer step",
+    )
+    x.add_argument("--merge", action="store_true", help="also write the LoRA-merged model")
+    x.add_argument(
+        "--output", default=None, metavar="DIR", help="new or empty folder, or an earlier export"
+    )
+    x.add_argument("--debug", action="store_true", help="show tracebacks")
+    ray_opts(x)
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint or export on the validation data")
     common(e)
@@ -533,6 +556,79 @@ def _print_tracking(tracking: dict | None) -> None:
         print(f"tensorboard: {tracking['tensorboard']}")
 
 
+def cmd_export(args) -> int:
+    from trainers.data.files import check_data
+    from trainers.errors import ConfigError
+    from trainers.export import export_checkpoint, find_checkpoint
+    from trainers.preflight import load_recorded_spec, prepare_checked_data
+    from trainers.saved import merge_adapter
+    from trainers.storage import join
+
+    which: str | int = args.checkpoint
+    if which not in ("best", "last"):
+        if not str(which).isdigit():
+            raise ConfigError(
+                [
+                    f"--checkpoint={which}: must be best, last or an optimizer step. "
+                    "Use e.g. --checkpoint 40."
+                ]
+            )
+        which = int(which)
+    spec = load_recorded_spec(args.run_dir)
+    if spec.method == "feature_extraction":
+        raise ConfigError(
+            [
+                f"run={args.run_dir}: method=feature_extraction runs keep no checkpoints; "
+                f"their export is {spec.export_dir}. Use that folder."
+            ]
+        )
+    # A missing checkpoint, step or data file fails in a second, before Ray starts.
+    step, checkpoint, latest = find_checkpoint(spec, which)
+    out = args.output or (
+        spec.export_dir if isinstance(which, str) else join(spec.run_dir, f"export-step-{step}")
+    )
+    problems = check_data(spec) + _check_export_output(args.output)
+    if problems:
+        raise ConfigError(problems)
+    # Only the data cache is read (or rebuilt by Ray Data); no training workers start.
+    with ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
+        data = prepare_checked_data(spec)
+    chosen = which if isinstance(which, str) else "step"
+    export_checkpoint(spec, data, checkpoint, out, run_state=latest, export=chosen)
+    if args.merge:
+        if spec.method == "lora":
+            merge_adapter(out)
+        else:
+            print("ferry: --merge ignored: method=full exports a whole model", file=sys.stderr)
+    print(f"step {step} of {latest['step']} ({chosen}) exported: {out}")
+    return 0
+
+
+def _check_export_output(output: str | None) -> list[str]:
+    """`ferry export --output` replaces an earlier export there; any other content is refused."""
+    from trainers.saved import export_exists
+    from trainers.storage import exists
+
+    if output is None or not exists(output) or export_exists(output) or not _has_files(output):
+        return []
+    return [
+        f"--output={output}: the folder holds files that are not a Ferry export, and an export "
+        "replaces its folder. Pass a new or empty folder."
+    ]
+
+
+def _has_files(folder: str) -> bool:
+    import pyarrow.fs as pafs
+
+    from trainers.storage import filesystem
+
+    fs, path = filesystem(folder)
+    try:
+        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    except OSError:  # a file, not a folder
+        return True
+
+
 def _train_stages(spec, args) -> int:
     """A config with `stages:`: run them in order (finished ones skipped, an interrupted one
     resumed)."""
@@ -789,6 +885,11 @@ def _print_summary(metrics: dict, seconds: float) -> None:
     ]
     if shares:
         print("training data: " + ", ".join(shares))
+    stop = metrics.get("early_stop")
+    if stop:
+        print(f"stopped early at step {stop['step']}: {stop['reason']}")
+    if metrics.get("exported_step") is not None and metrics["exported_step"] != metrics["steps"]:
+        print(f"exported: step {metrics['exported_step']} (train.export={metrics['export']})")
 
 
 if __name__ == "__main__":

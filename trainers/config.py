@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trainers.stopping import EarlyStoppingConfig
 from trainers.storage import EXPORT_DIR, join
 
 
@@ -331,8 +332,22 @@ class TrainConfig(_Strict):
     keep_best_checkpoints: int = Field(
         2, ge=1, description="Checkpoints kept, ranked by best_metric."
     )
-    best_metric: str = Field("eval/loss", description="Metric that ranks checkpoints.")
+    best_metric: str = Field(
+        "eval/loss", description="Metric that ranks checkpoints (and picks the best export)."
+    )
     best_metric_mode: Literal["min", "max"] = Field("min", description="Lower or higher is better.")
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None,
+        description="Stop the run after an evaluation that shows overfitting, a plateau or no "
+        "improvement of best_metric (the rule ferry tune applies to trials); {} = on with the "
+        "default thresholds, None = off (train to the end).",
+    )
+    export: Literal["best", "last"] = Field(
+        "best",
+        description="What <run>/final holds: the best evaluated checkpoint (by best_metric) or "
+        "the last state. best costs one load of that checkpoint on the driver when it is not the "
+        "last.",
+    )
     log_every_n_steps: int = Field(10, ge=1, description="Progress line every N optimizer steps.")
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -179,6 +179,11 @@ def check_rules(spec: RunSpec) -> list[str]:
             "eval/accuracy "
             "or eval/f1. Use one of those."
         )
+    if t.early_stopping is not None and spec.method == "feature_extraction":
+        p.append(
+            "train.early_stopping={...}: method=feature_extraction trains its head without "
+            "evaluation steps, so nothing would stop it early. Remove train.early_stopping."
+        )
     return p
 
 
@@ -340,10 +345,14 @@ def _allowed_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = RunSpec
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        # An optional section (`X | None`) lists the keys of X.
+        kinds = get_args(getattr(field, "annotation", None)) or (
+            getattr(field, "annotation", None),
+        )
+        sections = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+        if not sections:
             return []
-        model = ann
+        model = sections[0]
     return sorted(model.model_fields)
 
 

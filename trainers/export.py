@@ -4,8 +4,9 @@
 ferry_run.yaml) to a temporary folder and copies it into place, so a half-written export is never
 read. `export_model` is its fine-tuning form (full weights or a LoRA adapter, whose base travels
 with it when it exists nowhere a plain `peft` load could find it); `export_checkpoint` exports any
-committed checkpoint of a run; `export_features` writes a feature-extraction head with the same
-writer.
+committed checkpoint of a run, and `find_checkpoint` names the one that `best`, `last` or a step
+means (train.export=best after a fit, `ferry export`); `export_features` writes a
+feature-extraction head with the same writer. `summary` is metrics.json.
 """
 
 from __future__ import annotations
@@ -24,11 +25,25 @@ from safetensors.torch import save_file
 from trainers.config import RunSpec
 from trainers.config_load import dump_spec
 from trainers.data.prepare import PreparedData
+from trainers.errors import ConfigError
 from trainers.features.extract import FeatureCache, pretrained_ref
 from trainers.features.head import HEAD_FILE, META_FILE
 from trainers.model import load_tokenizer
 from trainers.saved import load_saved
-from trainers.storage import BASE_DIR, RUN_CONFIG_FILE, STATE_FILE, is_uri, localize, upload_dir
+from trainers.stopping import best_evaluation
+from trainers.storage import (
+    BASE_DIR,
+    RUN_CONFIG_FILE,
+    STATE_FILE,
+    committed_checkpoints,
+    filesystem,
+    is_uri,
+    join,
+    localize,
+    read_json,
+    upload_dir,
+    with_scheme,
+)
 
 
 @dataclass
@@ -50,20 +65,50 @@ def summary(
     before: dict | None,
     steps: int,
     data: Any = None,
+    *,
+    exported_step: int | None = None,
+    export: str | None = None,
+    early_stop: dict | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """metrics.json: the last evaluation (`final`), the one before training, steps, method, task,
-    the training data's token figures (`data/packing_efficiency`, `data/trained_token_share`
-    where they apply) and whatever the caller adds (e.g. the checkpoint it came from)."""
+    """metrics.json of a run whose evaluations are `history` and that trained `steps` steps.
+
+    `final` is the evaluation of the exported model (the one at `exported_step`; the last when
+    not given), `best` the best by train.best_metric, `last` the last one, `before` the one
+    before training. With `exported_step`: `exported_step` and `export` (how the model was
+    chosen: best, last or step; default train.export). `early_stop` ({reason, step} or None),
+    method, task, the training data's token figures (`data/packing_efficiency`,
+    `data/trained_token_share` where they apply) and whatever the caller adds (e.g. the
+    checkpoint it came from)."""
+    last = dict(history[-1]) if history else {}
+    final = next((h for h in history if h.get("train/step") == exported_step), last)
+    chosen = {}
+    if exported_step is not None:
+        chosen = {"exported_step": exported_step, "export": export or spec.train.export}
     return {
-        "final": dict(history[-1]) if history else {},
+        "final": dict(final),
+        "best": best_evaluation(history, spec.train.best_metric, spec.train.best_metric_mode),
+        "last": last,
         "before": before,
         "steps": steps,
+        **chosen,
+        "early_stop": early_stop,
         "method": spec.method,
         "task": spec.task.type,
         **(getattr(data, "stats", None) or {}),
         **extra,
     }
+
+
+def exported_step(spec: RunSpec, history: list[dict]) -> int | None:
+    """The optimizer step whose model train.export names: the last evaluation's, or (best) the
+    one with the best train.best_metric (the last when none has a finite value)."""
+    if not history:
+        return None
+    t = spec.train
+    best = best_evaluation(history, t.best_metric, t.best_metric_mode)
+    chosen = best if t.export == "best" and best is not None else history[-1]
+    return int(chosen["train/step"])
 
 
 def write_export(
@@ -74,7 +119,9 @@ def write_export(
     label_names: list[str] | None,
     metrics: dict[str, Any],
 ) -> str:
-    """Write one export: `save_weights(folder)` puts the model files in, the rest is common."""
+    """Write one export: `save_weights(folder)` puts the model files in, the rest is common. An
+    earlier export in `export_dir` is replaced, not merged (its merged/ or base/ would be
+    stale)."""
     with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp:
         save_weights(tmp)
         tokenizer.save_pretrained(tmp)
@@ -85,6 +132,9 @@ def write_export(
             json.dump(metrics, f, indent=2)
         with open(os.path.join(tmp, RUN_CONFIG_FILE), "w") as f:
             f.write(dump_spec(spec))
+        fs, path = filesystem(export_dir)
+        if fs.get_file_info(path).type.name == "Directory":
+            fs.delete_dir(path)
         upload_dir(tmp, export_dir)
     return export_dir
 
@@ -114,27 +164,93 @@ def export_model(
 
 
 def export_checkpoint(
-    spec: RunSpec, data, checkpoint: str, export_dir: str, extra: dict | None = None
+    spec: RunSpec,
+    data,
+    checkpoint: str,
+    export_dir: str,
+    extra: dict | None = None,
+    run_state: dict | None = None,
+    export: str | None = None,
 ) -> str:
     """Write a committed Ray Train checkpoint of the run (DeepSpeed ZeRO shards of any stage and
-    world size) as an export with the same layout as a finished run's `<run>/final`."""
+    world size, consolidated here with DeepSpeed's zero_to_fp32) as an export with the same
+    layout as a finished run's `<run>/final`.
+
+    Args:
+        run_state: the run's latest loop state (`find_checkpoint`), when the run went on after
+            this checkpoint: metrics.json then also shows the run's last evaluation, steps and
+            early stop. Default: the checkpoint's own.
+        export: how the checkpoint was chosen (best, last, step), for metrics.json.
+    """
     tokenizer = load_tokenizer(data.tokenizer_path)
     local = localize(checkpoint)
     model = load_saved(spec, tokenizer, data, local)
     with open(os.path.join(local, STATE_FILE)) as f:
         state = json.load(f)
+    run = run_state or state
     metrics = summary(
         spec,
-        state.get("history") or [],
-        state.get("before"),
-        state["step"],
+        run.get("history") or [],
+        run.get("before"),
+        run["step"],
         data,
+        exported_step=state["step"],
+        export=export,
+        early_stop=run.get("early_stop"),
         checkpoint=checkpoint,
         **(extra or {}),
     )
     return export_model(
         model, model.state_dict(), spec, tokenizer, data.label_names, metrics, export_dir
     )
+
+
+def find_checkpoint(spec: RunSpec, which: str | int) -> tuple[int, str, dict]:
+    """The committed checkpoint of the run that `which` names: "best" (by train.best_metric and
+    best_metric_mode over the run's evaluations), "last", or an optimizer step.
+
+    Returns:
+        (its step, its path, the run's latest loop state: the whole evaluation history).
+
+    Raises:
+        ConfigError: the run has no committed checkpoint, or none at that step (the message
+            lists the steps it has).
+    """
+    result = committed_checkpoints(spec.run_dir)
+    if result is None:
+        raise ConfigError(
+            [
+                f"run={spec.run_dir}: no committed checkpoint (the run never reached its first "
+                "evaluation, or it is not a Ray Train run folder). Pass the folder of a run "
+                "that saved one, i.e. one with checkpoint_step_* folders."
+            ]
+        )
+    by_step = {
+        int(metrics["train/step"]): with_scheme(spec.run_dir, ckpt.path)
+        for ckpt, metrics in result.best_checkpoints or []
+        if "train/step" in metrics
+    }
+    latest = read_json(join(with_scheme(spec.run_dir, result.checkpoint.path), STATE_FILE))
+    t = spec.train
+    step: int | None = which if isinstance(which, int) else latest["step"]
+    if which == "best":
+        best = best_evaluation(latest.get("history") or [], t.best_metric, t.best_metric_mode)
+        step = int(best["train/step"]) if best else None
+    if step not in by_step:
+        have = ", ".join(str(s) for s in sorted(by_step))
+        raise ConfigError(
+            [
+                f"--checkpoint={which}: "
+                + (
+                    f"the run has no committed checkpoint at step {step}"
+                    if step is not None
+                    else f"no evaluation of the run has a finite {t.best_metric}"
+                )
+                + f" (kept: train.keep_best_checkpoints={t.keep_best_checkpoints} best by "
+                f"{t.best_metric}, and the last). Use one of the steps it has: {have}."
+            ]
+        )
+    return step, by_step[step], latest
 
 
 def base_travels_with_adapter(spec: RunSpec) -> bool:

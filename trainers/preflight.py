@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainers.config import RunSpec
-from trainers.config_load import dump_spec, load_yaml
+from trainers.config_load import build_spec, dump_spec, load_yaml
 from trainers.data.files import check_data
 from trainers.data.prepare import PreparedData, prepare_dataset
 from trainers.errors import ConfigError
@@ -42,6 +42,7 @@ _RERUN_FREE_KEYS = {
     "scaling.max_failures",
     "scaling.data_cpus",
     "train.log_every_n_steps",
+    "train.export",
     "data.cache_dir",
     "stages",
     "tracking",
@@ -366,7 +367,34 @@ def has_checkpoint(spec: RunSpec) -> bool:
 def recorded_config(spec: RunSpec) -> dict[str, Any] | None:
     """The config this run name was started with (written when it started; older runs recorded
     it only in their export), or None for a new run."""
-    fs, root = filesystem(spec.run_dir)
+    return _read_recorded(spec.run_dir)
+
+
+def load_recorded_spec(run_dir: str) -> RunSpec:
+    """The validated config a run folder was started with (`ferry export RUN_DIR`), pointing at
+    `run_dir` wherever the run lives now: run.storage_path and run.name are taken from the
+    folder, so a moved run (or one trained elsewhere on the same storage) still finds its
+    checkpoints.
+
+    Raises:
+        ConfigError: no recorded config in `run_dir`, or it no longer validates.
+    """
+    raw = _read_recorded(run_dir)
+    if raw is None:
+        raise ConfigError(
+            [
+                f"run={run_dir}: no {RUN_CONFIG_FILE} there (Ferry writes it when a run starts). "
+                "Pass the folder of a Ferry run: <run.storage_path>/<run.name>."
+            ]
+        )
+    root = run_dir.rstrip("/") if is_uri(run_dir) else os.path.abspath(run_dir)
+    storage_path, name = root.rsplit("/", 1)
+    raw.setdefault("run", {}).update(storage_path=storage_path or "/", name=name)
+    return build_spec(raw)
+
+
+def _read_recorded(run_dir: str) -> dict[str, Any] | None:
+    fs, root = filesystem(run_dir)
     for path in (f"{root}/{RUN_CONFIG_FILE}", f"{root}/{EXPORT_DIR}/{RUN_CONFIG_FILE}"):
         if fs.get_file_info(path).type.name == "File":
             with fs.open_input_stream(path) as f:

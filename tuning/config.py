@@ -11,6 +11,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from trainers.config import RunSpec
+from trainers.stopping import EarlyStoppingConfig
+
+# The overfitting stop of each trial is `ferry train`'s early-stopping rule, under its tune name.
+OverfittingConfig = EarlyStoppingConfig
 
 
 class _Strict(BaseModel):
@@ -64,44 +68,6 @@ class SchedulerConfig(_Strict):
     )
 
 
-class OverfittingConfig(_Strict):
-    enabled: bool = Field(True, description="Stop trials that overfit or plateau.")
-    grace_period: int = Field(
-        3, ge=0, description="Evaluations (after training starts) before the stopper may act."
-    )
-    patience: int = Field(
-        2,
-        ge=1,
-        description="Consecutive evaluations with validation loss above its best by more than "
-        "min_delta while training loss is below its value at that best by more than min_delta.",
-    )
-    min_delta: float = Field(
-        0.01,
-        ge=0,
-        allow_inf_nan=False,
-        description="Loss change that counts (absolute, loss units): smaller moves are noise. "
-        "0 makes the stop fire on any wobble.",
-    )
-    max_gap: float | None = Field(
-        None,
-        gt=0,
-        allow_inf_nan=False,
-        description="Also stop when validation minus training loss exceeds this for `patience` "
-        "evaluations (None: off).",
-    )
-    plateau_patience: int | None = Field(
-        4,
-        ge=1,
-        description="Stop when the best validation loss has not improved by plateau_min_delta "
-        "for this many evaluations (None: off).",
-    )
-    plateau_min_delta: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="Improvement that resets the plateau count."
-    )
-    val_metric: str = Field("eval/loss", description="Validation loss the stopper watches.")
-    train_metric: str = Field("train/loss", description="Training loss the stopper watches.")
-
-
 class TuneConfig(_Strict):
     name: str | None = Field(
         None,
@@ -128,7 +94,11 @@ class TuneConfig(_Strict):
     )
     seed: int = Field(0, description="Seed of the searcher: the same seed draws the same trials.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    overfitting: OverfittingConfig = Field(default_factory=OverfittingConfig)
+    overfitting: OverfittingConfig = Field(
+        default_factory=OverfittingConfig,
+        description="Stop each trial that overfits, plateaus or diverges: the rule of "
+        "train.early_stopping, on by default here.",
+    )
     max_concurrent_trials: int | None = Field(
         None,
         ge=1,

@@ -77,6 +77,12 @@ def build_search(raw: dict[str, Any], problems: list[str] | None = None) -> Sear
                 "method=feature_extraction: its head trains in seconds outside Ray Train, so "
                 "`ferry tune` does not search it. Tune method lora or full."
             )
+        if base.train.early_stopping is not None:
+            problems.append(
+                "train.early_stopping={...}: in a search, tune.overfitting stops each trial by "
+                "the same rule (and the report records why). Remove train.early_stopping and set "
+                "its thresholds under tune.overfitting."
+            )
         if tune is not None:
             problems += _check_space(base, tune)
     if problems:

@@ -147,7 +147,12 @@ def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
             ),
             {"CPU": tune_cfg.trial_cpus},
         )
-        stopper = OverfittingStopper(tune_cfg.overfitting, os.path.join(exp_dir, REASONS_FILE))
+        stopper = OverfittingStopper(
+            tune_cfg.overfitting,
+            os.path.join(exp_dir, REASONS_FILE),
+            metric=tune_cfg.metric,
+            mode=tune_cfg.mode,
+        )
         log.info(
             "search %s: %d trial(s) at most %d at a time, %d steps each, eval every %d",
             experiment_name(search),
@@ -225,6 +230,10 @@ def _run_trial(
             "run.resume": "auto",
             # The base's cache (the driver filled it), not one under the trial's own storage path.
             "data.cache_dir": base.cache_dir,
+            # The trial's workers export its last state, as they always did: the search exports
+            # the best checkpoint of the best trial itself (_export_best), so a best export per
+            # trial would only cost each trial's driver a checkpoint load.
+            "train.export": "last",
         },
     )
     plan = plan_for(spec, PreparedData(**data))

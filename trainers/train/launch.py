@@ -1,5 +1,9 @@
 """Driver side of a training run: a checked `RunPlan` -> Ray Train fit -> export.
 
+The workers export the last state themselves; with train.export=best and an earlier checkpoint
+the best, the driver exports that checkpoint after the fit (`export_checkpoint`: its DeepSpeed
+files consolidated here, ZeRO-3 shards included).
+
 `train` is the entry point (the CLI, stages and the tuner call it with a plan from
 `trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection).
 """
@@ -9,8 +13,8 @@ from __future__ import annotations
 import logging
 
 from trainers.data.prepare import PreparedData
-from trainers.errors import TrainingFailedError, root_message
-from trainers.export import TrainOutcome
+from trainers.errors import ConfigError, TrainingFailedError, root_message
+from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
 from trainers.storage import absolute, filesystem
@@ -94,18 +98,36 @@ def train(
             raise TrainingFailedError(root_message(e)) from e
         if result.error is not None:
             raise TrainingFailedError(root_message(result.error))
+        _, _, latest = find_checkpoint(spec, "last")
+        step = exported_step(spec, latest["history"])
+        if step != latest["step"]:  # the loop left the export of an earlier, better step to us
+            _, best, _ = find_checkpoint(spec, step)
+            export_checkpoint(spec, data, best, spec.export_dir, run_state=latest, export="best")
+            log.info(
+                "exported the best checkpoint (step %d of %d) to %s",
+                step,
+                latest["step"],
+                spec.export_dir,
+            )
     metrics = read_export_metrics(spec.export_dir)
     if merge and spec.method == "lora":
         merge_adapter(spec.export_dir)
-    best = result.best_checkpoints[0][0].path if getattr(result, "best_checkpoints", None) else None
     return TrainOutcome(
         spec.export_dir,
         metrics,
         result.checkpoint.path if result.checkpoint else None,
-        best,
+        _best_checkpoint(spec),
         data,
         tracking.summary(),
     )
+
+
+def _best_checkpoint(spec) -> str | None:
+    """The committed checkpoint with the best train.best_metric (None: no finite value)."""
+    try:
+        return find_checkpoint(spec, "best")[1]
+    except ConfigError:
+        return None
 
 
 def ray_datasets(data: PreparedData, splits: tuple[str, ...] = ("train", "validation")) -> dict:

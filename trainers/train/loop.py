@@ -1,8 +1,9 @@
 """What runs on every Ray Train worker: one readable function, top to bottom.
 
 config -> dataset shard -> model (+LoRA) -> deepspeed.initialize -> restore -> loop {train step,
-eval, report + checkpoint} -> export. Helpers below carry the side concerns (evaluation,
-checkpoint files, progress).
+eval, early-stop decision, report + checkpoint} -> export. Helpers below carry the side concerns
+(evaluation, checkpoint files, progress). With train.export=best and an earlier checkpoint the
+best, the export is the driver's (`trainers.train.launch`), from that checkpoint.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch.distributed as dist
 from trainers.config import RunSpec
 from trainers.data.prepare import PreparedData
 from trainers.errors import DivergedError
-from trainers.export import export_model, summary
+from trainers.export import export_model, exported_step, summary
 from trainers.model import build_model, count_parameters, load_tokenizer
+from trainers.stopping import best_evaluation, stop_reason
 from trainers.storage import DS_TAG, STATE_FILE
 from trainers.tasks import TASKS
 from trainers.train.ds_config import build_ds_config
@@ -33,7 +35,8 @@ from trainers.train.ds_config import build_ds_config
 @dataclass
 class LoopState:
     """What the loop carries across steps, saved with every checkpoint (STATE_FILE) and restored
-    on resume: the data position is (epoch, micro-batches consumed in it)."""
+    on resume: the data position is (epoch, micro-batches consumed in it). `early_stop`
+    ({reason, step}) is set once train.early_stopping ends the run, so a resumed run stays ended."""
 
     step: int = 0
     epoch: int = 0
@@ -42,6 +45,7 @@ class LoopState:
     before: dict[str, float] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     built_partitioned: bool = False
+    early_stop: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     micro_per_epoch = per_epoch * spec.grad_accum
     window_loss, window_n = 0.0, 0
-    while state.step < total:
+    while state.step < total and state.early_stop is None:
         engine.train()
         batches = train_shard.iter_torch_batches(
             batch_size=spec.train.micro_batch_size_per_worker,
@@ -154,14 +158,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
                 metrics.update(_train_metrics(state, progress, schedule))
                 window_loss, window_n = 0.0, 0
+                state.history.append({k: v for k, v in metrics.items() if _is_number(v)})
+                state.early_stop = _early_stop(spec, state, total, rank)
+                # The checkpoint of the stopping step is reported too: resume and export see
+                # the run exactly where it ended.
                 _report_with_checkpoint(engine, state, metrics, rank)
                 progress.last = time.perf_counter()
+                if state.early_stop:
+                    break
         # The epoch is over: its micro-batch budget is spent, training is done, or the shard ran
         # dry (never with Ray's equal split, but a short shard must not replay the epoch forever).
         state.epoch += 1
         state.micro_in_epoch = 0
 
-    _export(engine, spec, tokenizer, data, state, rank)
+    # Rank 0's history decides (the best metric may be each rank's own train/loss): all ranks
+    # must agree, because the ZeRO-3 export gathers the weights collectively.
+    if _from_rank0(exported_step(spec, state.history) == state.step):
+        _export(engine, spec, tokenizer, data, state, rank)
 
 
 def lr_schedule(optimizer, spec: RunSpec, total_steps: int):
@@ -275,13 +288,49 @@ def _train_metrics(state: LoopState, progress, schedule) -> dict[str, float]:
     }
 
 
+def _early_stop(spec: RunSpec, state: LoopState, total: int, rank: int) -> dict[str, Any] | None:
+    """{reason, step} when train.early_stopping ends the run after this evaluation, else None.
+
+    Rank 0 decides from its history and every rank follows: the evaluation metrics are
+    all-reduced, but train/loss is each rank's own, so ranks could disagree, and a rank that left
+    the loop alone would leave the others waiting in their next collective. A resumed run
+    restores rank 0's history and the decision with it."""
+    cfg, t = spec.train.early_stopping, spec.train
+    if cfg is None or not cfg.enabled or state.step >= total:
+        return None  # the same on every rank: none of them joins the broadcast below
+    mine = stop_reason(state.history, cfg, t.best_metric, t.best_metric_mode) if rank == 0 else None
+    reason = _from_rank0(mine)
+    if reason is None:
+        return None
+    if rank == 0:
+        best = best_evaluation(state.history, t.best_metric, t.best_metric_mode)
+        where = (
+            f"best {t.best_metric}={best[t.best_metric]:.4g} at step {int(best['train/step'])}"
+            if best
+            else f"no finite {t.best_metric}"
+        )
+        _say(f"[ferry] early stop at step {state.step}: {reason} ({where})")
+    return {"reason": reason, "step": state.step}
+
+
+def _from_rank0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (a collective: every rank calls it)."""
+    box = [value]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float)
+
+
 def _report_with_checkpoint(engine, state: LoopState, metrics, rank) -> None:
     """Every rank writes its own ZeRO shard, RNG state and node id; Ray merges all ranks' files
     into one checkpoint folder and commits it only after every rank has uploaded."""
     import ray
     import ray.train
 
-    state.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     with tempfile.TemporaryDirectory(prefix="ferry-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)
         torch.save(torch.get_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -315,9 +364,11 @@ def _restore(engine, checkpoint, rank) -> LoopState:
         if os.path.exists(rng):
             torch.set_rng_state(torch.load(rng))
     if rank == 0:
+        stopped = state.early_stop
         _say(
             f"[ferry] resumed from {checkpoint.path} at step {state.step} "
             f"(epoch {state.epoch}, micro-batch {state.micro_in_epoch})"
+            + (f"; the run stopped early there ({stopped['reason']})" if stopped else "")
         )
     return state
 
@@ -325,15 +376,24 @@ def _restore(engine, checkpoint, rank) -> LoopState:
 def _export(
     engine, spec: RunSpec, tokenizer, data: PreparedData, state: LoopState, rank: int
 ) -> None:
-    """The trained model through the one export writer. Under ZeRO-3 the full state dict is
-    gathered collectively first (every rank calls), then rank 0 writes."""
+    """The last state through the one export writer (train.export=last, or best when the last
+    evaluation is the best). Under ZeRO-3 the full state dict is gathered collectively first
+    (every rank calls), then rank 0 writes."""
     if spec.deepspeed.zero_stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls
     else:
         state_dict = engine.module.state_dict() if rank == 0 else None
     if rank != 0:
         return
-    metrics = summary(spec, state.history, state.before, state.step, data)
+    metrics = summary(
+        spec,
+        state.history,
+        state.before,
+        state.step,
+        data,
+        exported_step=state.step,
+        early_stop=state.early_stop,
+    )
     export_model(
         engine.module, state_dict, spec, tokenizer, data.label_names, metrics, spec.export_dir
     )
