@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
-from conftest import classification_rows, make_spec, write_jsonl
 
 from trainers.config_load import build_spec
 from trainers.errors import ConfigError
@@ -115,50 +113,6 @@ def test_a_search_refuses_train_early_stopping(tmp_path):
 
 
 # ---- one real run that stops itself ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stopped_run(ray_session, tmp_path_factory, data_dir):
-    """16 training rows with random labels (as tests/test_tune.py's overfitting trial): a high
-    learning rate memorizes them while held-out loss rises. 2 workers, ZeRO-3, full fine-tuning:
-    the best export consolidates weight shards on the driver."""
-    from trainers.preflight import prepare_run
-    from trainers.train.launch import train
-
-    root = tmp_path_factory.mktemp("early-stop")
-    rng = random.Random(1)
-    rows = [dict(r, label=rng.choice(["pos", "neg"])) for r in classification_rows(16, seed=3)]
-    val = [dict(r, label=rng.choice(["pos", "neg"])) for r in classification_rows(64, seed=4)]
-    data = {
-        "train_files": [write_jsonl(root / "train.jsonl", rows)],
-        "validation_files": [write_jsonl(root / "val.jsonl", val)],
-    }
-    spec = make_spec(
-        root,
-        "cls",
-        data_dir,
-        method="full",
-        run={"name": "stops"},
-        data=data,
-        deepspeed={"zero_stage": 3},
-        train={
-            "learning_rate": 1e-2,
-            "num_epochs": 20,
-            "micro_batch_size_per_worker": 4,
-            "eval_every_n_steps": 3,
-            "lr_schedule": "constant",
-            "log_every_n_steps": 1000,
-            # Overfitting sets in around step 15; the plateau rule would fire first on the flat
-            # start of a random-init model, so it is off here.
-            "early_stopping": {
-                "grace_period": 2,
-                "patience": 2,
-                "min_delta": 0.02,
-                "plateau_patience": None,
-            },
-        },
-    )
-    return spec, train(prepare_run(spec))
 
 
 def _state(checkpoint_dir):

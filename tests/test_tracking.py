@@ -40,58 +40,32 @@ def _report(step, **metrics):
     return [{"train/step": step, **metrics}]  # one dict per worker, as Ray Train passes them
 
 
-@pytest.fixture(scope="module")
-def tracked(ray_session, tmp_path_factory, data_dir):
-    """One real tracked run: 1 worker, 10 steps, evaluations at 0, 5 and 10, MLflow (the default
-    SQLite store under the storage path) and TensorBoard on, ranked by eval/accuracy."""
-    from trainers.preflight import prepare_run
-    from trainers.train.launch import train
-
-    root = tmp_path_factory.mktemp("tracked")
-    spec = make_spec(
-        root,
-        "cls",
-        data_dir,
-        run={"name": "tracked"},
-        method="full",
-        train={
-            "max_steps": 10,
-            "eval_every_n_steps": 5,
-            "best_metric": "eval/accuracy",
-            "best_metric_mode": "max",
-        },
-        deepspeed={"zero_stage": 0},
-        scaling={"num_workers": 1},
-        tracking={"mlflow": True, "tensorboard": True},
-    )
-    return spec, train(prepare_run(spec))
-
-
 @pytest.mark.slow
-def test_a_tracked_run_reads_back_from_mlflow_tensorboard_and_its_curves(tracked):
+def test_a_tracked_run_reads_back_from_mlflow_tensorboard_and_its_curves(stopped_run):
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    spec, outcome = tracked
+    spec, outcome = stopped_run  # tests/conftest.py: 2 workers, ZeRO-3, stops early, tracked
     run_dir = spec.run_dir
     history = read_history(run_dir)
+    reported = _state_history(run_dir)
     # Every report, once, in order, as the workers reported it (their checkpoint's own record).
-    assert [r["step"] for r in history] == [0, 5, 10]
-    assert [r["metrics"] for r in history] == _state_history(run_dir)
+    assert [r["step"] for r in history] == [int(r["train/step"]) for r in reported]
+    assert [r["metrics"] for r in history] == reported
 
     # MLflow: the default store beside the runs, experiment = run name, one FINISHED run.
     uri = "sqlite:///" + os.path.join(spec.run.storage_path, "mlflow.db")
     assert outcome.tracking["mlflow"]["uri"] == uri and outcome.tracking["problems"] == {}
     client = _mlflow(uri)
     run = client.get_run(outcome.tracking["mlflow"]["run_id"])
-    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
-    assert client.get_experiment(run.info.experiment_id).name == "tracked"
+    assert run.info.status == "FINISHED" and run.info.run_name == "stops"
+    assert client.get_experiment(run.info.experiment_id).name == "stops"
     expected = {
         k: v if isinstance(v, str) else json.dumps(v)
         for k, v in flatten(spec.model_dump(mode="json")).items()
     }
     assert run.data.params == expected  # the resolved config, dotted keys
-    assert run.data.params["train.best_metric"] == "eval/accuracy"
+    assert run.data.params["train.best_metric"] == "eval/loss"
     from trainers import __version__
 
     assert {
@@ -118,58 +92,60 @@ def test_a_tracked_run_reads_back_from_mlflow_tensorboard_and_its_curves(tracked
         assert [s for s, _ in got] == [s for s, _ in want]
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)  # float32
 
-    # The curves: a real figure of exactly the reported series, best step by eval/accuracy.
+    # The curves: a real figure of exactly the reported series, the best step by eval/loss and
+    # the early stop marked.
     curves = os.path.join(run_dir, REPORT_DIR, CURVES_FILE)
     assert outcome.tracking["curves"] == curves
     with Image.open(curves) as png:
         assert png.format == "PNG" and png.width > 900 and png.height > 350
-    series = curve_series(history, "eval/accuracy", "max")
-    reported = _state_history(run_dir)
+    stop = outcome.metrics["early_stop"]
+    series = curve_series(history, "eval/loss", "min", stop)
     assert series.eval_loss == [(int(r["train/step"]), r["eval/loss"]) for r in reported]
-    assert series.train_loss == [(5, reported[1]["train/loss"]), (10, reported[2]["train/loss"])]
-    best = max(reported, key=lambda r: (r["eval/accuracy"], -r["train/step"]))
-    assert series.best == (int(best["train/step"]), best["eval/accuracy"])
+    assert series.train_loss == [(int(r["train/step"]), r["train/loss"]) for r in reported[1:]]
+    best = min(reported, key=lambda r: (r["eval/loss"], r["train/step"]))
+    assert series.best == (int(best["train/step"]), best["eval/loss"])
+    assert series.best[0] == outcome.metrics["exported_step"] and series.early_stop == stop
     with open(os.path.join(run_dir, REPORT_DIR, STATUS_FILE)) as f:
         status = json.load(f)
-    assert status["status"] == "finished" and status["total_steps"] == 10
+    assert status["status"] == "finished" and status["total_steps"] == 40
 
 
 @pytest.mark.slow
-def test_runs_table_and_compare_from_the_cli(tracked, capsys):
+def test_runs_table_and_compare_from_the_cli(stopped_run, capsys):
     """`ferry runs` and `ferry compare` on the real run and a copy of it made to look like a
     rerun with another learning rate that stopped early."""
     from cluster.cli import main
 
-    spec, _ = tracked
+    spec, outcome = stopped_run
     storage = spec.run.storage_path
     other = os.path.join(storage, "other")
     shutil.copytree(spec.run_dir, other, ignore=shutil.ignore_patterns("checkpoint_*"))
     with open(os.path.join(other, "ferry_run.yaml")) as f:
         config = yaml.safe_load(f)
     config["run"]["name"] = "other"
-    config["train"]["learning_rate"] = 0.01
+    config["train"]["learning_rate"] = 0.05
     with open(os.path.join(other, "ferry_run.yaml"), "w") as f:
         yaml.safe_dump(config, f)
     metrics_file = os.path.join(other, "final", "metrics.json")
     with open(metrics_file) as f:
         metrics = json.load(f)
     metrics["final"]["eval/loss"] = 1.2345
-    metrics["early_stop"] = {"reason": "no improvement in 1 evaluation", "step": 5}
+    metrics["early_stop"] = {"reason": "no improvement in 1 evaluation", "step": 6}
     with open(metrics_file, "w") as f:
         json.dump(metrics, f)
 
     assert main(["runs", storage, "--json"]) == 0
     rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert set(rows) == {"tracked", "other"}
-    run = rows["tracked"]
+    assert set(rows) == {"stops", "other"}
+    run = rows["stops"]
     history = read_history(spec.run_dir)
-    best = curve_series(history, "eval/accuracy", "max").best
+    best = curve_series(history, "eval/loss", "min").best
     assert (run["status"], run["method"], run["task"]) == (
-        "finished",
+        "stopped early",
         "full",
         "sequence_classification",
     )
-    assert (run["steps_done"], run["total_steps"]) == (10, 10)
+    assert (run["steps_done"], run["total_steps"]) == (outcome.metrics["steps"], 40)
     assert (run["best_step"], run["best_value"]) == best
     assert run["export"] == spec.export_dir and run["wall_s"] > 0 and run["started"]
     assert rows["other"]["status"] == "stopped early"
@@ -179,15 +155,15 @@ def test_runs_table_and_compare_from_the_cli(tracked, capsys):
     assert "other" in out.out and "stopped early" in out.out
     assert os.path.join(other, REPORT_DIR, CURVES_FILE) in out.err
 
-    assert main(["compare", "tracked", "other", "--storage-path", storage]) == 0
+    assert main(["compare", "stops", "other", "--storage-path", storage]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     lr = next(line for line in lines if "train.learning_rate" in line)
-    assert str(spec.train.learning_rate) in lr and "0.01" in lr
+    assert str(spec.train.learning_rate) in lr and "0.05" in lr
     assert not any("train.max_steps" in line for line in lines)  # only keys that differ
     loss = next(line for line in lines if "eval/loss" in line and "best" not in line)
     assert f"{metrics['final']['eval/loss']:.4g}" in loss
-    plot = os.path.join(storage, "compare", "tracked-vs-other.png")
+    plot = os.path.join(storage, "compare", "stops-vs-other.png")
     assert f"curves: {plot}" in out and os.path.getsize(plot) > 10_000
 
 

@@ -227,19 +227,29 @@ class RunReporter(ray.train.UserCallback):
 
     def _log_tensorboard(self, row: dict[str, Any], checkpoint) -> None:
         assert self.tensorboard_dir is not None
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar, text
+
         if self._writer is None:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
 
             # Event files go straight to a local folder; for a bucket they are written here and
             # copied up at every checkpoint report.
             local = self.tensorboard_dir
             if is_uri(local) and not local.startswith("file://"):
                 self._tb_local = local = tempfile.mkdtemp(prefix="ferry-tb-")
-            self._writer = SummaryWriter(local.removeprefix("file://"))
-            self._writer.add_text("ferry/config", _indent(self.config_text), 0)
+            local = local.removeprefix("file://")
+            os.makedirs(local, exist_ok=True)
+            # The synchronous writer, not SummaryWriter: that one queues events for a thread
+            # and its flush() does not wait for the queue, so the last report's events were
+            # lost when Ray ended the controller process right after it.
+            self._writer = EventsWriter(os.path.join(local, "events"))
+            config = text("ferry/config", _indent(self.config_text))
+            self._writer.write_event(Event(wall_time=row["time"], step=0, summary=config))
         for key, value in row["metrics"].items():
             if key != "train/step":
-                self._writer.add_scalar(key, value, row["step"], walltime=row["time"])
+                event = Event(wall_time=row["time"], step=row["step"], summary=scalar(key, value))
+                self._writer.write_event(event)
         self._writer.flush()
         if self._tb_local and checkpoint is not None:
             upload_dir(self._tb_local, self.tensorboard_dir)
