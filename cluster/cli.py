@@ -5,7 +5,9 @@ runs, compare, submit, jobs, k8s.
 functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
 arguments. Every command that reads a run config takes it the same way: a YAML file and any number
 of `--set key.path=value` overrides. Errors end in one clear message and a non-zero exit
-(2: bad input, 1: the run failed); `--debug` shows the traceback.
+(2: bad input, 1: the run failed); `--debug` shows the traceback. The terminal shows Ferry's own
+lines; what Ray, DeepSpeed, transformers and the rest print goes to the run's `logs/` folder
+(`cluster.terminal`), unless `--verbose`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("ray", "deepspeed", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        # Restored on the way out of the block, before an error is printed.
+        with _terminal(args) as args.terminal:
+            return args.func(args)
     except KeyboardInterrupt:
         print("ferry: interrupted", file=sys.stderr)
         return 130
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole `ferry` command line; each subcommand's `func` runs it."""
     p = argparse.ArgumentParser(prog="ferry", description="Transfer learning on Ray clusters.")
     p.add_argument("--version", action="version", version=f"ferry {__version__}")
+    p.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
         )
+        verbose_opt(sp)
 
     v = sub.add_parser(
         "validate", help="check a config and its data files; print the resolved config"
@@ -201,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the JSON report goes (default <storage_path>/<run.name>/domain_shift.json)",
     )
     an.add_argument("--max-rows", type=int, default=128, help="rows sampled per side (default 128)")
+    verbose_opt(an)
     an.set_defaults(func=cmd_analyze)
 
     tu = sub.add_parser(
@@ -414,6 +421,41 @@ def _add_jobs_parsers(sub: argparse._SubParsersAction) -> None:
     sp.set_defaults(func=cmd_jobs_stop)
 
 
+_VERBOSE_HELP = (
+    "show everything Ray, Ray Data, Ray Train, DeepSpeed, transformers and torch print, on the "
+    "driver and from every worker (default: Ferry's own lines only; the rest goes to "
+    "<storage_path>/<run.name>/logs/)"
+)
+
+
+def verbose_opt(sp: argparse.ArgumentParser) -> None:
+    """`--verbose` after the command too (`ferry train CONFIG --verbose`); SUPPRESS keeps the
+    subcommand from resetting `ferry --verbose train ...`. Marks the commands whose library
+    output goes to a log file by default."""
+    sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    sp.set_defaults(library_logs=True)
+
+
+def _terminal(args) -> contextlib.AbstractContextManager:
+    """A quiet terminal for the commands that start Ray or load models (`cluster.terminal`),
+    unless --verbose; the command moves its log into the run's folder (`_keep_logs_in`)."""
+    if args.verbose or not getattr(args, "library_logs", False):
+        return contextlib.nullcontext()
+    from cluster.terminal import QuietTerminal
+
+    return QuietTerminal(args.command)
+
+
+def _keep_logs_in(args, run_dir: str) -> None:
+    """The command's library output, so far and from now on, in `<run_dir>/logs/`. Called once
+    the run's checks passed, so a mistyped config leaves no folder behind."""
+    from trainers.storage import LOGS_DIR, join
+
+    terminal = getattr(args, "terminal", None)
+    if terminal is not None:
+        terminal.log_to(join(run_dir, LOGS_DIR))
+
+
 class _ArgsAfterDoubleDash(argparse.ArgumentParser):
     """Moves everything after the first `--` into `command_args` before normal parsing."""
 
@@ -488,6 +530,7 @@ def cmd_preprocess(args) -> int:
     if problems:  # files and columns fail in a second, before Ray starts
         raise ConfigError(problems)
     # No training workers: Ray Data has the cluster (an embedded Ray: the machine's CPUs).
+    _keep_logs_in(args, spec.run_dir)
     with _stdout_to_stderr(), ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
         data = prepare_checked_data(spec)
     summary, samples = summarize(data), sample_rows(data, args.show)
@@ -533,6 +576,7 @@ def cmd_train(args) -> int:
         raise ConfigError(problems)
     s = spec.scaling
     t0 = time.perf_counter()
+    _keep_logs_in(args, spec.run_dir)
     with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
         outcome = train(prepare_checked_run(spec), merge=args.merge)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
@@ -639,6 +683,7 @@ def _train_stages(spec, args) -> int:
         s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan
     )
     t0 = time.perf_counter()
+    _keep_logs_in(args, spec.run_dir)
     with ray_session(args.address, needed_cpus=need):
         outcome = run_stages(spec, stages=plan)
     for stage in outcome.stages + ([outcome.baseline] if outcome.baseline else []):
@@ -668,6 +713,7 @@ def cmd_eval(args) -> int:
 
     spec = load_config(args.config, args.overrides)
     s = spec.scaling
+    _keep_logs_in(args, spec.run_dir)
     with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
         results = evaluate_checkpoints(spec, args.checkpoint)
     # One checkpoint: its metrics; several: {checkpoint: metrics}, in the order given.
@@ -687,6 +733,7 @@ def cmd_predict(args) -> int:
     )
     s = spec.scaling
     actors = args.num_actors or s.num_workers
+    _keep_logs_in(args, spec.run_dir)
     with ray_session(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus):
         summary = predict_dataset(
             spec,
@@ -709,6 +756,7 @@ def cmd_analyze(args) -> int:
     spec = load_config(args.config, args.overrides)
     if args.max_rows < 1:
         raise ConfigError([f"--max-rows={args.max_rows}: must be >= 1. Use e.g. 128."])
+    _keep_logs_in(args, spec.run_dir)
     report = analyze_domain_shift(spec, args.source or None, max_rows=args.max_rows)
     path = write_report(report, args.output or f"{spec.run_dir}/domain_shift.json")
     print("\n".join(summarize(report)))
@@ -734,12 +782,14 @@ def cmd_tune(args) -> int:
                 "--report EXPERIMENT_DIR). Pass the YAML file."
             ]
         )
+    from tuning.layout import experiment_dir
     from tuning.load import load_search
     from tuning.search import run_search
 
     search = load_search(args.config, args.overrides)
     s = search.base.scaling
     need = s.num_workers * s.cpus_per_worker + s.data_cpus + search.tune.trial_cpus
+    _keep_logs_in(args, experiment_dir(search))
     with ray_session(args.address, needed_cpus=need):
         outcome = run_search(search, resume=args.resume)
     print(f"search: {outcome.experiment_dir}")

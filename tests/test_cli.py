@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,3 +76,47 @@ def test_runtime_error_is_one_message_and_nonzero_exit(config):
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "data.train_files=" in res.stderr and "missing.jsonl: file not found" in res.stderr
+
+
+# What Ray, Ray Data, Ray Train, DeepSpeed, transformers, torch and Python's warnings print.
+LIBRARY_LINE = re.compile(r"INFO|WARNING|Warning|pid=\d|TrainingReport|Execution plan|"
+                          r"execution finished|core_worker|accelerator")
+# Ferry's own lines: its log records and worker lines, the summary table and the paths after it.
+FERRY_LINE = re.compile(r"^(\[ferry\] |model: |curves: |training data: |\s*ferry: \d+ steps|[┏┃┡│└])")
+
+
+def test_the_terminal_shows_ferrys_lines_and_the_run_logs_keep_the_libraries(config):
+    from cluster.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert not parse(["train", "run.yaml"]).verbose
+    assert parse(["--verbose", "train", "run.yaml"]).verbose
+    assert parse(["train", "run.yaml", "--verbose"]).verbose
+
+    run = _ferry("train", "run.yaml", "--set", "scaling.num_workers=1", "--set", "train.max_steps=4",
+                 "--set", "train.eval_every_n_steps=2", "--set", "train.log_every_n_steps=2",
+                 cwd=config)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert [line for line in lines if not FERRY_LINE.match(line)] == []
+    assert [line for line in lines if LIBRARY_LINE.search(line)] == []
+    # Worker lines (progress), the controller's evaluation lines, the driver's summary.
+    for shown in ("[ferry] step 2/4 | loss", "[ferry] eval before training: eval/loss",
+                  "[ferry] eval @ step 2: eval/loss", "[ferry] eval @ step 4: eval/loss",
+                  "[ferry] exported to", "│ eval/accuracy"):
+        assert shown in run.stdout + run.stderr, shown
+    [log] = (config / "runs" / "cli" / "logs").glob("train-*.log")
+    assert f"[ferry] library logs: {log}" in run.stderr
+    kept = log.read_text()
+    # The driver's Ray Data plans, and worker lines after their process as Ray prints them.
+    assert "Execution plan of Dataset" in kept
+    assert re.search(r"^\(RayTrainWorker pid=\d+\) Reporting training result 1: TrainingReport",
+                     kept, re.M)
+    assert "[ferry] eval @ step 4:" in kept  # the log has Ferry's lines too
+
+    # --verbose shows the libraries again (here a new data cache: Ray Data's plans and stats).
+    pre = _ferry("preprocess", "run.yaml", "--set", "data.max_seq_length=24", "--show", "0",
+                 "--verbose", cwd=config)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert "Execution plan of Dataset" in pre.stderr and "library logs" not in pre.stderr
+    assert len(list((config / "runs" / "cli" / "logs").iterdir())) == 1

@@ -42,4 +42,9 @@ def test_prepare_run_refuses_before_preparing_and_restart_clears_the_old_run(ray
     plan = prepare_run(spec_factory("cls", run={"name": "again", "resume": "restart"},
                                     train={"learning_rate": 1e-3}))
     assert not os.path.exists(spec.run_dir)  # the old run is gone; train() records the new one
+    # The CLI writes the command's library log in <run>/logs while restart clears the run.
+    record_config(spec)
+    os.makedirs(os.path.join(spec.run_dir, "logs"))
+    prepare_run(spec_factory("cls", run={"name": "again", "resume": "restart"}))
+    assert os.listdir(spec.run_dir) == ["logs"]
     assert plan.total_steps == 2 * (plan.data.train_rows // 2 // 4)

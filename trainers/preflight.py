@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from trainers.config import RunSpec
 from trainers.config_load import build_spec, dump_spec, load_yaml
@@ -23,6 +24,7 @@ from trainers.features.extract import check_features
 from trainers.model import check_lora_fits, load_tokenizer
 from trainers.storage import (
     EXPORT_DIR,
+    LOGS_DIR,
     RUN_CONFIG_FILE,
     committed_checkpoints,
     filesystem,
@@ -463,11 +465,17 @@ def check_rerun(spec: RunSpec) -> list[str]:
 
 
 def _clear_run(spec: RunSpec) -> None:
-    """run.resume=restart: the old run's checkpoints and export go (the user asked for it)."""
-    if is_uri(spec.run_dir):
-        fs, root = filesystem(spec.run_dir)
-        if fs.get_file_info(root).type.name != "NotFound":
+    """run.resume=restart: the old run's checkpoints and export go (the user asked for it). Its
+    LOGS_DIR stays: the command that clears the run is writing its log there already."""
+    fs, root = filesystem(spec.run_dir)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound:
+        for info in fs.get_file_info(pafs.FileSelector(root)):
+            if info.base_name == LOGS_DIR:
+                continue
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(info.path)
+            else:
+                fs.delete_file(info.path)
+        if not fs.get_file_info(pafs.FileSelector(root)):
             fs.delete_dir(root)
-    elif os.path.isdir(spec.run_dir):
-        shutil.rmtree(spec.run_dir)
     log.warning("run.resume=restart: removed the earlier run at %s", spec.run_dir)

@@ -20,7 +20,8 @@ MARKER = "_FERRY_COMPLETE"
 # (RUN_CONFIG_FILE), the export (EXPORT_DIR; a LoRA export may carry BASE_DIR, and --merge
 # adds MERGED_DIR), and what the driver's node records while it runs (trainers.tracking): in
 # REPORT_DIR the reported metrics (HISTORY_FILE), their plot (CURVES_FILE) and the run's status
-# and trackers (STATUS_FILE); TensorBoard's event files in TENSORBOARD_DIR.
+# and trackers (STATUS_FILE); TensorBoard's event files in TENSORBOARD_DIR; the libraries' output
+# of each command run on it in LOGS_DIR (cluster.terminal).
 EXPORT_DIR = "final"
 BASE_DIR = "base"
 MERGED_DIR = "merged"
@@ -33,6 +34,7 @@ HISTORY_FILE = "history.jsonl"
 CURVES_FILE = "curves.png"
 STATUS_FILE = "run.json"
 TENSORBOARD_DIR = "tensorboard"
+LOGS_DIR = "logs"
 
 
 def is_uri(path: str) -> bool:

@@ -13,7 +13,8 @@ checkpoint)` on the run's controller, an actor pinned to the node of the process
 `fit()`, once every worker has reported (`metrics[i]` is rank i's dict; ranks report the same
 evaluation). So on a cluster it runs beside the driver, never on a training node. Each report
 becomes a row of `<run>/report/history.jsonl` (rewritten whole: it may live in a bucket), is
-logged to MLflow at its optimizer step and to TensorBoard; each checkpoint report also redraws
+logged to MLflow at its optimizer step and to TensorBoard, and an evaluation's key metrics are
+one `[ferry] eval ...` line on the terminal; each checkpoint report also redraws
 `<run>/report/curves.png`.
 
 No tracker may stop training: Ray's controller would fail the run on an exception from a
@@ -43,6 +44,7 @@ import ray.train
 from trainers import __version__
 from trainers.config import RunSpec
 from trainers.config_load import dump_spec, flatten
+from trainers.console import PREFIX, say
 from trainers.curves import plot_curves, read_history
 from trainers.errors import root_message
 from trainers.storage import (
@@ -195,6 +197,8 @@ class RunReporter(ray.train.UserCallback):
             "metrics": {k: v for k, v in metrics[0].items() if _is_number(v)},
         }
         self._guard("history")(self._append, row)
+        if any(key.startswith("eval/") for key in row["metrics"]):
+            say(_evaluation_line(row["step"], row["metrics"], self.metric))
         if self.mlflow:
             self._guard("mlflow", self.mlflow.uri)(self._log_mlflow, row)
         if self.tensorboard_dir:
@@ -609,6 +613,24 @@ def _write_json(path: str, value: Any) -> None:
 def _indent(text: str) -> str:
     """YAML as a Markdown code block (TensorBoard renders text summaries as Markdown)."""
     return "\n".join("    " + line for line in text.splitlines())
+
+
+# The metrics of the evaluation line, those the task reports; the run's best_metric joins them.
+_HEADLINE = (
+    "eval/loss",
+    "eval/accuracy",
+    "eval/f1",
+    "eval/exact_match",
+    "eval/perplexity",
+    "eval/rougeL",
+)
+
+
+def _evaluation_line(step: int, metrics: dict[str, Any], best_metric: str) -> str:
+    """`[ferry] eval @ step 25: eval/loss 0.6464 eval/accuracy 0.7100 eval/f1 0.7012`."""
+    keys = dict.fromkeys(k for k in (*_HEADLINE, best_metric) if k in metrics)
+    where = "before training" if step == 0 else f"@ step {step}"
+    return f"{PREFIX}eval {where}: " + " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
 def _is_number(v: Any) -> bool:

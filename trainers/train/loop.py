@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from trainers.config import RunSpec
+from trainers.console import say as _say
 from trainers.data.prepare import PreparedData
 from trainers.errors import DivergedError
 from trainers.export import export_model, exported_step, summary
@@ -417,12 +417,6 @@ def skip_unused_shm_build() -> None:
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch_comm, "build_shm_op") and not torch.cuda.is_available():
         ds_torch_comm.build_shm_op = lambda: None
-
-
-def _say(message: str) -> None:
-    """One line on the driver's terminal. Ray Train patches print() into a logger and also tees it
-    to sys.stdout when a library has wrapped that stream, which printed every line twice."""
-    print(message, file=sys.__stdout__, flush=True)
 
 
 class _Progress:
