@@ -52,7 +52,8 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index: dict[str, int]) -> t
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
     return {
         **pad_inputs(rows["input_ids"], pad_id),
-        "labels": torch.as_tensor(np.asarray(rows["labels"]), dtype=torch.long),
+        # A copy: Arrow-backed arrays are read-only, and viewing them warns once per process.
+        "labels": torch.tensor(np.asarray(rows["labels"]), dtype=torch.long),
     }
 
 
