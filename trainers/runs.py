@@ -31,6 +31,7 @@ from trainers.storage import (
     STATUS_FILE,
     filesystem,
     join,
+    read_json_if_any,
     read_text,
     with_scheme,
 )
@@ -106,8 +107,8 @@ def read_run(run_dir: str) -> RunRow:
     config = load_yaml(read_text(join(run_dir, RUN_CONFIG_FILE)) or "") or {}
     train = config.get("train") or {}
     metric, mode = train.get("best_metric", "eval/loss"), train.get("best_metric_mode", "min")
-    record = _json(join(run_dir, REPORT_DIR, STATUS_FILE)) or {}
-    metrics = _json(join(run_dir, EXPORT_DIR, "metrics.json"))
+    record = read_json_if_any(join(run_dir, REPORT_DIR, STATUS_FILE)) or {}
+    metrics = read_json_if_any(join(run_dir, EXPORT_DIR, "metrics.json"))
     history = run_history(run_dir)
     series = curve_series(history, metric, mode)
     final = dict((metrics or {}).get("final") or (history[-1]["metrics"] if history else {}))
@@ -150,7 +151,7 @@ def run_history(run_dir: str) -> list[dict[str, Any]]:
         d.path for d in _dirs(fs, root) if d.base_name.startswith("checkpoint_step_")
     )
     for path in reversed(checkpoints):
-        state = _json(with_scheme(run_dir, f"{path}/{STATE_FILE}"))
+        state = read_json_if_any(with_scheme(run_dir, f"{path}/{STATE_FILE}"))
         if state:
             rows = [state["before"]] if state.get("before") else []
             rows += state.get("history") or []
@@ -319,14 +320,6 @@ def _dirs(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
         ),
         key=lambda i: i.base_name,
     )
-
-
-def _json(path: str) -> Any:
-    text = read_text(path)
-    try:
-        return json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return None
 
 
 def _mtime(path: str) -> float | None:

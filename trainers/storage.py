@@ -121,6 +121,16 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+def read_json_if_any(path: str) -> Any:
+    """A small JSON file's value, or None when it is missing, empty or not (yet) valid JSON: a
+    record another process may not have written, or is rewriting."""
+    text = read_text(path)
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return None
+
+
 def read_marker(fs: pafs.FileSystem, folder: str) -> dict | None:
     """The metadata a published folder's completion marker holds; None if not (yet) complete."""
     marker = f"{folder}/{MARKER}"

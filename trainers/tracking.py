@@ -57,7 +57,7 @@ from trainers.storage import (
     filesystem,
     is_uri,
     join,
-    read_text,
+    read_json_if_any,
     upload_dir,
     write_bytes,
 )
@@ -125,7 +125,7 @@ def track_run(
     Ctrl-C) and its MLflow run ended with that status.
     """
     status_path = join(spec.run_dir, REPORT_DIR, STATUS_FILE)
-    record = _read_json(status_path) or {}
+    record = read_json_if_any(status_path) or {}
     problems: dict[str, str] = {}
     target = None
     if spec.tracking.mlflow:
@@ -274,7 +274,7 @@ class RunReporter(ray.train.UserCallback):
 
     def _record_problem(self, name: str, message: str) -> None:
         path = join(self.run_dir, REPORT_DIR, STATUS_FILE)
-        record = _read_json(path) or {}
+        record = read_json_if_any(path) or {}
         step = self._history[-1]["step"] if self._history else 0
         record.setdefault("problems", {})[name] = f"{message} (at step {step})"
         _write_json(path, record)
@@ -352,7 +352,7 @@ def track_search(
     )
     target = _open_mlflow(
         search_spec,
-        _read_json(record_path),
+        read_json_if_any(record_path),
         None,
         problems,
         params=params,
@@ -522,11 +522,11 @@ def _metrics(values: dict[str, float], step: int) -> list:
 
 def _close(spec: RunSpec, tracking: RunTracking, status_path: str, error: str | None) -> None:
     """After the fit, on the driver: final curves, artifacts, the MLflow run's end, run.json."""
-    record = _read_json(status_path) or {}
+    record = read_json_if_any(status_path) or {}
     problems = tracking.problems
     problems.update(record.get("problems") or {})
     history = read_history(spec.run_dir)
-    metrics = _read_json(join(spec.export_dir, "metrics.json"))
+    metrics = read_json_if_any(join(spec.export_dir, "metrics.json"))
     curves_path = join(spec.run_dir, REPORT_DIR, CURVES_FILE)
     if history:
         drawn = _Guard("curves", "", problems.__setitem__)(
@@ -596,14 +596,6 @@ def _warn_problems(name: str, problems: dict[str, str], history: str | None) -> 
 
 def _tensorboard_dir(spec: RunSpec) -> str | None:
     return join(spec.run_dir, TENSORBOARD_DIR) if spec.tracking.tensorboard else None
-
-
-def _read_json(path: str) -> Any:
-    text = read_text(path)
-    try:
-        return json.loads(text) if text else None
-    except json.JSONDecodeError:
-        return None
 
 
 def _write_json(path: str, value: Any) -> None:
