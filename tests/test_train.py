@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -147,13 +148,29 @@ def test_workers_that_would_starve_ray_data_are_refused_up_front(ray_session, sp
         train(prepare_run(spec))
 
 
-def test_nan_loss_stops_training():
-    from trainers.errors import DivergedError
-    from trainers.train.loop import _stop_if_diverged
+def test_divergence_is_caught_without_a_sync_per_step_and_named():
+    """The watch collects non-finite losses and gradient norms on the device and raises at the
+    next check, naming the first bad step and the checkpoint kept (DeepSpeed's engine stands in
+    as the two attributes the watch reads; tests/test_faults_checkpoints.py runs it for real)."""
+    from types import SimpleNamespace
 
-    _stop_if_diverged(torch.tensor(0.5), step=3)
-    with pytest.raises(DivergedError, match="training loss became nan at step 8: stopped; the last good checkpoint is kept"):
-        _stop_if_diverged(torch.tensor(float("nan")), step=7)
+    from trainers.errors import DivergedError
+    from trainers.train.loop import LoopState, _DivergenceWatch, divergence_reason
+
+    inf = float("inf")
+    assert divergence_reason([inf, inf], 0.5, 3) is None
+    assert divergence_reason([inf, 7], 0.5, 9) == "gradient norm became non-finite (nan/inf) at step 7"
+    assert divergence_reason([inf, inf], float("nan"), 9) == "evaluation loss became nan at step 9"
+    spec = make_spec(Path("."), "cls", Path("."))
+    engine = SimpleNamespace(device=torch.device("cpu"), get_global_grad_norm=lambda: 0.3)
+    watch = _DivergenceWatch(engine, spec)
+    state = LoopState(step=9, history=[{"train/step": 5, "eval/loss": 0.4}])
+    for step, loss in [(6, 0.5), (7, float("nan")), (8, 0.2), (9, float("inf"))]:
+        watch.loss(torch.tensor(loss), step)
+        watch.grad_norm(step)
+    with pytest.raises(DivergedError, match=r"training loss became non-finite \(nan/inf\) at step 7: stopped; the last "
+                                            r"good checkpoint is kept: checkpoint_step_0000005 \(step 5\)"):
+        watch.stop_if_diverged(state, rank=0)
 
 
 def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory, tmp_path):

@@ -28,7 +28,13 @@ class TrainingFailedError(RuntimeError):
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN/inf; the last good checkpoint is kept."""
+    """The training loss, evaluation loss or gradient norm became NaN/inf; the last checkpoint
+    whose metrics are finite is kept. Not retried: the same state diverges the same way."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not verify against its manifests (truncated, missing or changed files).
+    Not retried: loading it again fails the same way; a rerun falls back to an earlier one."""
 
 
 def root_message(e: BaseException) -> str:

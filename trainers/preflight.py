@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from trainers.checkpoints import record_is_damaged
 from trainers.config import RunSpec
 from trainers.config_load import build_spec, dump_spec, load_yaml
 from trainers.data.files import check_data
@@ -39,6 +40,7 @@ log = logging.getLogger("ferry.preflight")
 # Keys a rerun may change without changing what the run computes (how it is watched or kept).
 _RERUN_FREE_KEYS = {
     "run.resume",
+    "run.storage_path",  # where the run folder is, not what it computes: a moved run resumes
     "run.storage_shared",
     "run.stage_baseline",
     "scaling.max_failures",
@@ -362,7 +364,10 @@ def _node_name(node: dict) -> str:
 
 
 def has_checkpoint(spec: RunSpec) -> bool:
-    """Whether the run has a committed checkpoint to resume from."""
+    """Whether the run has a committed checkpoint to resume from (a damaged record counts: the
+    run's next `ferry train` repairs it, trainers.checkpoints)."""
+    if record_is_damaged(spec.run_dir):
+        return True
     return committed_checkpoints(spec.run_dir) is not None
 
 

@@ -15,6 +15,7 @@ import shutil
 
 import torch
 
+from trainers.checkpoints import raise_if_damaged, verify_checkpoint
 from trainers.config import RunSpec
 from trainers.features.head import is_feature_export, load_feature_model
 from trainers.model import build_model
@@ -46,6 +47,7 @@ def load_saved(spec: RunSpec, tokenizer, data, folder: str):
     if is_checkpoint(folder):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        raise_if_damaged(folder, verify_checkpoint(folder))
         model = build_model(spec, tokenizer, data.label_names)
         full = os.path.join(folder, DS_TAG, "mp_rank_00_model_states.pt")
         if spec.deepspeed.zero_stage == 0:

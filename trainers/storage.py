@@ -14,6 +14,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from trainers.errors import ConfigError
+
 MARKER = "_FERRY_COMPLETE"
 # A run's layout under <run.storage_path>/<run.name>: Ray Train's checkpoint_step_* folders (each
 # with DeepSpeed's DS_TAG folder and the loop's STATE_FILE), the config the run started with
@@ -157,7 +159,12 @@ def publish(fs: pafs.FileSystem, partial: str, final: str, meta: dict) -> None:
 def committed_checkpoints(run_dir: str):
     """Ray Train's record of a run's committed checkpoints (a `ray.train.Result`), or None when
     the run never committed one. A checkpoint folder on disk proves nothing: report() returns
-    before the controller commits it, so an interrupted run can leave an uncommitted folder."""
+    before the controller commits it, so an interrupted run can leave an uncommitted folder.
+
+    Raises:
+        ConfigError: the record exists but is damaged (`ferry train` on the run rebuilds it:
+            trainers.checkpoints).
+    """
     import ray.train
 
     fs, path = filesystem(run_dir)
@@ -167,4 +174,12 @@ def committed_checkpoints(run_dir: str):
         result = ray.train.Result.from_path(absolute(run_dir))
     except RuntimeError:  # the folder exists but Ray never wrote its checkpoint record
         return None
+    except Exception as e:  # the record does not parse: truncated by a crash or a full disk
+        raise ConfigError(
+            [
+                f"run={run_dir}: the run's checkpoint record is damaged ({type(e).__name__}). "
+                "Rerun `ferry train` on the run: it rebuilds the record from the checkpoints' "
+                "manifests (or says why it cannot)."
+            ]
+        ) from None
     return result if result.checkpoint is not None else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from trainers.checkpoints import recover_run
 from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError, TrainingFailedError, root_message
 from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
@@ -61,6 +62,8 @@ def train(
             outcome = train_features(plan)
         outcome.tracking = tracking.summary()
         return outcome
+    # A damaged latest checkpoint is set aside here, before any worker could be handed it.
+    recover_run(spec)
     with track_run(spec, plan.total_steps, tracking_parent) as tracking:
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import tempfile
@@ -20,10 +21,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainers.checkpoints import raise_if_damaged, verify_checkpoint, write_manifest
 from trainers.config import RunSpec
 from trainers.console import say as _say
 from trainers.data.prepare import PreparedData
-from trainers.errors import DivergedError
+from trainers.errors import CheckpointError, DivergedError
 from trainers.export import export_model, exported_step, summary
 from trainers.model import build_model, count_parameters, load_tokenizer
 from trainers.stopping import best_evaluation, stop_reason
@@ -104,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
         dist_init_required=False,  # Ray Train already created the process group
     )
-    state = _restore(engine, ray.train.get_checkpoint(), rank)
+    state = _restore(engine, ray.train.get_checkpoint(), rank, world)
     state.built_partitioned = built_partitioned
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_shard = ray.train.get_dataset_shard("train")
@@ -124,7 +126,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report({**state.before, "train/step": 0})
 
     micro_per_epoch = per_epoch * spec.grad_accum
-    window_loss, window_n = 0.0, 0
+    # The window's loss sum and the divergence watch stay on the device: reading them costs a
+    # host sync, paid once per log line and once before each checkpoint, not per micro-step.
+    window_loss, window_n = torch.zeros((), device=engine.device), 0
+    watch = _DivergenceWatch(engine, spec)
     while state.step < total and state.early_stop is None:
         engine.train()
         batches = train_shard.iter_torch_batches(
@@ -141,28 +146,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # resume: skip what this epoch already consumed before the checkpoint
             loss_sum, weight, _ = task.loss_and_outputs(engine, batch)
             loss = loss_sum / weight.clamp(min=1)
-            _stop_if_diverged(loss, state.step)
+            watch.loss(loss, state.step + 1)
             engine.backward(loss)
             engine.step()
             state.micro_in_epoch = micro + 1
-            window_loss, window_n = window_loss + loss.item(), window_n + 1
+            window_loss, window_n = window_loss + loss.detach(), window_n + 1
             progress.add_tokens(int(batch["input_ids"].numel()))
             if not engine.is_gradient_accumulation_boundary() and (micro + 1) % spec.grad_accum:
                 continue
             state.step += 1
-            state.train_loss = window_loss / window_n
+            watch.grad_norm(state.step)
+            evaluating = state.step % spec.train.eval_every_n_steps == 0 or state.step == total
+            if evaluating or progress.logs(state.step):
+                watch.stop_if_diverged(state, rank)
+                state.train_loss = window_loss.item() / window_n
             progress.step(state.step, state.train_loss, schedule.get_last_lr()[0])
             if fault is not None:
                 _inject(fault, state.step, rank, world)
-            if state.step % spec.train.eval_every_n_steps == 0 or state.step == total:
+            if evaluating:
                 metrics = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
+                # Before the checkpoint is reported: a diverged state is never kept.
+                watch.stop_if_diverged(state, rank, metrics)
                 metrics.update(_train_metrics(state, progress, schedule))
-                window_loss, window_n = 0.0, 0
+                window_loss, window_n = torch.zeros((), device=engine.device), 0
                 state.history.append({k: v for k, v in metrics.items() if _is_number(v)})
                 state.early_stop = _early_stop(spec, state, total, rank)
                 # The checkpoint of the stopping step is reported too: resume and export see
                 # the run exactly where it ended.
-                _report_with_checkpoint(engine, state, metrics, rank)
+                _report_with_checkpoint(engine, state, metrics, rank, world)
                 progress.last = time.perf_counter()
                 if state.early_stop:
                     break
@@ -192,16 +203,68 @@ def lr_schedule(optimizer, spec: RunSpec, total_steps: int):
     )
 
 
-def _stop_if_diverged(loss: torch.Tensor, step: int) -> None:
-    # All ranks agree, so none is left waiting in a collective when another stops.
-    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(bad)
-    if bad.item():
-        raise DivergedError(
-            f"training loss became {loss.item()} at step {step + 1}: stopped; the last good "
-            "checkpoint is kept. Lower train.learning_rate or raise train.warmup_ratio."
+class _DivergenceWatch:
+    """Whether training diverged: a non-finite training loss on any rank, a non-finite gradient
+    norm (not under fp16, whose loss scaler skips such steps by design), or a non-finite
+    evaluation loss. The first two are collected on the device as they happen (no host sync)
+    and read by `stop_if_diverged`, which every rank calls at the same steps: one all-reduce,
+    so all ranks stop together and none is left waiting in a collective."""
+
+    def __init__(self, engine, spec: RunSpec):
+        self.engine, self.device = engine, engine.device
+        self.watch_grads = spec.train.precision != "fp16"
+        # Step numbers of the first non-finite loss / gradient norm seen (inf: none yet).
+        self.first_bad = torch.full((2,), float("inf"), device=self.device)
+
+    def loss(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad[0] = torch.where(
+            bad, torch.clamp(self.first_bad[0], max=step), self.first_bad[0]
         )
+
+    def grad_norm(self, step: int) -> None:
+        norm = self.engine.get_global_grad_norm() if self.watch_grads else None
+        if norm is None:
+            return
+        bad = ~torch.isfinite(torch.as_tensor(norm, device=self.device, dtype=torch.float32))
+        self.first_bad[1] = torch.where(
+            bad, torch.clamp(self.first_bad[1], max=step), self.first_bad[1]
+        )
+
+    def stop_if_diverged(self, state: LoopState, rank: int, metrics: dict | None = None) -> None:
+        first = self.first_bad.clone()
+        if dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        eval_loss = (metrics or {}).get("eval/loss")
+        reason = divergence_reason(first.tolist(), eval_loss, state.step)
+        if reason is not None:
+            raise DivergedError(f"{reason}: stopped; {kept_checkpoint(state)}. {_DIVERGED_FIX}")
+
+
+_DIVERGED_FIX = "Lower train.learning_rate, raise train.warmup_ratio or set train.max_grad_norm"
+
+
+def divergence_reason(first_bad: list[float], eval_loss: float | None, step: int) -> str | None:
+    """What diverged, from the step numbers of the first non-finite training loss and gradient
+    norm (inf: none) and this step's evaluation loss; None when all are finite."""
+    loss_step, grad_step = first_bad
+    if loss_step != float("inf"):
+        return f"training loss became non-finite (nan/inf) at step {int(loss_step)}"
+    if grad_step != float("inf"):
+        return f"gradient norm became non-finite (nan/inf) at step {int(grad_step)}"
+    if isinstance(eval_loss, float) and not math.isfinite(eval_loss):
+        return f"evaluation loss became {eval_loss} at step {step}"
+    return None
+
+
+def kept_checkpoint(state: LoopState) -> str:
+    """Which checkpoint a diverged run keeps: the last one reported, whose metrics were checked
+    before it was (every evaluation reports one)."""
+    saved = [h for h in state.history if "train/step" in h]
+    if not saved:
+        return "no checkpoint was saved before it"
+    step = int(saved[-1]["train/step"])
+    return f"the last good checkpoint is kept: checkpoint_step_{step:07d} (step {step})"
 
 
 def validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -> tuple[list, Any]:
@@ -325,9 +388,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float)
 
 
-def _report_with_checkpoint(engine, state: LoopState, metrics, rank) -> None:
-    """Every rank writes its own ZeRO shard, RNG state and node id; Ray merges all ranks' files
-    into one checkpoint folder and commits it only after every rank has uploaded."""
+def _report_with_checkpoint(engine, state: LoopState, metrics, rank, world) -> None:
+    """Every rank writes its own ZeRO shard, RNG state and node id, and last the manifest of
+    those files (`trainers.checkpoints`); Ray merges all ranks' files into one checkpoint folder
+    and commits it only after every rank has uploaded."""
     import ray
     import ray.train
 
@@ -340,6 +404,7 @@ def _report_with_checkpoint(engine, state: LoopState, metrics, rank) -> None:
         if rank == 0:
             with open(os.path.join(tmp, STATE_FILE), "w") as f:
                 json.dump(dataclasses.asdict(state), f)
+        write_manifest(tmp, rank, world, state.step)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -347,22 +412,33 @@ def _report_with_checkpoint(engine, state: LoopState, metrics, rank) -> None:
         )
 
 
-def _restore(engine, checkpoint, rank) -> LoopState:
+def _restore(engine, checkpoint, rank: int, world: int) -> LoopState:
+    """The loop state and this rank's DeepSpeed state and RNG from `checkpoint` (None: a new
+    run). Each rank first checks its own files against its manifest, and all ranks agree before
+    any loads: a rank that raised alone would leave the others waiting in DeepSpeed's load."""
     if checkpoint is None:
         return LoopState()
     with checkpoint.as_directory() as d:
+        problems = verify_checkpoint(d, rank=rank, world=world)
+        rng = os.path.join(d, f"rng_rank{rank}.pt")
+        if not os.path.exists(rng) and not any("rng_rank" in p for p in problems):
+            problems.append(f"rng_rank{rank}.pt is missing")  # an exact resume needs it
+        everyone: list = [None] * world
+        if dist.is_initialized() and world > 1:
+            dist.all_gather_object(everyone, problems)
+        else:
+            everyone = [problems]
+        raise_if_damaged(checkpoint.path, [p for ps in everyone for p in ps])
         with open(os.path.join(d, STATE_FILE)) as f:
             saved = json.load(f)
         known = {f.name for f in dataclasses.fields(LoopState)}
         state = LoopState(**{k: v for k, v in saved.items() if k in known})
         load_path, _ = engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {checkpoint.path} has no DeepSpeed state for rank {rank}"
             )
-        rng = os.path.join(d, f"rng_rank{rank}.pt")
-        if os.path.exists(rng):
-            torch.set_rng_state(torch.load(rng))
+        torch.set_rng_state(torch.load(rng))
     if rank == 0:
         stopped = state.early_stop
         _say(
@@ -442,11 +518,15 @@ class _Progress:
         times, self.step_times = sorted(self.step_times), []
         return times[len(times) // 2] if times else float("nan")
 
+    def logs(self, step: int) -> bool:
+        """Whether `step` gets a progress line (the same answer on every rank)."""
+        return step % self.every == 0 or step == self.total
+
     def step(self, step: int, loss: float, lr: float) -> None:
         now = time.perf_counter()
         self.step_times.append(now - self.last)
         self.last = now
-        if self.rank != 0 or (step % self.every and step != self.total):
+        if self.rank != 0 or not self.logs(step):
             return
         done = step - self.start_step
         eta = self.elapsed() / max(done, 1) * (self.total - step)
