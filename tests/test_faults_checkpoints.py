@@ -182,3 +182,70 @@ def test_divergence_keeps_the_last_checkpoint_whose_metrics_are_finite(ray_sessi
     assert len(state["history"]) == kept  # one evaluation per step, every one finite
     assert all(v == v and abs(v) != float("inf") for h in state["history"] for v in h.values())
     assert not os.path.exists(_ckpt(spec, bad))
+
+
+def test_a_resume_with_another_number_of_workers_is_refused_before_training(trained, tmp_path, data_dir):
+    from trainers.preflight import check_run
+
+    spec = _copy(trained, tmp_path, data_dir)
+    one = spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"num_workers": 1})})
+    [problem] = check_run(one)
+    assert re.search(r"run\.name=damage: this run finished earlier with a different config \(changed: "
+                     r"scaling\.num_workers;.* one ZeRO shard per worker of the scaling\.num_workers=2 it ran "
+                     r"with: resume it with that\.", problem), problem
+
+
+def _ferry_env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends_at_the_same_step(tmp_path):
+    """A power cut, as near as a test gets: `ferry train` and every process it started (embedded
+    Ray, its controller and workers) SIGKILLed the moment the step-8 checkpoint folder appears,
+    i.e. while the ranks are writing it. The rerun of the same command resumes from a committed
+    checkpoint and ends at the planned step with each evaluation once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import classification_rows, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", classification_rows(200))
+    (tmp_path / "run.yaml").write_text(
+        "run: {name: cut, storage_path: runs}\n"
+        "model: {preset: tiny-bert}\n"
+        "method: full\n"
+        "task: {type: sequence_classification}\n"
+        "data: {train_files: [train.jsonl], max_seq_length: 32}\n"
+        "train: {learning_rate: 3.0e-3, max_steps: 16, micro_batch_size_per_worker: 4, "
+        "eval_every_n_steps: 4, keep_best_checkpoints: 2}\n"
+        "deepspeed: {zero_stage: 2}\n"
+        "scaling: {num_workers: 2}\n"
+    )
+    cmd = [sys.executable, "-m", "cluster.cli", "train", "run.yaml"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=_ferry_env(), start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writing = tmp_path / "runs" / "cut" / "checkpoint_step_0000008"
+    deadline = time.monotonic() + 300
+    while not writing.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writing.exists(), "the run never reached its second checkpoint"
+    everyone = [first.pid] + [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
+    for pid in everyone:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    first.wait()
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=_ferry_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert re.search(r"\[ferry\] resumed from \S+checkpoint_step_000000[48] at step [48]", rerun.stderr + rerun.stdout)
+    run = tmp_path / "runs" / "cut"
+    metrics = json.loads((run / "final" / "metrics.json").read_text())
+    assert metrics["steps"] == 16
+    last = max(p for p in run.iterdir() if p.name.startswith("checkpoint_step_"))
+    state = json.loads((last / "ferry_state.json").read_text())
+    assert [h["train/step"] for h in state["history"]] == [4, 8, 12, 16]
+    assert verify_checkpoint(str(last)) == []

@@ -460,10 +460,18 @@ def check_rerun(spec: RunSpec) -> list[str]:
         return []
     shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
     state = "finished earlier" if finished else "already exists"
+    why = ""
+    if "scaling.num_workers" in changed:
+        # DeepSpeed's ZeRO checkpoints are partitioned per rank: another world size would load
+        # the wrong partitions (or none), so this is refused rather than resharded.
+        why = (
+            f" Its checkpoints hold one ZeRO shard per worker of the scaling.num_workers="
+            f"{old.get('scaling', {}).get('num_workers')} it ran with: resume it with that."
+        )
     return [
         f"run.name={spec.run.name}: this run {state} with a different config (changed: "
         f"{shown}; recorded in {spec.run_dir}/{RUN_CONFIG_FILE}); rerunning it would "
-        f"{'re-export' if finished else 'resume'} the old run. "
+        f"{'re-export' if finished else 'resume'} the old run.{why} "
         "Choose a new run.name, or set run.resume=restart to discard the old run and start "
         "over."
     ]
