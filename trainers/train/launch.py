@@ -5,7 +5,9 @@ the best, the driver exports that checkpoint after the fit (`export_checkpoint`:
 files consolidated here, ZeRO-3 shards included).
 
 `train` is the entry point (the CLI, stages and the tuner call it with a plan from
-`trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection).
+`trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection). It holds
+the run's lease (`trainers.lease`) from before the first file it writes to the end, so a second
+driver of the same run folder is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError, TrainingFailedError, root_message
 from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
+from trainers.lease import hold_run
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
 from trainers.storage import absolute, filesystem
@@ -45,8 +48,21 @@ def train(
         tracking_parent: the MLflow run of the search this run is a trial of.
 
     Raises:
+        ConfigError: another driver is writing this run (`trainers.lease`).
         TrainingFailedError: the run started and failed.
     """
+    with hold_run(plan.spec.run_dir, plan.spec.run.name):
+        return _train(plan, merge, callbacks, worker_env, fault, tracking_parent)
+
+
+def _train(
+    plan: RunPlan,
+    merge: bool,
+    callbacks: list | None,
+    worker_env: dict[str, str] | None,
+    fault: KillAfterStep | None,
+    tracking_parent: str | None,
+) -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchTrainer
 
