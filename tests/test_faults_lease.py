@@ -1,4 +1,6 @@
-"""One writer per run: the run's lease (trainers.lease)."""
+"""One writer per run (the run's lease, trainers.lease) and one message for a failed run: a
+diverged worker ends the run at once, the terminal shows Ferry's one error line, the log keeps
+Ray's tracebacks."""
 
 import json
 import logging
@@ -139,3 +141,33 @@ def test_restart_clears_the_run_but_keeps_its_lease(spec_factory):
     _write_lease(spec.run_dir, _dead_pid())
     _clear_run(spec)
     assert sorted(os.listdir(spec.run_dir)) == [LEASE_FILE]
+
+
+# Ferry's own lines on the terminal: its log records, its worker lines, its error line.
+FERRY_LINE = re.compile(r"^(\[ferry\] |ferry: error: )")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_diverged_worker_fails_once_with_one_message_and_tracebacks_in_the_log(config):
+    """scaling.max_failures=2, yet the diverged run ends after its first attempt; the driver of
+    an earlier run of this folder died and left its lease, taken over with a warning."""
+    run_dir = config / "runs" / "div"
+    dead = _dead_pid()
+    _write_lease(run_dir, dead)
+    res = _ferry("train", "run.yaml", cwd=config)
+    terminal = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert res.returncode == 1, "\n".join(terminal[-40:])
+    assert [line for line in terminal if not FERRY_LINE.match(line)] == []
+    [error] = [line for line in terminal if line.startswith("ferry: error:")]
+    assert error.startswith("ferry: error: training loss became nan at step 2: stopped; ")
+    assert "Traceback" not in res.stdout + res.stderr
+    assert "(RayTrainWorker" not in res.stdout + res.stderr
+    assert f"[ferry] run.name=div: took over the lease of a driver that is gone (pid {dead} " in res.stderr
+    assert not (run_dir / LEASE_FILE).exists()  # released though the run failed
+    [log] = (run_dir / "logs").glob("train-*.log")
+    kept = log.read_text()
+    assert "Traceback" in kept and "DivergedError: training loss became nan" in kept
+    # One attempt: the worker group was not restarted for a retry.
+    assert len(re.findall(r"\[ferry\] full on .* resuming at step 0", kept)) == 1
+    assert "Error count: 2" not in kept

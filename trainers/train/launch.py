@@ -7,7 +7,9 @@ files consolidated here, ZeRO-3 shards included).
 `train` is the entry point (the CLI, stages and the tuner call it with a plan from
 `trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection). It holds
 the run's lease (`trainers.lease`) from before the first file it writes to the end, so a second
-driver of the same run folder is refused.
+driver of the same run folder is refused. A worker error that a retry would raise again
+(trainers.errors.NOT_RETRIED) ends the run without the retries of scaling.max_failures
+(`trainers.train.fail_fast`) and is raised on the driver as itself.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from trainers.data.prepare import PreparedData
-from trainers.errors import ConfigError, TrainingFailedError, root_message
+from trainers.errors import ConfigError, run_error
 from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
 from trainers.lease import hold_run
 from trainers.preflight import RunPlan, record_config
@@ -49,6 +51,7 @@ def train(
 
     Raises:
         ConfigError: another driver is writing this run (`trainers.lease`).
+        DivergedError: the training loss became NaN/inf on a worker (not retried).
         TrainingFailedError: the run started and failed.
     """
     with hold_run(plan.spec.run_dir, plan.spec.run.name):
@@ -66,8 +69,9 @@ def _train(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # Here, like ray.train: its callback class loads Ray Train, which `ferry validate` never needs.
+    # Here, like ray.train: these callback classes load Ray Train, which `ferry validate` skips.
     from trainers.tracking import track_run
+    from trainers.train.fail_fast import FailFast
 
     spec, data = plan.spec, plan.data
     record_config(spec)
@@ -102,7 +106,8 @@ def _train(
                     checkpoint_score_attribute=spec.train.best_metric,
                     checkpoint_score_order=spec.train.best_metric_mode,
                 ),
-                callbacks=[*(callbacks or []), tracking.callback],
+                # FailFast last: the others see a worker's error before it ends the run.
+                callbacks=[*(callbacks or []), tracking.callback, FailFast()],
                 worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             ),
             datasets=ray_datasets(data),
@@ -110,10 +115,10 @@ def _train(
         )
         try:
             result = trainer.fit()
-        except Exception as e:  # Ray wraps the worker's exception; surface the worker's message
-            raise TrainingFailedError(root_message(e)) from e
+        except Exception as e:  # Ray wraps the worker's exception; surface the worker's own
+            raise run_error(e) from e
         if result.error is not None:
-            raise TrainingFailedError(root_message(result.error))
+            raise run_error(result.error)
         _, _, latest = find_checkpoint(spec, "last")
         step = exported_step(spec, latest["history"])
         if step != latest["step"]:  # the loop left the export of an earlier, better step to us
