@@ -171,3 +171,16 @@ def test_diverged_worker_fails_once_with_one_message_and_tracebacks_in_the_log(c
     # One attempt: the worker group was not restarted for a retry.
     assert len(re.findall(r"\[ferry\] full on .* resuming at step 0", kept)) == 1
     assert "Error count: 2" not in kept
+
+
+def test_debug_shows_the_libraries_tracebacks_on_the_terminal():
+    """The diverged run's tracebacks are library output (Ray Train's controller and the worker,
+    forwarded): --debug keeps them on the terminal, as --verbose does, with the driver's own."""
+    import contextlib
+
+    from cluster.cli import _terminal, build_parser
+    from cluster.terminal import QuietTerminal
+
+    parse = build_parser().parse_args
+    assert isinstance(_terminal(parse(["train", "run.yaml"])), QuietTerminal)
+    assert isinstance(_terminal(parse(["train", "run.yaml", "--debug"])), contextlib.nullcontext)
