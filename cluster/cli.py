@@ -5,9 +5,10 @@ runs, compare, submit, jobs, k8s.
 functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
 arguments. Every command that reads a run config takes it the same way: a YAML file and any number
 of `--set key.path=value` overrides. Errors end in one clear message and a non-zero exit
-(2: bad input, 1: the run failed); `--debug` shows the traceback. The terminal shows Ferry's own
-lines; what Ray, DeepSpeed, transformers and the rest print goes to the run's `logs/` folder
-(`cluster.terminal`), unless `--verbose`.
+(2: bad input, 1: the run failed); `--debug` shows the tracebacks. The terminal shows Ferry's own
+lines; what Ray, DeepSpeed, transformers and the rest print (a failed worker's traceback, Ray
+Train's report of it) goes to the run's `logs/` folder (`cluster.terminal`), unless `--verbose`
+or `--debug`.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         add_config_args(sp)
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        sp.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
 
     def ray_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--output", default=None, metavar="DIR", help="new or empty folder, or an earlier export"
     )
-    x.add_argument("--debug", action="store_true", help="show tracebacks")
+    x.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     ray_opts(x)
     x.set_defaults(func=cmd_export)
 
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="search hyperparameters (the config's tune: block) with Ray Tune"
     )
     add_config_args(tu, config_nargs="?")  # optional: `--report DIR` needs no config
-    tu.add_argument("--debug", action="store_true", help="show tracebacks")
+    tu.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     ray_opts(tu)
     tu.add_argument(
         "--resume",
@@ -428,6 +429,12 @@ _VERBOSE_HELP = (
 )
 
 
+_DEBUG_HELP = (
+    "show tracebacks: the driver's, and what the libraries print (Ray's report of a failed "
+    "worker, with its traceback) as --verbose does"
+)
+
+
 def verbose_opt(sp: argparse.ArgumentParser) -> None:
     """`--verbose` after the command too (`ferry train CONFIG --verbose`); SUPPRESS keeps the
     subcommand from resetting `ferry --verbose train ...`. Marks the commands whose library
@@ -438,8 +445,9 @@ def verbose_opt(sp: argparse.ArgumentParser) -> None:
 
 def _terminal(args) -> contextlib.AbstractContextManager:
     """A quiet terminal for the commands that start Ray or load models (`cluster.terminal`),
-    unless --verbose; the command moves its log into the run's folder (`_keep_logs_in`)."""
-    if args.verbose or not getattr(args, "library_logs", False):
+    unless --verbose or --debug (the tracebacks a failed run's workers and Ray Train print are
+    library output); the command moves its log into the run's folder (`_keep_logs_in`)."""
+    if args.verbose or getattr(args, "debug", False) or not getattr(args, "library_logs", False):
         return contextlib.nullcontext()
     from cluster.terminal import QuietTerminal
 

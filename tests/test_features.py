@@ -15,6 +15,7 @@ from trainers.features.extract import check_features, feature_cache_key
 from trainers.features.head import load_feature_model
 from trainers.predict import predict_dataset
 from trainers.preflight import prepare_run
+from trainers.storage import LEASE_FILE
 from trainers.tasks import classification
 from trainers.train.launch import train
 
@@ -54,6 +55,7 @@ def test_logistic_head_learns_with_fine_tuning_metric_keys(lr_run):
     assert outcome.metrics["method"] == "feature_extraction" and outcome.metrics["steps"] == 0
     assert outcome.metrics["feature_cache_hit"] is False
     assert outcome.checkpoint_path is None
+    assert not os.path.exists(os.path.join(spec.run_dir, LEASE_FILE))  # the driver's lease is gone
     # No regularization_c in the config: C was chosen by cross-validation on the training
     # features, and the head is no worse than a plain scikit-learn logistic regression fitted
     # on the same (cached) features.

@@ -10,6 +10,7 @@ import torch
 from conftest import make_spec
 
 from trainers.preflight import has_checkpoint, prepare_run
+from trainers.storage import LEASE_FILE
 from trainers.train.launch import train
 from trainers.train.loop import KillAfterStep
 
@@ -128,6 +129,7 @@ def test_two_worker_training_learns_and_exports(runs, kind, method, stage):
         assert lora_b and all(v.numel() > 0 for v in lora_b)  # not the empty ZeRO-3 adapter
         assert any(v.abs().sum() > 0 for v in lora_b)  # and trained (lora_B starts at zero)
     assert _history(outcome)["built_partitioned"] == (stage == 3)  # ZeRO-3: built inside zero.Init
+    assert not os.path.exists(os.path.join(spec.run_dir, LEASE_FILE))  # the driver's lease is gone
     # The export reloads with plain transformers/peft and reproduces the final eval loss.
     reloaded = _reload_eval_loss(outcome.export_dir, outcome.data, spec.task.type, method)
     assert reloaded == pytest.approx(final["eval/loss"], rel=2e-3)

@@ -18,6 +18,11 @@ class ConfigError(ValueError):
         self.problems = problems
         super().__init__("\n".join(problems))
 
+    def __reduce__(self):
+        # Pickled by its problems (it crosses processes: a worker's error travels to the
+        # driver); the default would rebuild it from the joined message, one problem per letter.
+        return (type(self), (self.problems,))
+
 
 class DataError(ValueError):
     """Bad input data: names the file, row and the fix."""
@@ -37,9 +42,39 @@ class CheckpointError(RuntimeError):
     Not retried: loading it again fails the same way; a rerun falls back to an earlier one."""
 
 
+# Errors that a retry would raise again: Ray Train does not restart the workers for these
+# (trainers.train.fail_fast), and the driver raises the worker's own (`run_error`).
+NOT_RETRIED = (ConfigError, DataError, DivergedError)
+
+
+def run_error(e: BaseException) -> Exception:
+    """The error the driver raises for a failed Ray Train run: the worker's own Ferry error (a
+    DivergedError stays one, with its message), else a TrainingFailedError with `root_message`."""
+    cause = _worker_cause(e)
+    if isinstance(cause, NOT_RETRIED):
+        return cause
+    return TrainingFailedError(root_message(e))
+
+
+def _worker_cause(e: BaseException) -> BaseException | None:
+    """The exception inside Ray Train's wrapper of a failed run, found by the attributes Ray's
+    public exceptions carry (so this module needs no Ray): a `ray.train.WorkerGroupError`'s
+    `worker_failures` (rank -> the worker's exception; a Ferry error first, then the lowest rank)
+    or a `ray.train.ControllerError`'s `controller_failure` (a callback's exception: see
+    trainers.train.fail_fast)."""
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        ranked = [failures[rank] for rank in sorted(failures)]
+        return next((f for f in ranked if isinstance(f, NOT_RETRIED)), ranked[0])
+    cause = getattr(e, "controller_failure", None)
+    return cause if isinstance(cause, BaseException) else None
+
+
 def root_message(e: BaseException) -> str:
     """The innermost non-empty message of an exception chain, as `Type: last line`: Ray wraps a
-    worker's exception in several layers whose own messages name Ray internals."""
+    worker's exception in several layers whose own messages name Ray internals (and a remote
+    traceback's text); the worker's own exception is used when Ray's wrapper holds it."""
+    e = _worker_cause(e) or e
     seen, cur = [], e
     while cur is not None and cur not in seen:
         seen.append(cur)

@@ -22,9 +22,11 @@ from trainers.data.files import check_data
 from trainers.data.prepare import PreparedData, prepare_dataset
 from trainers.errors import ConfigError
 from trainers.features.extract import check_features
+from trainers.lease import lease_problems
 from trainers.model import check_lora_fits, load_tokenizer
 from trainers.storage import (
     EXPORT_DIR,
+    LEASE_FILE,
     LOGS_DIR,
     RUN_CONFIG_FILE,
     committed_checkpoints,
@@ -431,9 +433,14 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 
 
 def check_rerun(spec: RunSpec) -> list[str]:
-    """run.resume against what is on disk. A rerun of an existing run.name resumes (or, when
-    finished, re-exports) that run, so it must be the same run: a changed config is refused
-    with the keys that changed, instead of silently continuing the old one."""
+    """run.resume against what is on disk. A run another live driver is writing is refused,
+    whatever run.resume says (`trainers.lease`; restart would delete its files). A rerun of an
+    existing run.name resumes (or, when finished, re-exports) that run, so it must be the same
+    run: a changed config is refused with the keys that changed, instead of silently continuing
+    the old one."""
+    held = lease_problems(spec.run_dir, spec.run.name)
+    if held:
+        return held
     if spec.run.resume == "restart":
         return []
     has = has_checkpoint(spec)
@@ -479,11 +486,14 @@ def check_rerun(spec: RunSpec) -> list[str]:
 
 def _clear_run(spec: RunSpec) -> None:
     """run.resume=restart: the old run's checkpoints and export go (the user asked for it). Its
-    LOGS_DIR stays: the command that clears the run is writing its log there already."""
+    LOGS_DIR stays: the command that clears the run is writing its log there already. So does
+    its LEASE_FILE: `check_rerun` refused a live driver's lease before, and a dead driver's is
+    taken over by `trainers.lease.hold_run` when training starts (deleting it here could delete
+    the lease of a driver that started since)."""
     fs, root = filesystem(spec.run_dir)
     if fs.get_file_info(root).type != pafs.FileType.NotFound:
         for info in fs.get_file_info(pafs.FileSelector(root)):
-            if info.base_name == LOGS_DIR:
+            if info.base_name in (LOGS_DIR, LEASE_FILE):
                 continue
             if info.type == pafs.FileType.Directory:
                 fs.delete_dir(info.path)

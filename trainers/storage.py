@@ -23,7 +23,8 @@ MARKER = "_FERRY_COMPLETE"
 # adds MERGED_DIR), and what the driver's node records while it runs (trainers.tracking): in
 # REPORT_DIR the reported metrics (HISTORY_FILE), their plot (CURVES_FILE) and the run's status
 # and trackers (STATUS_FILE); TensorBoard's event files in TENSORBOARD_DIR; the libraries' output
-# of each command run on it in LOGS_DIR (cluster.terminal).
+# of each command run on it in LOGS_DIR (cluster.terminal). While a driver trains the run,
+# LEASE_FILE names it (host, pid, heartbeat; trainers.lease), so that a second driver is refused.
 EXPORT_DIR = "final"
 BASE_DIR = "base"
 MERGED_DIR = "merged"
@@ -37,6 +38,7 @@ CURVES_FILE = "curves.png"
 STATUS_FILE = "run.json"
 TENSORBOARD_DIR = "tensorboard"
 LOGS_DIR = "logs"
+LEASE_FILE = "ferry_lease.json"
 
 
 def is_uri(path: str) -> bool:

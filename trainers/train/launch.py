@@ -5,7 +5,11 @@ the best, the driver exports that checkpoint after the fit (`export_checkpoint`:
 files consolidated here, ZeRO-3 shards included).
 
 `train` is the entry point (the CLI, stages and the tuner call it with a plan from
-`trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection).
+`trainers.preflight`). It expects Ray to be initialized (cluster/ owns the connection). It holds
+the run's lease (`trainers.lease`) from before the first file it writes to the end, so a second
+driver of the same run folder is refused. A worker error that a retry would raise again
+(trainers.errors.NOT_RETRIED) ends the run without the retries of scaling.max_failures
+(`trainers.train.fail_fast`) and is raised on the driver as itself.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import logging
 
 from trainers.checkpoints import recover_run
 from trainers.data.prepare import PreparedData
-from trainers.errors import ConfigError, TrainingFailedError, root_message
+from trainers.errors import ConfigError, run_error
 from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
+from trainers.lease import hold_run
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
 from trainers.storage import absolute, filesystem
@@ -46,13 +51,28 @@ def train(
         tracking_parent: the MLflow run of the search this run is a trial of.
 
     Raises:
+        ConfigError: another driver is writing this run (`trainers.lease`).
+        DivergedError: the training loss became NaN/inf on a worker (not retried).
         TrainingFailedError: the run started and failed.
     """
+    with hold_run(plan.spec.run_dir, plan.spec.run.name):
+        return _train(plan, merge, callbacks, worker_env, fault, tracking_parent)
+
+
+def _train(
+    plan: RunPlan,
+    merge: bool,
+    callbacks: list | None,
+    worker_env: dict[str, str] | None,
+    fault: KillAfterStep | None,
+    tracking_parent: str | None,
+) -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # Here, like ray.train: its callback class loads Ray Train, which `ferry validate` never needs.
+    # Here, like ray.train: these callback classes load Ray Train, which `ferry validate` skips.
     from trainers.tracking import track_run
+    from trainers.train.fail_fast import FailFast
 
     spec, data = plan.spec, plan.data
     record_config(spec)
@@ -89,7 +109,8 @@ def train(
                     checkpoint_score_attribute=spec.train.best_metric,
                     checkpoint_score_order=spec.train.best_metric_mode,
                 ),
-                callbacks=[*(callbacks or []), tracking.callback],
+                # FailFast last: the others see a worker's error before it ends the run.
+                callbacks=[*(callbacks or []), tracking.callback, FailFast()],
                 worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             ),
             datasets=ray_datasets(data),
@@ -97,10 +118,10 @@ def train(
         )
         try:
             result = trainer.fit()
-        except Exception as e:  # Ray wraps the worker's exception; surface the worker's message
-            raise TrainingFailedError(root_message(e)) from e
+        except Exception as e:  # Ray wraps the worker's exception; surface the worker's own
+            raise run_error(e) from e
         if result.error is not None:
-            raise TrainingFailedError(root_message(result.error))
+            raise run_error(result.error)
         _, _, latest = find_checkpoint(spec, "last")
         step = exported_step(spec, latest["history"])
         if step != latest["step"]:  # the loop left the export of an earlier, better step to us
