@@ -13,7 +13,7 @@ import pytest
 from conftest import make_spec
 
 from trainers.checkpoints import COMMIT_RECORD, DAMAGED_DIR, recover_run, verify_checkpoint
-from trainers.errors import CheckpointError, ConfigError, TrainingFailedError
+from trainers.errors import CheckpointError, ConfigError, DivergedError
 from trainers.preflight import prepare_run
 from trainers.train.launch import train
 
@@ -169,9 +169,9 @@ def test_divergence_keeps_the_last_checkpoint_whose_metrics_are_finite(ray_sessi
     spec = _spec(tmp_path, data_dir, train={"learning_rate": 1e6, "warmup_ratio": 0.9,
                                             "eval_every_n_steps": 1, "max_grad_norm": 0.0},
                  scaling={"max_failures": 2})
-    with pytest.raises(TrainingFailedError) as err:
+    with pytest.raises(DivergedError) as err:
         train(prepare_run(spec))
-    found = re.search(r"DivergedError: evaluation loss became nan at step (\d+): stopped; the last good "
+    found = re.search(r"^evaluation loss became nan at step (\d+): stopped; the last good "
                       r"checkpoint is kept: checkpoint_step_(\d+) \(step (\d+)\)\. Lower train\.learning_rate",
                       str(err.value))
     assert found, err.value

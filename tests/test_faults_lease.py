@@ -160,14 +160,14 @@ def test_diverged_worker_fails_once_with_one_message_and_tracebacks_in_the_log(c
     assert res.returncode == 1, "\n".join(terminal[-40:])
     assert [line for line in terminal if not FERRY_LINE.match(line)] == []
     [error] = [line for line in terminal if line.startswith("ferry: error:")]
-    assert error.startswith("ferry: error: training loss became nan at step 2: stopped; ")
+    assert error.startswith("ferry: error: training loss became non-finite (nan/inf) at step 2: stopped; ")
     assert "Traceback" not in res.stdout + res.stderr
     assert "(RayTrainWorker" not in res.stdout + res.stderr
     assert f"[ferry] run.name=div: took over the lease of a driver that is gone (pid {dead} " in res.stderr
     assert not (run_dir / LEASE_FILE).exists()  # released though the run failed
     [log] = (run_dir / "logs").glob("train-*.log")
     kept = log.read_text()
-    assert "Traceback" in kept and "DivergedError: training loss became nan" in kept
+    assert "Traceback" in kept and "DivergedError: training loss became non-finite" in kept
     # One attempt: the worker group was not restarted for a retry.
     assert len(re.findall(r"\[ferry\] full on .* resuming at step 0", kept)) == 1
     assert "Error count: 2" not in kept

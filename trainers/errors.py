@@ -44,7 +44,7 @@ class CheckpointError(RuntimeError):
 
 # Errors that a retry would raise again: Ray Train does not restart the workers for these
 # (trainers.train.fail_fast), and the driver raises the worker's own (`run_error`).
-NOT_RETRIED = (ConfigError, DataError, DivergedError)
+NOT_RETRIED = (ConfigError, DataError, DivergedError, CheckpointError)
 
 
 def run_error(e: BaseException) -> Exception:
