@@ -12,7 +12,13 @@ import shutil
 import pytest
 from conftest import make_spec
 
-from trainers.checkpoints import COMMIT_RECORD, DAMAGED_DIR, recover_run, verify_checkpoint
+from trainers.checkpoints import (
+    COMMIT_RECORD,
+    DAMAGED_DIR,
+    committed_names,
+    recover_run,
+    verify_checkpoint,
+)
 from trainers.errors import CheckpointError, ConfigError, DivergedError
 from trainers.preflight import prepare_run
 from trainers.train.launch import train
@@ -20,11 +26,11 @@ from trainers.train.launch import train
 pytestmark = pytest.mark.slow
 
 
-def _spec(root, data_dir, **sections):
+def _spec(root, data_dir, run=None, **sections):
     # 12 steps, a checkpoint every 4, all three kept: the damage cases fall back by one interval.
     # ZeRO-3: every rank's checkpoint part holds its own weight and optimizer partitions.
     base = {"max_steps": 12, "eval_every_n_steps": 4, "keep_best_checkpoints": 3}
-    return make_spec(root, "cls", data_dir, method="full", run={"name": "damage"},
+    return make_spec(root, "cls", data_dir, method="full", run={"name": "damage", **(run or {})},
                      train={**base, **sections.pop("train", {})},
                      deepspeed={"zero_stage": 3}, **sections)
 
@@ -252,11 +258,16 @@ def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends
     cmd = [sys.executable, "-m", "cluster.cli", "train", "run.yaml"]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=_ferry_env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    writing = tmp_path / "runs" / "cut" / "checkpoint_step_0000008"
+    run = tmp_path / "runs" / "cut"
+    writing = run / "checkpoint_step_0000008"
+
+    def step_4_committed() -> bool:  # Ray's record names it (a folder on disk proves nothing)
+        return "checkpoint_step_0000004" in (committed_names(str(run)) or [])
+
     deadline = time.monotonic() + 300
-    while not writing.exists() and first.poll() is None and time.monotonic() < deadline:
+    while not (writing.exists() and step_4_committed()) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert writing.exists(), "the run never reached its second checkpoint"
+    assert writing.exists() and step_4_committed(), "the run never reached its second checkpoint"
     everyone = [first.pid] + [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
     for pid in everyone:
         try:
@@ -267,7 +278,6 @@ def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends
     rerun = subprocess.run(cmd, cwd=tmp_path, env=_ferry_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"\[ferry\] resumed from \S+checkpoint_step_000000[48] at step [48]", rerun.stderr + rerun.stdout)
-    run = tmp_path / "runs" / "cut"
     metrics = json.loads((run / "final" / "metrics.json").read_text())
     assert metrics["steps"] == 16
     last = max(p for p in run.iterdir() if p.name.startswith("checkpoint_step_"))
