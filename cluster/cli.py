@@ -456,6 +456,13 @@ def _keep_logs_in(args, run_dir: str) -> None:
         terminal.log_to(join(run_dir, LOGS_DIR))
 
 
+def _require(problems: list[str]) -> None:
+    from trainers.errors import ConfigError
+
+    if problems:
+        raise ConfigError(problems)
+
+
 class _ArgsAfterDoubleDash(argparse.ArgumentParser):
     """Moves everything after the first `--` into `command_args` before normal parsing."""
 
@@ -512,7 +519,7 @@ def cmd_preprocess(args) -> int:
     from trainers.data.files import check_data
     from trainers.data.inspect import format_summary, print_samples, sample_rows, summarize
     from trainers.errors import ConfigError
-    from trainers.preflight import prepare_checked_data
+    from trainers.preflight import check_writable, prepare_checked_data
 
     spec = load_config(args.config, args.overrides)
     if spec.stages:
@@ -524,7 +531,7 @@ def cmd_preprocess(args) -> int:
                 "it."
             ]
         )
-    problems = check_data(spec)
+    problems = check_data(spec) + check_writable(spec)
     if args.show < 0:
         problems.append(f"--show={args.show}: must be >= 0. Use 0 to show no rows.")
     if problems:  # files and columns fail in a second, before Ray starts
@@ -604,7 +611,7 @@ def cmd_export(args) -> int:
     from trainers.data.files import check_data
     from trainers.errors import ConfigError
     from trainers.export import export_checkpoint, find_checkpoint
-    from trainers.preflight import load_recorded_spec, prepare_checked_data
+    from trainers.preflight import check_writable, load_recorded_spec, prepare_checked_data
     from trainers.saved import merge_adapter
     from trainers.storage import join
 
@@ -631,7 +638,7 @@ def cmd_export(args) -> int:
     out = args.output or (
         spec.export_dir if isinstance(which, str) else join(spec.run_dir, f"export-step-{step}")
     )
-    problems = check_data(spec) + _check_export_output(args.output)
+    problems = check_data(spec) + check_writable(spec) + _check_export_output(args.output)
     if problems:
         raise ConfigError(problems)
     # Only the data cache is read (or rebuilt by Ray Data); no training workers start.
@@ -710,8 +717,10 @@ def _train_stages(spec, args) -> int:
 def cmd_eval(args) -> int:
     from trainers.config_load import load_config
     from trainers.evaluate import evaluate_checkpoints
+    from trainers.preflight import check_writable
 
     spec = load_config(args.config, args.overrides)
+    _require(check_writable(spec))  # before Ray starts; the data's checks need it up
     s = spec.scaling
     _keep_logs_in(args, spec.run_dir)
     with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
@@ -725,12 +734,14 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from trainers.config_load import load_config
     from trainers.predict import check_predict_inputs, predict_dataset
+    from trainers.preflight import check_writable
 
     spec = load_config(args.config, args.overrides)
     # Missing files, columns or a non-empty output folder fail before Ray starts.
     check_predict_inputs(
         spec, args.checkpoint, args.inputs, args.output, args.batch_size, args.max_new_tokens
     )
+    _require(check_writable(spec))  # the data cache and the command's log
     s = spec.scaling
     actors = args.num_actors or s.num_workers
     _keep_logs_in(args, spec.run_dir)
@@ -751,11 +762,13 @@ def cmd_predict(args) -> int:
 def cmd_analyze(args) -> int:
     from trainers.analyze import analyze_domain_shift, summarize, write_report
     from trainers.config_load import load_config
-    from trainers.errors import ConfigError
+    from trainers.preflight import check_writable
 
     spec = load_config(args.config, args.overrides)
+    problems = check_writable(spec)  # the report and the log go under run.storage_path
     if args.max_rows < 1:
-        raise ConfigError([f"--max-rows={args.max_rows}: must be >= 1. Use e.g. 128."])
+        problems.append(f"--max-rows={args.max_rows}: must be >= 1. Use e.g. 128.")
+    _require(problems)
     _keep_logs_in(args, spec.run_dir)
     report = analyze_domain_shift(spec, args.source or None, max_rows=args.max_rows)
     path = write_report(report, args.output or f"{spec.run_dir}/domain_shift.json")
@@ -782,11 +795,13 @@ def cmd_tune(args) -> int:
                 "--report EXPERIMENT_DIR). Pass the YAML file."
             ]
         )
+    from trainers.preflight import check_writable
     from tuning.layout import experiment_dir
     from tuning.load import load_search
     from tuning.search import run_search
 
     search = load_search(args.config, args.overrides)
+    _require(check_writable(search.base))  # the search's other checks need Ray up
     s = search.base.scaling
     need = s.num_workers * s.cpus_per_worker + s.data_cpus + search.tune.trial_cpus
     _keep_logs_in(args, experiment_dir(search))

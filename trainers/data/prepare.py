@@ -36,7 +36,7 @@ from trainers.data.files import (
     raw_columns,
     text_error,
 )
-from trainers.errors import DataError, unwrap_data_errors
+from trainers.errors import DataError, on_full_disk, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
@@ -87,7 +87,14 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
 
     Raises:
         DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
+        DiskFullError: the cache's disk filled up (the cache is published only when complete).
     """
+    # Every file written here goes under the cache folder (Ray Data's write tasks included).
+    with on_full_disk("data.cache_dir", spec.cache_dir, spec.cache_dir):
+        return _prepare_dataset(spec, tokenizer_source)
+
+
+def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     if tokenizer_source is None:
 
         def tokenizer_source(texts):

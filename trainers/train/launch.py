@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from trainers.data.prepare import PreparedData
-from trainers.errors import ConfigError, TrainingFailedError, root_message
+from trainers.errors import ConfigError, TrainingFailedError, on_full_disk, root_message
 from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
@@ -46,6 +46,9 @@ def train(
 
     Raises:
         TrainingFailedError: the run started and failed.
+        DiskFullError: the disk under run.storage_path filled up while the driver wrote the
+            run's config or its export (a worker's full disk is a TrainingFailedError: its disk
+            may be another).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -102,7 +105,10 @@ def train(
         step = exported_step(spec, latest["history"])
         if step != latest["step"]:  # the loop left the export of an earlier, better step to us
             _, best, _ = find_checkpoint(spec, step)
-            export_checkpoint(spec, data, best, spec.export_dir, run_state=latest, export="best")
+            with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
+                export_checkpoint(
+                    spec, data, best, spec.export_dir, run_state=latest, export="best"
+                )
             log.info(
                 "exported the best checkpoint (step %d of %d) to %s",
                 step,
@@ -111,7 +117,8 @@ def train(
             )
     metrics = read_export_metrics(spec.export_dir)
     if merge and spec.method == "lora":
-        merge_adapter(spec.export_dir)
+        with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
+            merge_adapter(spec.export_dir)
     return TrainOutcome(
         spec.export_dir,
         metrics,
