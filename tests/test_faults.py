@@ -9,14 +9,16 @@ with its file and row. Tests that need Ray share the session's (tests/conftest.p
 import errno
 import json
 import os
+import re
 
 import pytest
 import yaml
 from conftest import classification_rows, write_jsonl
 
 from cluster import cli
+from trainers.data.files import label_error, label_kind, parse_file
 from trainers.data.prepare import prepare_dataset
-from trainers.errors import DiskFullError
+from trainers.errors import DataError, DiskFullError
 from trainers.model import load_tokenizer_for
 from trainers.preflight import check_writable, record_config
 
@@ -190,3 +192,60 @@ def test_full_disk_while_writing_the_data_cache_names_data_cache_dir(
     )
     # Nothing was published: a rerun prepares the data again instead of reading half a cache.
     assert all(".partial-" in name for name in os.listdir(cache))
+
+
+# ---- the last bad inputs ----------------------------------------------------------------------
+
+
+def test_a_number_in_the_text_column_is_a_bad_row(ray_session, spec_factory, tmp_path):
+    rows = classification_rows(40)
+    rows[4]["text"] = 42
+    rows[8]["label"] = 1  # a number among string labels: a class of its own, silently
+    path = write_jsonl(tmp_path / "nums.jsonl", rows)
+    spec = spec_factory("cls", data={"train_files": [path]})
+    with pytest.raises(
+        DataError,
+        match=(
+            r"^data\.on_bad_rows=error: 2 bad rows \(2 expected a string, got int\); first at "
+            + re.escape(path)
+            + r" row 5: expected a string, got int \('text' holds 42\)\. "
+            r"Fix the data or set data\.on_bad_rows=skip\.$"
+        ),
+    ):
+        _prepare(spec)
+    skipped = _prepare(spec_factory("cls", data={"train_files": [path], "on_bad_rows": "skip"}))
+    assert skipped.bad_rows == {"expected a string, got int": 2}
+    assert skipped.train_rows + skipped.validation_rows == 38
+    assert skipped.label_names == ["neg", "pos"]
+
+
+def test_csv_cells_are_text_and_label_ids_stay_labels(tmp_path):
+    # Digits in a CSV are text: pyarrow's type inference would have made "007" the number 7.
+    (tmp_path / "ids.csv").write_text("text,label\n007,1\n12,0\n")
+    assert parse_file(str(tmp_path / "ids.csv"), "csv", ["text", "label"])[0] == [
+        {"text": "007", "label": "1"},
+        {"text": "12", "label": "0"},
+    ]
+    # JSON label ids and booleans are labels; a value of another kind than the file's is not.
+    assert label_kind([0, 1, 1]) == "number" and label_error(0, "label", "number") is None
+    assert label_kind([True, False]) == "boolean"
+    assert label_kind(["pos", 1]) == "string"  # a tie: strings win
+    assert label_error("pos", "label", "number") == (
+        "expected a number, got str ('label' holds 'pos'; the file's other labels are numbers)"
+    )
+
+
+def test_unterminated_csv_quote_names_file_and_line(ray_session, spec_factory, tmp_path):
+    lines = ["text,label"] + [f"{r['text']},{r['label']}" for r in classification_rows(30)]
+    lines[7] = '"this quote never closes,pos'  # line 8 of the file, data row 7
+    path = tmp_path / "quote.csv"
+    path.write_text("\n".join(lines) + "\n")
+    spec = spec_factory("cls", data={"train_files": [str(path)]})
+    with pytest.raises(DataError) as e:
+        _prepare(spec)
+    assert str(e.value) == (
+        f"{path} line 8 (data row 7): unterminated quote: a quoted field that opens in this row "
+        "is never closed, so the rest of the file would read as one field. Close the quote; a "
+        'quote inside a quoted field is written twice ("").'
+    )
+    assert not os.path.exists(spec.cache_dir) or os.listdir(spec.cache_dir) == []
