@@ -32,7 +32,13 @@ from cluster.jobs import (
     submit_job,
 )
 from cluster.k8s import COMMANDS, dump_manifests, render_manifests
-from cluster.session import ray_session
+from cluster.session import (
+    EMBEDDED_EXTRA_CPUS,
+    check_embedded_cpus,
+    cpus_needed,
+    ray_session,
+    starts_embedded,
+)
 from trainers import __version__
 
 EXIT_CONFIG = 2
@@ -82,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--address",
             default=None,
             help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
+        )
+        sp.add_argument(
+            "--num-cpus",
+            type=int,
+            default=None,
+            metavar="N",
+            help="logical CPUs the embedded local Ray declares (default: what the run needs, "
+            f"refused beyond the machine's cores + {EMBEDDED_EXTRA_CPUS}: a larger ask is "
+            "usually a typo in scaling.num_workers); ignored with --address",
         )
         verbose_opt(sp)
 
@@ -463,6 +478,38 @@ def _require(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
+def _ray_session(
+    args,
+    scaling,
+    *,
+    workers: int | None = None,
+    workers_key: str = "scaling.num_workers",
+    trial_cpus: float = 0.0,
+    label: str = "",
+) -> contextlib.AbstractContextManager:
+    """The command's `ray_session`, sized for `workers` (default scaling.num_workers; 0: Ray
+    Data alone). An embedded Ray that would have to declare more CPUs than the machine allows
+    (`check_embedded_cpus`) is refused here, before it starts, unless --num-cpus says how many."""
+    if args.num_cpus is not None and args.num_cpus < 1:
+        _require([f"--num-cpus={args.num_cpus}: must be >= 1. Leave it out to size by the run."])
+    if not starts_embedded(args.address):
+        if args.num_cpus is not None:
+            logging.getLogger("ferry.cluster").warning(
+                "--num-cpus=%d is ignored: Ray is already running (--address, RAY_ADDRESS).",
+                args.num_cpus,
+            )
+    elif args.num_cpus is None:
+        problems = check_embedded_cpus(
+            scaling, workers=workers, workers_key=workers_key, trial_cpus=trial_cpus
+        )
+        _require([f"{label}: {p}" if label else p for p in problems])
+    return ray_session(
+        args.address,
+        needed_cpus=cpus_needed(scaling, workers=workers, trial_cpus=trial_cpus),
+        num_cpus=args.num_cpus,
+    )
+
+
 class _ArgsAfterDoubleDash(argparse.ArgumentParser):
     """Moves everything after the first `--` into `command_args` before normal parsing."""
 
@@ -537,8 +584,9 @@ def cmd_preprocess(args) -> int:
     if problems:  # files and columns fail in a second, before Ray starts
         raise ConfigError(problems)
     # No training workers: Ray Data has the cluster (an embedded Ray: the machine's CPUs).
+    session = _ray_session(args, spec.scaling, workers=0)
     _keep_logs_in(args, spec.run_dir)
-    with _stdout_to_stderr(), ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
+    with _stdout_to_stderr(), session:
         data = prepare_checked_data(spec)
     summary, samples = summarize(data), sample_rows(data, args.show)
     if args.json:
@@ -581,10 +629,10 @@ def cmd_train(args) -> int:
     problems = check_run(spec)
     if problems:
         raise ConfigError(problems)
-    s = spec.scaling
+    session = _ray_session(args, spec.scaling)
     t0 = time.perf_counter()
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
+    with session:
         outcome = train(prepare_checked_run(spec), merge=args.merge)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
     print(f"model: {outcome.export_dir}")
@@ -642,7 +690,7 @@ def cmd_export(args) -> int:
     if problems:
         raise ConfigError(problems)
     # Only the data cache is read (or rebuilt by Ray Data); no training workers start.
-    with ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
+    with _ray_session(args, spec.scaling, workers=0):
         data = prepare_checked_data(spec)
     chosen = which if isinstance(which, str) else "step"
     export_checkpoint(spec, data, checkpoint, out, run_state=latest, export=chosen)
@@ -686,12 +734,11 @@ def _train_stages(spec, args) -> int:
     from trainers.stages import check_stages, run_stages
 
     plan = check_stages(spec)  # every stage checked before Ray starts
-    need = max(
-        s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan
-    )
+    label, largest = max(plan, key=lambda stage: cpus_needed(stage[1].scaling))
+    session = _ray_session(args, largest.scaling, label=label)
     t0 = time.perf_counter()
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=need):
+    with session:
         outcome = run_stages(spec, stages=plan)
     for stage in outcome.stages + ([outcome.baseline] if outcome.baseline else []):
         print(
@@ -721,9 +768,9 @@ def cmd_eval(args) -> int:
 
     spec = load_config(args.config, args.overrides)
     _require(check_writable(spec))  # before Ray starts; the data's checks need it up
-    s = spec.scaling
+    session = _ray_session(args, spec.scaling)
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
+    with session:
         results = evaluate_checkpoints(spec, args.checkpoint)
     # One checkpoint: its metrics; several: {checkpoint: metrics}, in the order given.
     shown = results[0] if len(results) == 1 else dict(zip(args.checkpoint, results, strict=True))
@@ -742,10 +789,11 @@ def cmd_predict(args) -> int:
         spec, args.checkpoint, args.inputs, args.output, args.batch_size, args.max_new_tokens
     )
     _require(check_writable(spec))  # the data cache and the command's log
-    s = spec.scaling
-    actors = args.num_actors or s.num_workers
+    actors = args.num_actors or spec.scaling.num_workers
+    key = "--num-actors" if args.num_actors else "scaling.num_workers"
+    session = _ray_session(args, spec.scaling, workers=actors, workers_key=key)
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus):
+    with session:
         summary = predict_dataset(
             spec,
             args.checkpoint,
@@ -802,10 +850,9 @@ def cmd_tune(args) -> int:
 
     search = load_search(args.config, args.overrides)
     _require(check_writable(search.base))  # the search's other checks need Ray up
-    s = search.base.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + search.tune.trial_cpus
+    session = _ray_session(args, search.base.scaling, trial_cpus=search.tune.trial_cpus)
     _keep_logs_in(args, experiment_dir(search))
-    with ray_session(args.address, needed_cpus=need):
+    with session:
         outcome = run_search(search, resume=args.resume)
     print(f"search: {outcome.experiment_dir}")
     return 0

@@ -7,20 +7,30 @@ with its file and row. Tests that need Ray share the session's (tests/conftest.p
 """
 
 import errno
+import glob
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 from conftest import classification_rows, write_jsonl
 
 from cluster import cli
+from cluster.session import EMBEDDED_EXTRA_CPUS, check_embedded_cpus
+from trainers.config import ScalingConfig
+from trainers.config_load import load_config
 from trainers.data.files import label_error, label_kind, parse_file
 from trainers.data.prepare import prepare_dataset
 from trainers.errors import DataError, DiskFullError
 from trainers.model import load_tokenizer_for
 from trainers.preflight import check_writable, record_config
+from trainers.stages import stage_specs
+from tuning.load import load_search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_config(tmp_path, tune: bool = False) -> str:
@@ -192,6 +202,61 @@ def test_full_disk_while_writing_the_data_cache_names_data_cache_dir(
     )
     # Nothing was published: a rerun prepares the data again instead of reading half a cache.
     assert all(".partial-" in name for name in os.listdir(cache))
+
+
+# ---- bounds: the embedded Ray -----------------------------------------------------------------
+
+
+def test_embedded_ray_cpu_bound_and_every_shipped_config_fits_a_2_core_machine(spec_factory):
+    assert check_embedded_cpus(ScalingConfig(num_workers=64), cores=2) == [
+        "scaling.num_workers=64: 64 workers x scaling.cpus_per_worker=1 + scaling.data_cpus=1 "
+        f"= 65 CPUs, but this machine has 2 cores (embedded Ray allows up to "
+        f"{2 + EMBEDDED_EXTRA_CPUS}). Lower scaling.num_workers (fractional "
+        "scaling.cpus_per_worker is fine), connect to a cluster with --address, or pass "
+        "--num-cpus 65 to declare that many anyway."
+    ]
+    assert check_embedded_cpus(ScalingConfig(num_workers=4, cpus_per_worker=0.5), cores=2) == []
+    # The test suite's own runs and every example: workers, Ray Data and a search's trial driver.
+    assert check_embedded_cpus(spec_factory("cls").scaling, cores=2) == []
+    for path in sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml"))):
+        with open(path) as f:
+            trial_cpus = load_search(path).tune.trial_cpus if "tune" in yaml.safe_load(f) else 0.0
+        spec = load_config(path)
+        for _, run in stage_specs(spec) if spec.stages else [("", spec)]:
+            assert check_embedded_cpus(run.scaling, trial_cpus=trial_cpus, cores=2) == [], path
+
+
+def test_a_typo_in_num_workers_is_refused_before_ray_starts(tmp_path):
+    config = _write_config(tmp_path)
+    workers = (os.cpu_count() or 1) + EMBEDDED_EXTRA_CPUS + 60  # too many on any machine
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "train",
+            config,
+            "--set",
+            f"scaling.num_workers={workers}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert (
+        f"ferry: error: scaling.num_workers={workers}: {workers} workers x "
+        f"scaling.cpus_per_worker=1 + scaling.data_cpus=1 = {workers + 1} CPUs, but this "
+        f"machine has {os.cpu_count()} cores"
+    ) in res.stderr
+    assert f"pass --num-cpus {workers + 1} to declare that many anyway." in res.stderr
+    assert "Traceback" not in res.stderr
+    assert "started embedded Ray" not in res.stdout + res.stderr
+    assert not (tmp_path / "runs").exists()  # no run folder, no log folder
 
 
 # ---- the last bad inputs ----------------------------------------------------------------------
