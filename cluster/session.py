@@ -4,8 +4,9 @@
 on the way out, the embedded Ray it started (`disconnect`). The embedded Ray is sized so that
 training workers can never hold every logical CPU (Ray Data needs some, or its reads wait
 forever) and, unless the user names a number, never beyond the machine's cores plus
-EMBEDDED_EXTRA_CPUS (`check_embedded_cpus`, before it starts), listens on 127.0.0.1 only (GCS, raylet, dashboard, agents and workers;
-tests/test_jobs.py checks every listening socket), and keeps its files in its own temp dir.
+EMBEDDED_EXTRA_CPUS (`check_embedded_cpus`, before it starts). It listens on 127.0.0.1 only
+(GCS, raylet, dashboard, agents and workers; tests/test_jobs.py checks every listening
+socket) and keeps its files in its own temp dir.
 """
 
 from __future__ import annotations

@@ -514,12 +514,13 @@ def _parse_csv_records(path: str, raw: bytes) -> tuple[list[dict | None], list[s
         row = len(records) + 1
         if "unexpected end of data" in str(e):
             raise DataError(
-                f"{path} line {done + 1} (data row {row}): unterminated quote: a quoted field that opens in this row is "
-                "never closed, so the rest of the file would read as one field. Close the "
-                'quote; a quote inside a quoted field is written twice ("").'
+                f"{path} line {done + 1} (data row {row}): unterminated quote: a quoted field "
+                "that opens in this row is never closed, so the rest of the file would read "
+                "as one field. Close the quote; a quote inside a quoted field is written "
+                'twice ("").'
             ) from None
         raise DataError(
-            f"{path} line {reader.line_num} (data row {row}): CSV parse error ({e}). Quote the whole field and write each quote "
-            'inside it twice ("").'
+            f"{path} line {reader.line_num} (data row {row}): CSV parse error ({e}). Quote the "
+            'whole field and write each quote inside it twice ("").'
         ) from None
     return records, errors
