@@ -33,7 +33,13 @@ from cluster.jobs import (
     submit_job,
 )
 from cluster.k8s import COMMANDS, dump_manifests, render_manifests
-from cluster.session import ray_session
+from cluster.session import (
+    EMBEDDED_EXTRA_CPUS,
+    check_embedded_cpus,
+    cpus_needed,
+    ray_session,
+    starts_embedded,
+)
 from trainers import __version__
 
 EXIT_CONFIG = 2
@@ -83,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--address",
             default=None,
             help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)",
+        )
+        sp.add_argument(
+            "--num-cpus",
+            type=int,
+            default=None,
+            metavar="N",
+            help="logical CPUs the embedded local Ray declares (default: what the run needs, "
+            f"refused beyond the machine's cores + {EMBEDDED_EXTRA_CPUS}: a larger ask is "
+            "usually a typo in scaling.num_workers); ignored with --address",
         )
         verbose_opt(sp)
 
@@ -464,6 +479,45 @@ def _keep_logs_in(args, run_dir: str) -> None:
         terminal.log_to(join(run_dir, LOGS_DIR))
 
 
+def _require(problems: list[str]) -> None:
+    from trainers.errors import ConfigError
+
+    if problems:
+        raise ConfigError(problems)
+
+
+def _ray_session(
+    args,
+    scaling,
+    *,
+    workers: int | None = None,
+    workers_key: str = "scaling.num_workers",
+    trial_cpus: float = 0.0,
+    label: str = "",
+) -> contextlib.AbstractContextManager:
+    """The command's `ray_session`, sized for `workers` (default scaling.num_workers; 0: Ray
+    Data alone). An embedded Ray that would have to declare more CPUs than the machine allows
+    (`check_embedded_cpus`) is refused here, before it starts, unless --num-cpus says how many."""
+    if args.num_cpus is not None and args.num_cpus < 1:
+        _require([f"--num-cpus={args.num_cpus}: must be >= 1. Leave it out to size by the run."])
+    if not starts_embedded(args.address):
+        if args.num_cpus is not None:
+            logging.getLogger("ferry.cluster").warning(
+                "--num-cpus=%d is ignored: Ray is already running (--address, RAY_ADDRESS).",
+                args.num_cpus,
+            )
+    elif args.num_cpus is None:
+        problems = check_embedded_cpus(
+            scaling, workers=workers, workers_key=workers_key, trial_cpus=trial_cpus
+        )
+        _require([f"{label}: {p}" if label else p for p in problems])
+    return ray_session(
+        args.address,
+        needed_cpus=cpus_needed(scaling, workers=workers, trial_cpus=trial_cpus),
+        num_cpus=args.num_cpus,
+    )
+
+
 class _ArgsAfterDoubleDash(argparse.ArgumentParser):
     """Moves everything after the first `--` into `command_args` before normal parsing."""
 
@@ -520,7 +574,7 @@ def cmd_preprocess(args) -> int:
     from trainers.data.files import check_data
     from trainers.data.inspect import format_summary, print_samples, sample_rows, summarize
     from trainers.errors import ConfigError
-    from trainers.preflight import prepare_checked_data
+    from trainers.preflight import check_writable, prepare_checked_data
 
     spec = load_config(args.config, args.overrides)
     if spec.stages:
@@ -532,14 +586,15 @@ def cmd_preprocess(args) -> int:
                 "it."
             ]
         )
-    problems = check_data(spec)
+    problems = check_data(spec) + check_writable(spec)
     if args.show < 0:
         problems.append(f"--show={args.show}: must be >= 0. Use 0 to show no rows.")
     if problems:  # files and columns fail in a second, before Ray starts
         raise ConfigError(problems)
     # No training workers: Ray Data has the cluster (an embedded Ray: the machine's CPUs).
+    session = _ray_session(args, spec.scaling, workers=0)
     _keep_logs_in(args, spec.run_dir)
-    with _stdout_to_stderr(), ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
+    with _stdout_to_stderr(), session:
         data = prepare_checked_data(spec)
     summary, samples = summarize(data), sample_rows(data, args.show)
     if args.json:
@@ -582,10 +637,10 @@ def cmd_train(args) -> int:
     problems = check_run(spec)
     if problems:
         raise ConfigError(problems)
-    s = spec.scaling
+    session = _ray_session(args, spec.scaling)
     t0 = time.perf_counter()
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
+    with session:
         outcome = train(prepare_checked_run(spec), merge=args.merge)
     _print_summary(outcome.metrics, time.perf_counter() - t0)
     print(f"model: {outcome.export_dir}")
@@ -612,7 +667,7 @@ def cmd_export(args) -> int:
     from trainers.data.files import check_data
     from trainers.errors import ConfigError
     from trainers.export import export_checkpoint, find_checkpoint
-    from trainers.preflight import load_recorded_spec, prepare_checked_data
+    from trainers.preflight import check_writable, load_recorded_spec, prepare_checked_data
     from trainers.saved import merge_adapter
     from trainers.storage import join
 
@@ -639,11 +694,11 @@ def cmd_export(args) -> int:
     out = args.output or (
         spec.export_dir if isinstance(which, str) else join(spec.run_dir, f"export-step-{step}")
     )
-    problems = check_data(spec) + _check_export_output(args.output)
+    problems = check_data(spec) + check_writable(spec) + _check_export_output(args.output)
     if problems:
         raise ConfigError(problems)
     # Only the data cache is read (or rebuilt by Ray Data); no training workers start.
-    with ray_session(args.address, needed_cpus=spec.scaling.data_cpus):
+    with _ray_session(args, spec.scaling, workers=0):
         data = prepare_checked_data(spec)
     chosen = which if isinstance(which, str) else "step"
     export_checkpoint(spec, data, checkpoint, out, run_state=latest, export=chosen)
@@ -687,12 +742,11 @@ def _train_stages(spec, args) -> int:
     from trainers.stages import check_stages, run_stages
 
     plan = check_stages(spec)  # every stage checked before Ray starts
-    need = max(
-        s.scaling.num_workers * s.scaling.cpus_per_worker + s.scaling.data_cpus for _, s in plan
-    )
+    label, largest = max(plan, key=lambda stage: cpus_needed(stage[1].scaling))
+    session = _ray_session(args, largest.scaling, label=label)
     t0 = time.perf_counter()
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=need):
+    with session:
         outcome = run_stages(spec, stages=plan)
     for stage in outcome.stages + ([outcome.baseline] if outcome.baseline else []):
         print(
@@ -718,11 +772,13 @@ def _train_stages(spec, args) -> int:
 def cmd_eval(args) -> int:
     from trainers.config_load import load_config
     from trainers.evaluate import evaluate_checkpoints
+    from trainers.preflight import check_writable
 
     spec = load_config(args.config, args.overrides)
-    s = spec.scaling
+    _require(check_writable(spec))  # before Ray starts; the data's checks need it up
+    session = _ray_session(args, spec.scaling)
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=s.num_workers * s.cpus_per_worker + s.data_cpus):
+    with session:
         results = evaluate_checkpoints(spec, args.checkpoint)
     # One checkpoint: its metrics; several: {checkpoint: metrics}, in the order given.
     shown = results[0] if len(results) == 1 else dict(zip(args.checkpoint, results, strict=True))
@@ -733,16 +789,19 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from trainers.config_load import load_config
     from trainers.predict import check_predict_inputs, predict_dataset
+    from trainers.preflight import check_writable
 
     spec = load_config(args.config, args.overrides)
     # Missing files, columns or a non-empty output folder fail before Ray starts.
     check_predict_inputs(
         spec, args.checkpoint, args.inputs, args.output, args.batch_size, args.max_new_tokens
     )
-    s = spec.scaling
-    actors = args.num_actors or s.num_workers
+    _require(check_writable(spec))  # the data cache and the command's log
+    actors = args.num_actors or spec.scaling.num_workers
+    key = "--num-actors" if args.num_actors else "scaling.num_workers"
+    session = _ray_session(args, spec.scaling, workers=actors, workers_key=key)
     _keep_logs_in(args, spec.run_dir)
-    with ray_session(args.address, needed_cpus=actors * s.cpus_per_worker + s.data_cpus):
+    with session:
         summary = predict_dataset(
             spec,
             args.checkpoint,
@@ -759,11 +818,13 @@ def cmd_predict(args) -> int:
 def cmd_analyze(args) -> int:
     from trainers.analyze import analyze_domain_shift, summarize, write_report
     from trainers.config_load import load_config
-    from trainers.errors import ConfigError
+    from trainers.preflight import check_writable
 
     spec = load_config(args.config, args.overrides)
+    problems = check_writable(spec)  # the report and the log go under run.storage_path
     if args.max_rows < 1:
-        raise ConfigError([f"--max-rows={args.max_rows}: must be >= 1. Use e.g. 128."])
+        problems.append(f"--max-rows={args.max_rows}: must be >= 1. Use e.g. 128.")
+    _require(problems)
     _keep_logs_in(args, spec.run_dir)
     report = analyze_domain_shift(spec, args.source or None, max_rows=args.max_rows)
     path = write_report(report, args.output or f"{spec.run_dir}/domain_shift.json")
@@ -790,15 +851,16 @@ def cmd_tune(args) -> int:
                 "--report EXPERIMENT_DIR). Pass the YAML file."
             ]
         )
+    from trainers.preflight import check_writable
     from tuning.layout import experiment_dir
     from tuning.load import load_search
     from tuning.search import run_search
 
     search = load_search(args.config, args.overrides)
-    s = search.base.scaling
-    need = s.num_workers * s.cpus_per_worker + s.data_cpus + search.tune.trial_cpus
+    _require(check_writable(search.base))  # the search's other checks need Ray up
+    session = _ray_session(args, search.base.scaling, trial_cpus=search.tune.trial_cpus)
     _keep_logs_in(args, experiment_dir(search))
-    with ray_session(args.address, needed_cpus=need):
+    with session:
         outcome = run_search(search, resume=args.resume)
     print(f"search: {outcome.experiment_dir}")
     return 0

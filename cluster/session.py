@@ -3,8 +3,10 @@
 `ray_session` is the entry point: a `with` block connected to Ray (`connect`) that shuts down,
 on the way out, the embedded Ray it started (`disconnect`). The embedded Ray is sized so that
 training workers can never hold every logical CPU (Ray Data needs some, or its reads wait
-forever), listens on 127.0.0.1 only (GCS, raylet, dashboard, agents and workers;
-tests/test_jobs.py checks every listening socket), and keeps its files in its own temp dir.
+forever) and, unless the user names a number, never beyond the machine's cores plus
+EMBEDDED_EXTRA_CPUS (`check_embedded_cpus`, before it starts). It listens on 127.0.0.1 only
+(GCS, raylet, dashboard, agents and workers; tests/test_jobs.py checks every listening
+socket) and keeps its files in its own temp dir.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from trainers.config import ScalingConfig
 
 log = logging.getLogger("ferry.cluster")
 
@@ -29,7 +33,11 @@ class Session:
 
 @contextlib.contextmanager
 def ray_session(
-    address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | None = None
+    address: str | None,
+    *,
+    needed_cpus: float = 1.0,
+    num_cpus: int | None = None,
+    temp_dir: str | None = None,
 ) -> Iterator[Session]:
     """Connected to Ray for the `with` block: `connect` on entry; on exit, `disconnect` only if
     this block started an embedded Ray (a cluster, or a Ray already initialized in this process,
@@ -38,9 +46,10 @@ def ray_session(
     Args:
         address: "auto", "ray://host:10001", "host:6379", or None for RAY_ADDRESS / embedded.
         needed_cpus: logical CPUs the run needs; see `connect`.
+        num_cpus: logical CPUs an embedded Ray declares, whatever the run needs; see `connect`.
         temp_dir: Ray's session directory (default: Ray's own).
     """
-    session = connect(address, needed_cpus=needed_cpus, temp_dir=temp_dir)
+    session = connect(address, needed_cpus=needed_cpus, num_cpus=num_cpus, temp_dir=temp_dir)
     try:
         yield session
     finally:
@@ -49,14 +58,20 @@ def ray_session(
 
 
 def connect(
-    address: str | None, *, needed_cpus: float = 1.0, temp_dir: str | None = None
+    address: str | None,
+    *,
+    needed_cpus: float = 1.0,
+    num_cpus: int | None = None,
+    temp_dir: str | None = None,
 ) -> Session:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray.
 
     Args:
         address: "auto", "ray://host:10001", "host:6379", or None for RAY_ADDRESS / embedded.
         needed_cpus: logical CPUs the run needs (workers + Ray Data share). The embedded Ray
-            declares at least this many, so a 2-worker run also works on a 2-core laptop.
+            declares at least this many, so a 2-worker run also works on a 2-core laptop; how
+            many that may be is the caller's check (`check_embedded_cpus`), made before this.
+        num_cpus: logical CPUs the embedded Ray declares instead (the user's explicit choice).
         temp_dir: Ray's session directory (default: Ray's own).
     """
     import ray
@@ -71,7 +86,8 @@ def connect(
         info = ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray cluster at %s", address)
         return Session(address, embedded=False, dashboard_url=info.dashboard_url)
-    num_cpus = max(float(os.cpu_count() or 1), needed_cpus)
+    if num_cpus is None:
+        num_cpus = int(-(-max(float(os.cpu_count() or 1), needed_cpus) // 1))
     apply_local_ray_env()
     port = free_port()
     # Ray Train's placement-group cleaner asks the State API whether the run's controller is
@@ -82,7 +98,7 @@ def connect(
     _listen_on_loopback_only()
     info = ray.init(
         address="local",  # never join a stale cluster left behind in the temp dir
-        num_cpus=int(-(-num_cpus // 1)),
+        num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
@@ -97,6 +113,75 @@ def connect(
     return Session(
         info.address_info["gcs_address"], embedded=True, dashboard_url=info.dashboard_url
     )
+
+
+# Logical CPUs an embedded Ray may declare beyond the machine's cores. Small machines need a
+# little: 2 training workers + scaling.data_cpus (the defaults, and every shipped example) are 3
+# on a 2-core laptop, and training there is light enough to share cores. Much more is a typo
+# (scaling.num_workers=64) that would start as many DeepSpeed processes.
+EMBEDDED_EXTRA_CPUS = 2
+
+
+def starts_embedded(address: str | None) -> bool:
+    """Whether `connect(address)` would start an embedded Ray (no address, no RAY_ADDRESS, and
+    no Ray initialized in this process)."""
+    import ray
+
+    return not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+
+
+def cpus_needed(
+    scaling: ScalingConfig, *, workers: int | None = None, trial_cpus: float = 0.0
+) -> float:
+    """Logical CPUs a run holds at once: `workers` (default scaling.num_workers) x
+    scaling.cpus_per_worker, Ray Data's scaling.data_cpus and a search's tune.trial_cpus."""
+    n = scaling.num_workers if workers is None else workers
+    return n * scaling.cpus_per_worker + scaling.data_cpus + trial_cpus
+
+
+def check_embedded_cpus(
+    scaling: ScalingConfig,
+    *,
+    workers: int | None = None,
+    workers_key: str = "scaling.num_workers",
+    trial_cpus: float = 0.0,
+    cores: int | None = None,
+) -> list[str]:
+    """What an embedded Ray on this machine cannot declare: more logical CPUs than its cores
+    plus EMBEDDED_EXTRA_CPUS. Checked before Ray starts; a cluster (--address) is checked by
+    `trainers.preflight.check_resources` instead, and `--num-cpus` declares any number.
+
+    Args:
+        scaling: the run's scaling block.
+        workers: processes holding scaling.cpus_per_worker each (default scaling.num_workers;
+            0: Ray Data alone, as in ferry preprocess).
+        workers_key: the setting that chose `workers`, named in the message.
+        trial_cpus: a search's tune.trial_cpus (one trial at a time at the least).
+        cores: the machine's cores (default os.cpu_count()).
+
+    Returns:
+        Problems in the house format.
+    """
+    cores = cores or os.cpu_count() or 1
+    allowed = cores + EMBEDDED_EXTRA_CPUS
+    n = scaling.num_workers if workers is None else workers
+    need = cpus_needed(scaling, workers=n, trial_cpus=trial_cpus)
+    if need <= allowed + 1e-9:
+        return []
+    fix = ", connect to a cluster with --address, or pass --num-cpus"
+    fix += f" {int(-(-need // 1))} to declare that many anyway."
+    machine = f"this machine has {cores} cores (embedded Ray allows up to {allowed})"
+    if not n:
+        return [
+            f"scaling.data_cpus={scaling.data_cpus:g}: Ray Data would hold {need:g} CPUs, but "
+            f"{machine}. Lower scaling.data_cpus{fix}"
+        ]
+    trial = f" + tune.trial_cpus={trial_cpus:g}" if trial_cpus else ""
+    return [
+        f"{workers_key}={n}: {n} workers x scaling.cpus_per_worker={scaling.cpus_per_worker:g} "
+        f"+ scaling.data_cpus={scaling.data_cpus:g}{trial} = {need:g} CPUs, but {machine}. "
+        f"Lower {workers_key} (fractional scaling.cpus_per_worker is fine){fix}"
+    ]
 
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),

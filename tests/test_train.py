@@ -153,7 +153,7 @@ def test_workers_that_would_starve_ray_data_are_refused_up_front(ray_session, sp
 def test_divergence_is_caught_without_a_sync_per_step_and_named():
     """The watch collects non-finite losses and gradient norms on the device and raises at the
     next check, naming the first bad step and the checkpoint kept (DeepSpeed's engine stands in
-    as the two attributes the watch reads; tests/test_faults_checkpoints.py runs it for real)."""
+    as the two attributes the watch reads; tests/test_faults.py runs it for real)."""
     from types import SimpleNamespace
 
     from trainers.errors import DivergedError

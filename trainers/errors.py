@@ -7,6 +7,7 @@ errors, 1 for a run that started and failed).
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 from collections.abc import Iterator
 
@@ -26,6 +27,10 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input data: names the file, row and the fix."""
+
+
+class DiskFullError(RuntimeError):
+    """A disk filled up while Ferry wrote to storage: names the setting, the path and the fix."""
 
 
 class TrainingFailedError(RuntimeError):
@@ -100,3 +105,42 @@ def unwrap_data_errors() -> Iterator[None]:
         if found:
             raise DataError(found.group(1).strip()) from None
         raise
+
+
+@contextlib.contextmanager
+def on_full_disk(key: str, value: str, path: str) -> Iterator[None]:
+    """Re-raise a full disk (ENOSPC) met in the block as one DiskFullError naming the setting
+    `key`=`value` and what was being written (the error's own file, else `path`); every other
+    error passes as it is. Ray hands a task's error over as text, so the text counts too."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        full, written = _full_disk(e)
+        if not full:
+            raise
+        raise DiskFullError(
+            f"{key}={value}: the disk is full (No space left on device) while writing "
+            f"{written or path}. Free space there or point {key} at a larger volume; committed "
+            "checkpoints are intact and a rerun resumes."
+        ) from e
+
+
+_NO_SPACE = "No space left on device"
+
+
+def _full_disk(e: BaseException) -> tuple[bool, str | None]:
+    """(whether the exception chain holds ENOSPC, the file it names if any)."""
+    seen, cur = [], e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for exc in seen:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True, exc.filename
+        if _NO_SPACE in str(exc):
+            # Python's own OSError text ends with the file: "...device: '/path'".
+            named = re.search(_NO_SPACE + r": '([^']+)'", str(exc))
+            return True, named.group(1) if named else None
+    return False, None

@@ -33,7 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainers.config import RunSpec
-from trainers.data.files import expand_files, format_of, parse_file, peek_columns, raw_columns
+from trainers.data.files import (
+    expand_files,
+    format_of,
+    parse_file,
+    peek_columns,
+    raw_columns,
+    text_error,
+)
 from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError, DataError, unwrap_data_errors
 from trainers.model import load_tokenizer
@@ -302,6 +309,7 @@ def _read_file_batch(
             v = rec.get(column) if rec else None
             if err is None and (v is None or (isinstance(v, str) and not v.strip())):
                 err = f"missing or empty '{column}'"
+            err = err or text_error(v, column)
         if err is None:
             keep.append((i, rec))
         elif on_bad_rows == "error":

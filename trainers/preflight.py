@@ -8,8 +8,10 @@ check and raised together as one `ConfigError`, in the house format.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from trainers.config import RunSpec
 from trainers.config_load import build_spec, dump_spec, load_yaml
 from trainers.data.files import check_data
 from trainers.data.prepare import PreparedData, prepare_dataset
-from trainers.errors import ConfigError
+from trainers.errors import ConfigError, on_full_disk
 from trainers.features.extract import check_features
 from trainers.lease import lease_problems
 from trainers.model import check_lora_fits, load_tokenizer
@@ -99,11 +101,68 @@ def prepare_checked_run(spec: RunSpec) -> RunPlan:
 
 def check_run(spec: RunSpec) -> list[str]:
     """The checks of one run that need neither the cluster nor its prepared data: data files,
-    rerun against what is on disk, and the feature-extraction block."""
-    problems = check_data(spec) + check_rerun(spec)
+    writable storage, rerun against what is on disk, and the feature-extraction block."""
+    problems = check_data(spec) + check_writable(spec) + check_rerun(spec)
     if spec.method == "feature_extraction":
         problems += check_features(spec)
     return problems
+
+
+def check_writable(spec: RunSpec) -> list[str]:
+    """run.storage_path and an explicit data.cache_dir must take files: each is created if
+    missing, a probe file is written there and removed. Checked before Ray starts, so a path
+    under a file or a read-only folder fails in a second, not after the data was prepared (the
+    default cache lives under run.storage_path, so that one check covers it). Folders the check
+    created are removed again: `ferry validate` leaves nothing behind. A bucket URI is not
+    probed (a check reaches no network).
+
+    Returns:
+        Problems in the house format.
+    """
+    paths = [("run.storage_path", spec.run.storage_path)]
+    if spec.data.cache_dir:
+        paths.append(("data.cache_dir", spec.data.cache_dir))
+    problems = []
+    for key, path in paths:
+        if is_uri(path) and not path.startswith("file://"):
+            continue
+        reason = _probe_write(path.removeprefix("file://"))
+        if reason:
+            problems.append(
+                f"{key}={path}: cannot create or write there ({reason}). Choose a writable "
+                "folder or a bucket URI (s3://..., gs://...)."
+            )
+    return problems
+
+
+def _probe_write(folder: str) -> str | None:
+    """Why `folder` cannot take a file (`strerror: path`), or None. Only the folders this call
+    created are removed, and only while empty: a run that started meanwhile keeps its own."""
+    folder = os.path.abspath(folder)
+    missing, top = [], folder
+    while not os.path.exists(top) and os.path.dirname(top) != top:
+        missing.append(top)
+        top = os.path.dirname(top)
+    if not os.path.isdir(top):
+        return f"Not a directory: {top}"
+    created: list[str] = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+        fd, probe = tempfile.mkstemp(prefix=".ferry-write-check-", dir=folder)
+        try:
+            os.write(fd, b"ferry")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        return f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
+    finally:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+    return None
 
 
 def plan_checked(spec: RunSpec) -> RunPlan:
@@ -140,9 +199,9 @@ def prepare_data(spec: RunSpec) -> PreparedData:
 
 
 def prepare_checked_data(spec: RunSpec) -> PreparedData:
-    """The data of a run alone (ferry preprocess), for a spec whose `check_data` already passed:
-    `prepare_dataset`, the call and cache key training makes, so a following `ferry train` hits
-    the cache. Needs a connected Ray.
+    """The data of a run alone (ferry preprocess), for a spec whose `check_data` and
+    `check_writable` already passed: `prepare_dataset`, the call and cache key training makes,
+    so a following `ferry train` hits the cache. Needs a connected Ray.
 
     The storage check runs (Ray Data tasks write the cache from any node); the rerun and
     resource checks do not: nothing is trained and the run's folder is not touched.
@@ -412,11 +471,14 @@ def _read_recorded(run_dir: str) -> dict[str, Any] | None:
 
 
 def record_config(spec: RunSpec) -> None:
-    """Write the run's resolved config beside its checkpoints, so a rerun can be compared."""
+    """Write the run's resolved config beside its checkpoints, so a rerun can be compared. The
+    run's first file: a full disk under run.storage_path shows here first, as a DiskFullError."""
     fs, root = filesystem(spec.run_dir)
-    fs.create_dir(root)
-    with fs.open_output_stream(f"{root}/{RUN_CONFIG_FILE}") as f:
-        f.write(dump_spec(spec).encode())
+    path = f"{root}/{RUN_CONFIG_FILE}"
+    with on_full_disk("run.storage_path", spec.run.storage_path, path):
+        fs.create_dir(root)
+        with fs.open_output_stream(path) as f:
+            f.write(dump_spec(spec).encode())
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

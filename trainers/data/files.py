@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -309,7 +310,7 @@ def parse_file(
     with fs.open_input_stream(p, compression="detect") as f:
         raw = f.read()
     if fmt == "csv":
-        return _parse_csv(raw)
+        return _parse_csv(path, raw)
     if raw.lstrip().startswith(b"["):
         return _parse_json_array(path, raw)
     records: list[dict | None] = []
@@ -330,6 +331,54 @@ def parse_file(
             records.append(None)
             errors.append(f"malformed JSON ({str(e)[:60]})")
     return records, errors
+
+
+def text_error(value: Any, column: str) -> str | None:
+    """Why a parsed value cannot be read as text, or None (a missing value is the caller's own
+    rule). Text is a string, as every CSV cell is; a JSON number or boolean in a text column is
+    a bad row, not text made of its digits, and a list or object is structure."""
+    if value is None or isinstance(value, str):
+        return None
+    if isinstance(value, (dict, list)):
+        return (
+            f"not text ('{column}' holds a JSON {type(value).__name__}; for chat data set "
+            "task.type=chat, see data.conversation)"
+        )
+    return f"expected a string, got {type(value).__name__} ('{column}' holds {value!r})"
+
+
+def label_kind(values: list[Any]) -> str | None:
+    """The kind of most of one file's labels: "string", "number" or "boolean" (strings win a
+    tie), or None when the file has none. Label ids (0, 1) and booleans are labels too; what
+    `label_error` refuses is a value of another kind than the file's other labels."""
+    counts: dict[str, int] = {}
+    for v in values:
+        if v is not None and not isinstance(v, (dict, list)):
+            counts[_kind(v)] = counts.get(_kind(v), 0) + 1
+    return max(counts, key=lambda k: (counts[k], k == "string"), default=None)
+
+
+def label_error(value: Any, column: str, kind: str | None) -> str | None:
+    """Why `value` cannot be a label in a file whose labels are of `kind` (`label_kind`), or
+    None: its text would make a class of its own ("1" beside "pos" and "neg")."""
+    if value is None or isinstance(value, (dict, list)):
+        return text_error(value, column)
+    if kind is None or _kind(value) == kind:
+        return None
+    return (
+        f"expected a {kind}, got {type(value).__name__} ('{column}' holds {value!r}; the "
+        f"file's other labels are {kind}s)"
+    )
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):  # before int: a bool is an int to Python
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
 
 
 def _open(fs: pafs.FileSystem, p: str) -> pa.NativeFile:
@@ -397,41 +446,81 @@ def _parse_json_array(path: str, raw: bytes) -> tuple[list[dict | None], list[st
     return records, errors
 
 
-def _parse_csv(raw: bytes) -> tuple[list[dict | None], list[str | None]]:
+def _parse_csv(path: str, raw: bytes) -> tuple[list[dict | None], list[str | None]]:
+    """Every cell as text: a CSV has no types, and pyarrow's type inference would turn the
+    text "007" into the number 7 (and a column of digits into numbers a text column refuses)."""
+    try:
+        header = next(csv.reader([raw.split(b"\n", 1)[0].decode("utf-8", errors="replace")]))
+    except (csv.Error, StopIteration):
+        header = []  # pyarrow fails on it too, and the record-by-record read says where
     try:
         t = pacsv.read_csv(
             io.BytesIO(raw),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, auto_dict_encode=False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in header},
+                strings_can_be_null=False,
+                auto_dict_encode=False,
+            ),
             read_options=pacsv.ReadOptions(use_threads=False),
         )
         return t.to_pylist(), [None] * t.num_rows
     except (pa.ArrowInvalid, UnicodeDecodeError):
-        pass  # fall back to a line-by-line read that finds the offending row
+        pass  # pyarrow names neither the row nor the line: read again, record by record
+    return _parse_csv_records(path, raw)
+
+
+def _parse_csv_records(path: str, raw: bytes) -> tuple[list[dict | None], list[str | None]]:
+    """The file through Python's csv module, each record with the lines it spans: a row with
+    the wrong field count or bytes that are not UTF-8 is a bad row; broken quoting, after which
+    no later row can be trusted, fails the file with the line where the broken record starts.
+
+    Raises:
+        DataError: broken quoting, naming the file, the line and the data row.
+    """
+    bad_utf8: set[int] = set()
+
+    def lines():
+        for n, line in enumerate(raw.split(b"\n"), start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                bad_utf8.add(n)
+                text = line.decode("utf-8", errors="replace")
+            # The newline is given back: a quoted field may span lines and keeps its newlines.
+            yield text + "\n"
+
+    reader = csv.reader(lines(), strict=True)
+    header: list[str] | None = None
     records: list[dict | None] = []
     errors: list[str | None] = []
-    lines = raw.split(b"\n")
-    header = next(csv.reader([lines[0].decode("utf-8", errors="replace")]))
-    text_lines = []
-    for line in lines[1:]:
-        try:
-            text_lines.append((line.decode("utf-8"), None))
-        except UnicodeDecodeError:
-            text_lines.append(("", "not valid UTF-8"))
-    reader_input = [t for t, _ in text_lines]
+    done = 0  # the last line of the records read so far
     try:
-        parsed = list(csv.reader(reader_input, strict=True))
+        for fields in reader:
+            first, done = done + 1, reader.line_num
+            if not fields:
+                continue  # a blank line, skipped like pyarrow does
+            if header is None:
+                header = fields
+            elif bad_utf8.intersection(range(first, done + 1)):
+                records.append(None)
+                errors.append("not valid UTF-8")
+            elif len(fields) != len(header):
+                records.append(None)
+                errors.append(f"expected {len(header)} fields, got {len(fields)}")
+            else:
+                records.append(dict(zip(header, fields)))
+                errors.append(None)
     except csv.Error as e:
-        raise DataError(f"csv parse error ({e}). Fix quoting in the file.") from e
-    for (_, enc_err), fields in zip(text_lines, parsed):
-        if not fields and enc_err is None:
-            continue
-        if enc_err:
-            records.append(None)
-            errors.append(enc_err)
-        elif len(fields) != len(header):
-            records.append(None)
-            errors.append(f"expected {len(header)} fields, got {len(fields)}")
-        else:
-            records.append(dict(zip(header, fields)))
-            errors.append(None)
+        row = len(records) + 1
+        if "unexpected end of data" in str(e):
+            raise DataError(
+                f"{path} line {done + 1} (data row {row}): unterminated quote: a quoted field "
+                "that opens in this row is never closed, so the rest of the file would read "
+                "as one field. Close the quote; a quote inside a quoted field is written "
+                'twice ("").'
+            ) from None
+        raise DataError(
+            f"{path} line {reader.line_num} (data row {row}): CSV parse error ({e}). Quote the "
+            'whole field and write each quote inside it twice ("").'
+        ) from None
     return records, errors

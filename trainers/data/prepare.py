@@ -27,8 +27,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from trainers.config import RunSpec
-from trainers.data.files import expand_files, format_of, parse_file, raw_columns
-from trainers.errors import DataError, unwrap_data_errors
+from trainers.data.files import (
+    expand_files,
+    format_of,
+    label_error,
+    label_kind,
+    parse_file,
+    raw_columns,
+    text_error,
+)
+from trainers.errors import DataError, on_full_disk, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
@@ -36,7 +44,9 @@ from trainers.tasks.causal_lm import IGNORE
 
 log = logging.getLogger("ferry.data")
 
-_CACHE_VERSION = 4  # bump when the preprocessed format changes
+# Bump when the preprocessed format changes, or what a file reads to (5: CSV cells are text,
+# numbers in text columns are bad rows).
+_CACHE_VERSION = 5
 
 
 @dataclass
@@ -77,7 +87,14 @@ def prepare_dataset(spec: RunSpec, tokenizer_source=None) -> PreparedData:
 
     Raises:
         DataError: bad rows under on_bad_rows=error, an empty split, unreadable files.
+        DiskFullError: the cache's disk filled up (the cache is published only when complete).
     """
+    # Every file written here goes under the cache folder (Ray Data's write tasks included).
+    with on_full_disk("data.cache_dir", spec.cache_dir, spec.cache_dir):
+        return _prepare_dataset(spec, tokenizer_source)
+
+
+def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     if tokenizer_source is None:
 
         def tokenizer_source(texts):
@@ -211,7 +228,9 @@ def _read_file_batch(
     A task's optional `read_row(record, data_cfg)` turns a record into its canonical columns
     (chat: any conversation format -> `messages`); otherwise each column is text. Nested values
     are kept as JSON text only where the task reads structure (`NESTED`: SQuAD `answers`);
-    elsewhere a list or object is a bad row, never training text. A task's optional
+    elsewhere a list or object is a bad row, never training text, and so is a number or boolean
+    in a text column (`text_error`) or a label of another kind than the file's other labels
+    (`label_error`). A task's optional
     `check_row(row, spec)` adds its own rule (e.g. the answer must sit in the context)."""
     spec = RunSpec.model_validate(spec_dict) if spec_dict else None
     task = TASKS[spec.task.type] if spec else None
@@ -226,6 +245,11 @@ def _read_file_batch(
     out: dict[str, list] = {k: [] for k in (task.ROW_COLUMNS if read_row else columns)}
     rows, splits = [], []
     name = os.path.basename(path)
+    # Declared task.labels decide which labels are known (checked once every file is read);
+    # without them, a label of another kind than the file's others is a bad row.
+    labels_are = None
+    if "label" in columns and not (spec and spec.task.labels):
+        labels_are = label_kind([rec.get(columns["label"]) for rec in records if rec])
     for i, (rec, err) in enumerate(zip(records, errors), start=1):
         if read_row is not None:
             values, reason = read_row(rec, spec.data) if rec is not None else ({}, None)
@@ -235,11 +259,14 @@ def _read_file_batch(
         else:
             for canon, col in columns.items():
                 v = rec.get(col) if rec else None
-                if isinstance(v, (dict, list)) and canon not in nested:
-                    err = err or (
-                        f"not text ('{col}' holds a JSON {type(v).__name__}; for chat data set "
-                        "task.type=chat, see data.conversation)"
-                    )
+                if canon in nested:
+                    problem = None
+                elif canon == "label":
+                    problem = label_error(v, col, labels_are)
+                else:
+                    problem = text_error(v, col)
+                if problem:
+                    err = err or problem
                     v = None
                 out[canon].append(
                     None if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v)

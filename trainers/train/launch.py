@@ -18,7 +18,7 @@ import logging
 
 from trainers.checkpoints import recover_run
 from trainers.data.prepare import PreparedData
-from trainers.errors import ConfigError, run_error
+from trainers.errors import ConfigError, on_full_disk, run_error
 from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
 from trainers.lease import hold_run
 from trainers.preflight import RunPlan, record_config
@@ -54,6 +54,9 @@ def train(
         ConfigError: another driver is writing this run (`trainers.lease`).
         DivergedError: the training loss became NaN/inf on a worker (not retried).
         TrainingFailedError: the run started and failed.
+        DiskFullError: the disk under run.storage_path filled up while the driver wrote the
+            run's config or its export (a worker's full disk is a TrainingFailedError: its disk
+            may be another).
     """
     with hold_run(plan.spec.run_dir, plan.spec.run.name):
         return _train(plan, merge, callbacks, worker_env, fault, tracking_parent)
@@ -126,7 +129,10 @@ def _train(
         step = exported_step(spec, latest["history"])
         if step != latest["step"]:  # the loop left the export of an earlier, better step to us
             _, best, _ = find_checkpoint(spec, step)
-            export_checkpoint(spec, data, best, spec.export_dir, run_state=latest, export="best")
+            with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
+                export_checkpoint(
+                    spec, data, best, spec.export_dir, run_state=latest, export="best"
+                )
             log.info(
                 "exported the best checkpoint (step %d of %d) to %s",
                 step,
@@ -135,7 +141,8 @@ def _train(
             )
     metrics = read_export_metrics(spec.export_dir)
     if merge and spec.method == "lora":
-        merge_adapter(spec.export_dir)
+        with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
+            merge_adapter(spec.export_dir)
     return TrainOutcome(
         spec.export_dir,
         metrics,
