@@ -781,3 +781,38 @@ def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends
     state = json.loads((last / "ferry_state.json").read_text())
     assert [h["train/step"] for h in state["history"]] == [4, 8, 12, 16]
     assert verify_checkpoint(str(last)) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2.5 MB tmpfs: room for the run's first checkpoint (about 1.5 MB) and its records, not
+    for a second. Mounting needs root privileges (CAP_SYS_ADMIN): skipped where they are
+    missing, since a full disk cannot be had otherwise without filling a real one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({made.stderr.strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_run_is_named_and_the_run_resumes_once_there_is_space(
+        ray_session, small_disk, tmp_path, data_dir):
+    spec = _spec(tmp_path, data_dir, run={"name": "full", "storage_path": str(small_disk)},
+                 scaling={"max_failures": 2}, data={"cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(DiskFullError, match=rf"^run\.storage_path={re.escape(str(small_disk))}: the disk "
+                                            r"is full \(No space left on device\) while writing .*"
+                                            r"committed checkpoints are intact and a rerun resumes\."):
+        train(prepare_run(spec))
+    assert committed_names(spec.run_dir) == ["checkpoint_step_0000004"]
+    assert verify_checkpoint(_ckpt(spec, 4)) == []  # the committed checkpoint is intact
+    subprocess.run(["mount", "-o", "remount,size=32m", str(small_disk)], check=True)
+    outcome = train(prepare_run(spec))
+    state = json.load(open(os.path.join(outcome.checkpoint_path, "ferry_state.json")))
+    assert [h["train/step"] for h in state["history"]] == [4, 8, 12]
+    assert outcome.metrics["steps"] == 12

@@ -130,6 +130,11 @@ def on_full_disk(key: str, value: str, path: str) -> Iterator[None]:
 _NO_SPACE = "No space left on device"
 
 
+def is_full_disk(e: BaseException) -> bool:
+    """Whether the exception (or its chain, or its text) is a full disk (ENOSPC)."""
+    return _full_disk(e)[0]
+
+
 def _full_disk(e: BaseException) -> tuple[bool, str | None]:
     """(whether the exception chain holds ENOSPC, the file it names if any)."""
     seen, cur = [], e

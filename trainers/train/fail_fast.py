@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import ray.train
 
-from trainers.errors import NOT_RETRIED
+from trainers.errors import NOT_RETRIED, is_full_disk
 
 
 class FailFast(ray.train.UserCallback):
-    """Ends the run, without a retry, when a worker raised one of NOT_RETRIED."""
+    """Ends the run, without a retry, when a worker raised one of NOT_RETRIED or met a full
+    disk."""
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         for rank in sorted(worker_exceptions):
-            if isinstance(worker_exceptions[rank], NOT_RETRIED):
-                raise worker_exceptions[rank]
+            error = worker_exceptions[rank]
+            # A full disk stays full for the retry: it fails the same way (is_full_disk).
+            if isinstance(error, NOT_RETRIED) or is_full_disk(error):
+                raise error

@@ -119,12 +119,15 @@ def _train(
             datasets=ray_datasets(data),
             dataset_config=dataset_config(),
         )
-        try:
-            result = trainer.fit()
-        except Exception as e:  # Ray wraps the worker's exception; surface the worker's own
-            raise run_error(e) from e
-        if result.error is not None:
-            raise run_error(result.error)
+        # A worker or Ray's controller that met a full disk under run.storage_path: one
+        # message naming it (the checkpoint it was writing is never committed).
+        with on_full_disk("run.storage_path", spec.run.storage_path, spec.run_dir):
+            try:
+                result = trainer.fit()
+            except Exception as e:  # Ray wraps the worker's exception; surface the worker's own
+                raise run_error(e) from e
+            if result.error is not None:
+                raise run_error(result.error)
         _, _, latest = find_checkpoint(spec, "last")
         step = exported_step(spec, latest["history"])
         if step != latest["step"]:  # the loop left the export of an earlier, better step to us
