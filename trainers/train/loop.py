@@ -144,6 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if micro < state.micro_in_epoch:
                 continue  # resume: skip what this epoch already consumed before the checkpoint
+            batch = on_device(batch, engine.device)
             loss_sum, weight, _ = task.loss_and_outputs(engine, batch)
             loss = loss_sum / weight.clamp(min=1)
             watch.loss(loss, state.step + 1)
@@ -301,8 +302,11 @@ def evaluate(
     engine.eval()
     val_batches, spare = val_batches
     rounds = len(val_batches)
+    # Every tensor of a collective on the model's device: NCCL refuses CPU tensors. (A
+    # DeepSpeed engine names it; `ferry eval` passes a plain model.)
+    device = getattr(engine, "device", None) or next(engine.parameters()).device
     if dist.is_initialized():
-        n = torch.tensor([rounds])
+        n = torch.tensor([rounds], device=device)
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         rounds = int(n.item())
     generate = None
@@ -311,10 +315,12 @@ def evaluate(
         generate = lambda b: task.generate(  # noqa: E731
             engine, b, tokenizer, spec.generation, synced
         )
-    loss_sum, weight, preds, labels = 0.0, 0.0, [], []
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, weight
+    preds, labels = [], []
     for batch in val_batches:
+        batch = on_device(batch, device)
         ls, w, p = task.loss_and_outputs(engine, batch)
-        loss_sum, weight = loss_sum + ls.item(), weight + w.item()
+        sums += torch.stack([ls.detach().double(), w.detach().double()])
         generated = generate(batch) if generate else None
         p = generated if generated is not None else p
         if p is not None:
@@ -323,10 +329,9 @@ def evaluate(
                 task.references(batch) if hasattr(task, "references") else batch["labels"].tolist()
             )
     for _ in range(rounds - len(val_batches)):
-        task.loss_and_outputs(engine, spare)
+        task.loss_and_outputs(engine, on_device(spare, device))
         if generate:
-            generate(spare)
-    sums = torch.tensor([loss_sum, weight], dtype=torch.float64)
+            generate(on_device(spare, device))
     gathered: list = [None] * world
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -336,7 +341,16 @@ def evaluate(
     all_preds = [x for g in gathered for x in g[0]]
     all_labels = [x for g in gathered for x in g[1]]
     engine.train()
-    return task.metrics(sums[0].item(), sums[1].item(), all_preds, all_labels, data.label_names)
+    loss_sum, weight = sums.tolist()
+    return task.metrics(loss_sum, weight, all_preds, all_labels, data.label_names)
+
+
+def on_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """A collated batch with its tensors on the engine's device (the collate functions build
+    them on the CPU; DeepSpeed's engine does not move its inputs)."""
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 def _train_metrics(state: LoopState, progress, schedule) -> dict[str, float]:
