@@ -10,6 +10,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -20,6 +22,22 @@ POS = ["good", "great", "excellent", "tasty", "love", "fresh", "delicious", "sup
 NEG = ["bad", "awful", "terrible", "stale", "hate", "gross", "bland", "broken"]
 LM_SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning",
                 "rain falls on the roof", "the sun rises in the east"]
+
+
+def ferry_command(*args) -> list[str]:
+    """The `ferry` CLI as a subprocess command line (this interpreter, this checkout)."""
+    return [sys.executable, "-m", "cluster.cli", *args]
+
+
+def ferry_env() -> dict[str, str]:
+    """The environment of a `ferry` subprocess: unbuffered, so its lines arrive as printed."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def run_ferry(*args, cwd, timeout=600) -> subprocess.CompletedProcess:
+    """`ferry ARGS` run to its end in `cwd`, its output captured as text."""
+    return subprocess.run(ferry_command(*args), cwd=cwd, env=ferry_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def write_jsonl(path, rows) -> str:

@@ -1,19 +1,10 @@
 """The `ferry` CLI end to end, as a user runs it: subprocesses, embedded local Ray."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import classification_rows, write_jsonl
-
-
-def _ferry(*args, cwd, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from conftest import classification_rows, run_ferry, write_jsonl
 
 
 @pytest.fixture
@@ -34,17 +25,17 @@ def config(tmp_path):
 
 
 def test_validate_prints_config_or_every_error_without_traceback(config):
-    ok = _ferry("validate", "run.yaml", cwd=config)
+    ok = run_ferry("validate", "run.yaml", cwd=config)
     assert ok.returncode == 0, ok.stderr
     assert "zero_stage: 1" in ok.stdout and "learning_rate: 0.003" in ok.stdout
-    bad = _ferry("validate", "run.yaml", "--set", "train.learning_rate=-1", "--set", "lora.rnk=2",
+    bad = run_ferry("validate", "run.yaml", "--set", "train.learning_rate=-1", "--set", "lora.rnk=2",
                  "--set", "deepspeed.zero_stage=7", cwd=config)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
     assert "train.learning_rate=-1: input should be greater than 0" in bad.stderr
     assert "lora.rnk=2: extra inputs are not permitted" in bad.stderr
     assert "deepspeed.zero_stage=7: input should be less than or equal to 3" in bad.stderr
-    cols = _ferry("validate", "run.yaml", "--set", "data.text_column=body", cwd=config)
+    cols = run_ferry("validate", "run.yaml", "--set", "data.text_column=body", cwd=config)
     assert cols.returncode == 2 and "column 'body' not found (has: label, text)" in cols.stderr
 
 
@@ -57,7 +48,7 @@ FERRY_LINE = re.compile(r"^(\[ferry\] |model: |curves: |training data: |\s*ferry
 
 @pytest.mark.slow
 def test_train_then_eval_from_the_cli(config):
-    run = _ferry("train", "run.yaml", cwd=config)
+    run = run_ferry("train", "run.yaml", cwd=config)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
     assert "[ferry] step 5/" in out and "tok/s" in out and "ETA" in out  # live progress
@@ -84,7 +75,7 @@ def test_train_then_eval_from_the_cli(config):
     # The export and a Ray checkpoint folder (DeepSpeed ZeRO shards) evaluate the same, in one
     # `ferry eval` (one data preparation, one worker start).
     ckpt = sorted(p for p in (config / "runs" / "cli").iterdir() if p.name.startswith("checkpoint_step_"))[-1]
-    ev = _ferry("eval", "run.yaml", "--checkpoint", str(final), "--checkpoint", str(ckpt), cwd=config)
+    ev = run_ferry("eval", "run.yaml", "--checkpoint", str(final), "--checkpoint", str(ckpt), cwd=config)
     assert ev.returncode == 0, ev.stderr[-3000:]
     got = json.loads(ev.stdout[ev.stdout.index("{"):])
     assert list(got) == [str(final), str(ckpt)]
@@ -95,7 +86,7 @@ def test_train_then_eval_from_the_cli(config):
 
 
 def test_runtime_error_is_one_message_and_nonzero_exit(config):
-    res = _ferry("train", "run.yaml", "--set", "data.train_files=[missing.jsonl]", cwd=config)
+    res = run_ferry("train", "run.yaml", "--set", "data.train_files=[missing.jsonl]", cwd=config)
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert "data.train_files=" in res.stderr and "missing.jsonl: file not found" in res.stderr
@@ -111,7 +102,7 @@ def test_verbose_shows_the_libraries_again(config):
     assert parse(["train", "run.yaml", "--verbose"]).verbose
 
     # --verbose shows the libraries again (here a new data cache: Ray Data's plans and stats).
-    pre = _ferry("preprocess", "run.yaml", "--set", "data.max_seq_length=24", "--show", "0",
+    pre = run_ferry("preprocess", "run.yaml", "--set", "data.max_seq_length=24", "--show", "0",
                  "--verbose", cwd=config)
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "Execution plan of Dataset" in pre.stderr and "library logs" not in pre.stderr

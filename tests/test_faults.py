@@ -27,7 +27,14 @@ import time
 
 import pytest
 import yaml
-from conftest import classification_rows, make_spec, write_jsonl
+from conftest import (
+    classification_rows,
+    ferry_command,
+    ferry_env,
+    make_spec,
+    run_ferry,
+    write_jsonl,
+)
 
 from cluster import cli
 from cluster.session import EMBEDDED_EXTRA_CPUS, check_embedded_cpus
@@ -343,12 +350,6 @@ def test_unterminated_csv_quote_names_file_and_line(ray_session, spec_factory, t
 # diverged worker ends the run at once, the terminal shows Ferry's one error line, the log keeps
 # Ray's tracebacks.
 
-def _ferry(*args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def _write_lease(run_dir, pid, host=None, heartbeat_age_s=2.0):
     os.makedirs(run_dir, exist_ok=True)
     now = time.time()
@@ -387,7 +388,7 @@ def test_a_live_drivers_lease_refuses_a_second_driver_before_ray_starts(config, 
     try:
         run_dir = config / "runs" / "div"
         _write_lease(run_dir, holder.pid, heartbeat_age_s=3)
-        res = _ferry("train", "run.yaml", cwd=config, timeout=120)
+        res = run_ferry("train", "run.yaml", cwd=config, timeout=120)
         assert res.returncode == 2, res.stderr[-3000:]
         assert "Traceback" not in res.stderr and "started embedded Ray" not in res.stderr
         expected = (f"ferry: error: run.name=div: another Ferry driver is writing this run (pid "
@@ -477,7 +478,7 @@ def test_diverged_worker_fails_once_with_one_message_and_tracebacks_in_the_log(c
     run_dir = config / "runs" / "div"
     dead = _dead_pid()
     _write_lease(run_dir, dead)
-    res = _ferry("train", "run.yaml", cwd=config)
+    res = run_ferry("train", "run.yaml", cwd=config, timeout=300)
     terminal = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
     assert res.returncode == 1, "\n".join(terminal[-40:])
     assert [line for line in terminal if not FERRY_LINE.match(line)] == []
@@ -722,10 +723,6 @@ def test_a_resume_with_another_number_of_workers_is_refused_before_training(trai
                      r"with: resume it with that\.", problem), problem
 
 
-def _ferry_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.mark.slow
 def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends_at_the_same_step(tmp_path):
     """A power cut, as near as a test gets: `ferry train` and every process it started (embedded
@@ -734,7 +731,6 @@ def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends
     checkpoint and ends at the planned step with each evaluation once."""
     import signal
     import subprocess
-    import sys
     import time
 
     import psutil
@@ -752,8 +748,8 @@ def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends
         "deepspeed: {zero_stage: 2}\n"
         "scaling: {num_workers: 2}\n"
     )
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "run.yaml"]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_ferry_env(), start_new_session=True,
+    first = subprocess.Popen(ferry_command("train", "run.yaml"), cwd=tmp_path, env=ferry_env(),
+                             start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "runs" / "cut"
     writing = run / "checkpoint_step_0000008"
@@ -772,7 +768,7 @@ def test_killing_every_process_while_a_checkpoint_is_written_then_rerunning_ends
         except ProcessLookupError:
             pass
     first.wait()
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=_ferry_env(), capture_output=True, text=True, timeout=600)
+    rerun = run_ferry("train", "run.yaml", cwd=tmp_path, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"\[ferry\] resumed from \S+checkpoint_step_000000[48] at step [48]", rerun.stderr + rerun.stdout)
     metrics = json.loads((run / "final" / "metrics.json").read_text())

@@ -172,7 +172,7 @@ def test_divergence_is_caught_without_a_sync_per_step_and_named():
         watch.grad_norm(step)
     with pytest.raises(DivergedError, match=r"training loss became non-finite \(nan/inf\) at step 7: stopped; the last "
                                             r"good checkpoint is kept: checkpoint_step_0000005 \(step 5\)"):
-        watch.stop_if_diverged(state, rank=0)
+        watch.stop_if_diverged(state)
 
 
 def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory, tmp_path):

@@ -29,7 +29,16 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from trainers.errors import CheckpointError, ConfigError
-from trainers.storage import STATE_FILE, filesystem, is_uri, join, read_json_if_any
+from trainers.storage import (
+    STATE_FILE,
+    exists,
+    filesystem,
+    is_uri,
+    join,
+    read_json_if_any,
+    with_scheme,
+    write_bytes,
+)
 
 log = logging.getLogger("ferry.checkpoints")
 
@@ -60,12 +69,11 @@ def recover_run(spec) -> str | None:
             verifies to rebuild it; the message names the checkpoints and the fix.
     """
     fs, root = filesystem(spec.run_dir)
-    record_path = f"{root}/{COMMIT_RECORD}"
-    if fs.get_file_info(record_path).type != pafs.FileType.File:
+    if not exists(join(spec.run_dir, COMMIT_RECORD)):
         return None
-    record = _read_record(fs, record_path)
+    record = _read_record(spec.run_dir)
     if record is None:
-        record = _rebuild_record(spec, fs, root, record_path)
+        record = _rebuild_record(spec, fs, root)
     damaged: list[str] = []
     while record["latest_checkpoint_result"] is not None:
         name = record["latest_checkpoint_result"]["checkpoint_dir_name"]
@@ -82,7 +90,7 @@ def recover_run(spec) -> str | None:
             where,
         )
         record = _drop(record, name)
-        _write_record(fs, record_path, record)
+        _write_record(spec.run_dir, record)
     if record["latest_checkpoint_result"] is None and damaged:
         raise ConfigError(
             [
@@ -145,7 +153,7 @@ def verify_checkpoint(path: str, rank: int | None = None, world: int | None = No
         if r not in manifests:
             problems.append(f"{MANIFEST.format(rank=r)} is missing")
             continue
-        manifest = read_json_if_any(with_uri(path, manifests[r]))
+        manifest = read_json_if_any(with_scheme(path, manifests[r]))
         if not isinstance(manifest, dict) or "files" not in manifest:
             problems.append(f"{MANIFEST.format(rank=r)} is unreadable")
             continue
@@ -165,17 +173,14 @@ def verify_checkpoint(path: str, rank: int | None = None, world: int | None = No
     return problems
 
 
-def with_uri(template: str, fs_path: str) -> str:
-    """A filesystem path found under `template` as a path the storage helpers open."""
-    if is_uri(template) and not template.startswith("file://"):
-        return template.split("://")[0] + "://" + fs_path.lstrip("/")
-    return fs_path
+def checkpoint_name(step: int) -> str:
+    """The folder name of the checkpoint of optimizer step `step` (the loop reports it so)."""
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
 
 
 def committed_names(run_dir: str) -> list[str] | None:
     """The checkpoint folders the run's commit record names (None: no readable record)."""
-    fs, root = filesystem(run_dir)
-    record = _read_record(fs, f"{root}/{COMMIT_RECORD}")
+    record = _read_record(run_dir)
     if record is None:
         return None
     return [r["checkpoint_dir_name"] for r in record["checkpoint_results"]]
@@ -183,9 +188,7 @@ def committed_names(run_dir: str) -> list[str] | None:
 
 def record_is_damaged(run_dir: str) -> bool:
     """The run has a commit record that does not parse (repaired by the next `recover_run`)."""
-    fs, root = filesystem(run_dir)
-    path = f"{root}/{COMMIT_RECORD}"
-    return fs.get_file_info(path).type == pafs.FileType.File and _read_record(fs, path) is None
+    return exists(join(run_dir, COMMIT_RECORD)) and _read_record(run_dir) is None
 
 
 def raise_if_damaged(path: str, problems: list[str]) -> None:
@@ -214,23 +217,16 @@ def _check_files(fs, root: str, files: dict[str, dict], hash_files: bool) -> lis
     return problems
 
 
-def _read_record(fs, path: str) -> dict[str, Any] | None:
+def _read_record(run_dir: str) -> dict[str, Any] | None:
     """Ray's commit record as a dict; None when it is missing or does not parse."""
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        text = f.read().decode(errors="replace")
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        return None
+    record = read_json_if_any(join(run_dir, COMMIT_RECORD))
     keys = ("checkpoint_results", "checkpoint_report_indices", "latest_checkpoint_result")
     return record if isinstance(record, dict) and all(k in record for k in keys) else None
 
 
-def _write_record(fs, path: str, record: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(record).encode())
+def _write_record(run_dir: str, record: dict[str, Any]) -> None:
+    # Written beside and renamed into place (locally): a crash now never truncates it.
+    write_bytes(join(run_dir, COMMIT_RECORD), json.dumps(record).encode())
 
 
 def _drop(record: dict[str, Any], name: str) -> dict[str, Any]:
@@ -254,7 +250,7 @@ def _drop(record: dict[str, Any], name: str) -> dict[str, Any]:
     return out
 
 
-def _rebuild_record(spec, fs, root: str, record_path: str) -> dict[str, Any]:
+def _rebuild_record(spec, fs, root: str) -> dict[str, Any]:
     """A commit record from the checkpoint folders whose every manifest verifies, each with the
     metrics its own state file recorded for its step; ordered worst first by
     train.best_metric, as Ray keeps it (its retention drops from the front)."""
@@ -311,11 +307,11 @@ def _rebuild_record(spec, fs, root: str, record_path: str) -> dict[str, Any]:
         "timed_out_validation_checkpoint_dir_names": [],
         "failed_validation_checkpoint_dir_names": [],
     }
-    _write_record(fs, record_path, record)
+    _write_record(spec.run_dir, record)
     log.warning(
         "the run's commit record %s was damaged (kept as %s): rebuilt from the manifests of %d "
         "checkpoint(s), the latest %s.",
-        record_path,
+        join(spec.run_dir, COMMIT_RECORD),
         kept,
         len(found),
         found[-1][1],

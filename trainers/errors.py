@@ -75,16 +75,22 @@ def _worker_cause(e: BaseException) -> BaseException | None:
     return cause if isinstance(cause, BaseException) else None
 
 
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or during, outermost first (each once)."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
 def root_message(e: BaseException) -> str:
     """The innermost non-empty message of an exception chain, as `Type: last line`: Ray wraps a
     worker's exception in several layers whose own messages name Ray internals (and a remote
     traceback's text); the worker's own exception is used when Ray's wrapper holds it."""
     e = _worker_cause(e) or e
-    seen, cur = [], e
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for exc in reversed(seen):
+    for exc in reversed(_chain(e)):
         text = str(exc).strip()
         if text:
             return f"{type(exc).__name__}: {text.splitlines()[-1][:1000]}"
@@ -137,11 +143,7 @@ def is_full_disk(e: BaseException) -> bool:
 
 def _full_disk(e: BaseException) -> tuple[bool, str | None]:
     """(whether the exception chain holds ENOSPC, the file it names if any)."""
-    seen, cur = [], e
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    for exc in seen:
+    for exc in _chain(e):
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return True, exc.filename
         if _NO_SPACE in str(exc):

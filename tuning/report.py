@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from ray.tune import ExperimentAnalysis
 
+from trainers.checkpoints import checkpoint_name
 from trainers.config import ScalingConfig
 from trainers.config_load import set_path
 from trainers.curves import pyplot
@@ -183,7 +184,7 @@ def _trial_row(
     ckpt = None
     if best_row is not None:
         path = os.path.join(
-            trial_run_dir(exp_dir, trial_id), f"checkpoint_step_{int(best_row['train/step']):07d}"
+            trial_run_dir(exp_dir, trial_id), checkpoint_name(int(best_row["train/step"]))
         )
         ckpt = path if os.path.isdir(path) else None
     seconds = _active_seconds(rows)

@@ -51,12 +51,12 @@ def train(
         tracking_parent: the MLflow run of the search this run is a trial of.
 
     Raises:
-        ConfigError: another driver is writing this run (`trainers.lease`).
-        DivergedError: the training loss became NaN/inf on a worker (not retried).
+        ConfigError: another driver is writing this run (`trainers.lease`), or no committed
+            checkpoint of it verifies (`trainers.checkpoints.recover_run`).
+        DivergedError, CheckpointError, DataError: a worker's own error (not retried).
         TrainingFailedError: the run started and failed.
-        DiskFullError: the disk under run.storage_path filled up while the driver wrote the
-            run's config or its export (a worker's full disk is a TrainingFailedError: its disk
-            may be another).
+        DiskFullError: the disk under run.storage_path filled up: on the driver (the run's
+            config, its export), a worker or Ray's controller (not retried).
     """
     with hold_run(plan.spec.run_dir, plan.spec.run.name):
         return _train(plan, merge, callbacks, worker_env, fault, tracking_parent)

@@ -21,7 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainers.checkpoints import raise_if_damaged, verify_checkpoint, write_manifest
+from trainers.checkpoints import (
+    checkpoint_name,
+    raise_if_damaged,
+    verify_checkpoint,
+    write_manifest,
+)
 from trainers.config import RunSpec
 from trainers.console import say as _say
 from trainers.data.prepare import PreparedData
@@ -159,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             watch.grad_norm(state.step)
             evaluating = state.step % spec.train.eval_every_n_steps == 0 or state.step == total
             if evaluating or progress.logs(state.step):
-                watch.stop_if_diverged(state, rank)
+                watch.stop_if_diverged(state)
                 state.train_loss = window_loss.item() / window_n
             progress.step(state.step, state.train_loss, schedule.get_last_lr()[0])
             if fault is not None:
@@ -167,7 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if evaluating:
                 metrics = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
                 # Before the checkpoint is reported: a diverged state is never kept.
-                watch.stop_if_diverged(state, rank, metrics)
+                watch.stop_if_diverged(state, metrics)
                 metrics.update(_train_metrics(state, progress, schedule))
                 window_loss, window_n = torch.zeros((), device=engine.device), 0
                 state.history.append({k: v for k, v in metrics.items() if _is_number(v)})
@@ -218,21 +223,22 @@ class _DivergenceWatch:
         self.first_bad = torch.full((2,), float("inf"), device=self.device)
 
     def loss(self, loss: torch.Tensor, step: int) -> None:
-        bad = ~torch.isfinite(loss.detach())
-        self.first_bad[0] = torch.where(
-            bad, torch.clamp(self.first_bad[0], max=step), self.first_bad[0]
-        )
+        self._mark(0, loss.detach(), step)
 
     def grad_norm(self, step: int) -> None:
         norm = self.engine.get_global_grad_norm() if self.watch_grads else None
-        if norm is None:
-            return
-        bad = ~torch.isfinite(torch.as_tensor(norm, device=self.device, dtype=torch.float32))
-        self.first_bad[1] = torch.where(
-            bad, torch.clamp(self.first_bad[1], max=step), self.first_bad[1]
+        if norm is not None:
+            self._mark(1, torch.as_tensor(norm, device=self.device, dtype=torch.float32), step)
+
+    def _mark(self, which: int, value: torch.Tensor, step: int) -> None:
+        """Record `step` in slot `which` if `value` is non-finite and none was recorded before
+        (on the device: no host sync)."""
+        first = self.first_bad[which]
+        self.first_bad[which] = torch.where(
+            ~torch.isfinite(value), torch.clamp(first, max=step), first
         )
 
-    def stop_if_diverged(self, state: LoopState, rank: int, metrics: dict | None = None) -> None:
+    def stop_if_diverged(self, state: LoopState, metrics: dict | None = None) -> None:
         first = self.first_bad.clone()
         if dist.is_initialized():
             dist.all_reduce(first, op=dist.ReduceOp.MIN)
@@ -265,7 +271,7 @@ def kept_checkpoint(state: LoopState) -> str:
     if not saved:
         return "no checkpoint was saved before it"
     step = int(saved[-1]["train/step"])
-    return f"the last good checkpoint is kept: checkpoint_step_{step:07d} (step {step})"
+    return f"the last good checkpoint is kept: {checkpoint_name(step)} (step {step})"
 
 
 def validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -> tuple[list, Any]:
@@ -422,7 +428,7 @@ def _report_with_checkpoint(engine, state: LoopState, metrics, rank, world) -> N
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_step_{state.step:07d}",
+            checkpoint_dir_name=checkpoint_name(state.step),
         )
 
 
