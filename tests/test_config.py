@@ -41,7 +41,7 @@ def _with(**changes):
          r"train\.global_batch_size=32: must equal .*=48"),
         ({"deepspeed__offload_params": True}, r"deepspeed\.offload_params=True: parameter offload needs ZeRO stage 3"),
         ({"train__precision": "fp16"}, r"train\.precision=fp16: fp16 training needs a GPU"),
-        ({"task__type": "causal_lm"}, r"model\.preset=tiny-bert: cannot be trained for task\.type=causal_lm\. Use model\.preset small-llama or tiny-llama"),
+        ({"task__type": "causal_lm"}, r"model\.preset=tiny-bert: cannot be trained for task\.type=causal_lm\. Use model\.preset llama-1b or llama-8b or small-llama or tiny-llama"),
         ({"model__name_or_path": "some/model"}, r"exactly one of model\.name_or_path or model\.preset"),
         ({"task__labels": ["a", "a"]}, r"task\.labels=\['a', 'a'\]: labels must be distinct"),
         ({"method": None, "run__name": "bad name/x"}, r"run\.name=bad name/x: string should match pattern"),

@@ -451,7 +451,7 @@ def _load_base_model(spec: RunSpec, tokenizer):
     archs = getattr(cfg, "architectures", None) or []
     if (
         spec.task.type in ("causal_lm", "chat")
-        or spec.model.preset in ("tiny-llama", "small-llama")
+        or spec.model.preset in ("tiny-llama", "small-llama", "llama-1b", "llama-8b")
         or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     ):
         kind, cls = "causal", transformers.AutoModelForCausalLM

@@ -65,11 +65,14 @@ class ModelConfig(_Strict):
     gguf_file: str | None = Field(
         None, description="A GGUF file to load (dequantized to torch weights by transformers)."
     )
-    preset: Literal["tiny-llama", "tiny-bert", "tiny-t5", "small-llama"] | None = Field(
+    preset: (
+        Literal["tiny-llama", "tiny-bert", "tiny-t5", "small-llama", "llama-1b", "llama-8b"] | None
+    ) = Field(
         None,
-        description="Build a small random-init model with a tokenizer trained on the training text "
+        description="Build a random-init model with a tokenizer trained on the training text "
         "(no download). tiny-*: ~100k parameters for tests (tiny-t5 is an encoder-decoder); "
-        "small-llama: a few million.",
+        "small-llama: a few million; llama-1b / llama-8b: the Llama-3.2-1B / Llama-3.1-8B shapes "
+        "and vocabulary (128256), for memory plans and GPU benchmarks.",
     )
     preset_vocab_size: int = Field(
         512, ge=64, le=65536, description="Vocabulary size of the tokenizer trained for a preset."

@@ -232,6 +232,8 @@ _PRESET_TASKS = {
     },
     "tiny-t5": {"summarization", "question_answering:generative"},
 }
+# The Llama-shaped presets learn what the small Llama does.
+_PRESET_TASKS["llama-1b"] = _PRESET_TASKS["llama-8b"] = _PRESET_TASKS["small-llama"]
 
 
 def _check_task_model(spec: RunSpec) -> list[str]:

@@ -9,6 +9,8 @@ analysis all go through it.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -43,7 +45,35 @@ PRESETS = {
         max_position_embeddings=512,
     ),
     "tiny-t5": dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16),
+    # Random-init models of the real Llama shapes, for memory plans and GPU benchmarks without a
+    # download. Their vocabulary is the real one (the trained tokenizer uses its first ids).
+    "llama-1b": dict(  # Llama-3.2-1B
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+    "llama-8b": dict(  # Llama-3.1-8B
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
 }
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a `train.precision` value."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None):
@@ -172,18 +202,26 @@ def model_config(spec: RunSpec, tokenizer, label_names: list[str] | None):
             # No KV cache in training; with one, transformers skips packed-sequence masking.
             ids.update(tie_word_embeddings=True, use_cache=False)
         vocab = len(tokenizer) if tokenizer is not None else m.preset_vocab_size
-        return cls(vocab_size=vocab, **PRESETS[m.preset], **ids, **extra)
-    cfg = transformers.AutoConfig.from_pretrained(
-        m.source,
-        gguf_file=m.gguf_file,
-        revision=m.revision,
-        trust_remote_code=m.trust_remote_code,
-        **extra,
-    )
+        shape = {"vocab_size": vocab, **ids, **PRESETS[m.preset]}  # a preset's own vocab wins
+        return cls(**shape, **extra)
+    cfg = copy.deepcopy(_pretrained_config(m.source, m.gguf_file, m.revision, m.trust_remote_code))
+    for key, value in extra.items():  # num_labels first: it resets id2label
+        setattr(cfg, key, value)
     if getattr(cfg, "pad_token_id", None) is None and tokenizer is not None:
         # Sequence classification on decoder models finds the last real token via pad_token_id.
         cfg.pad_token_id = tokenizer.pad_token_id
     return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def _pretrained_config(source: str | None, gguf_file: str | None, revision, trust_remote_code):
+    """A pretrained model's config, read once per process (callers get a copy): parsing a GGUF
+    file's metadata takes ~10 s, and validation, the memory plan and training each need it."""
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(
+        source, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code
+    )
 
 
 def build_model(
@@ -209,8 +247,8 @@ def build_model(
     return model
 
 
-def load_pretrained(cls, m: ModelConfig, **kwargs):
-    """`cls.from_pretrained` on the base model `m` names, in float32 (kwargs pass through, e.g.
+def load_pretrained(cls, m: ModelConfig, dtype: torch.dtype = torch.float32, **kwargs):
+    """`cls.from_pretrained` on the base model `m` names, in `dtype` (kwargs pass through, e.g.
     config=, output_loading_info=). A URI source is copied to a local folder first."""
     source = m.source
     if source and is_uri(source):
@@ -220,7 +258,7 @@ def load_pretrained(cls, m: ModelConfig, **kwargs):
         gguf_file=m.gguf_file,
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
-        dtype=torch.float32,
+        dtype=dtype,
         **kwargs,
     )
     if m.gguf_file:
