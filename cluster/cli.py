@@ -1,5 +1,5 @@
-"""The `ferry` command line: validate, preprocess, train, export, eval, predict, analyze, tune,
-runs, compare, submit, jobs, k8s.
+"""The `ferry` command line: validate, plan, preprocess, train, export, eval, predict, analyze,
+tune, runs, compare, submit, jobs, k8s.
 
 `main` is the entry point. Every argument is parsed here; the commands call plain library
 functions (`cluster.jobs`, `cluster.k8s`, `cluster.session`, `trainers`, `tuning`) with typed
@@ -131,6 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
         "for classification, target for encoder-decoder rows)",
     )
     pp.set_defaults(func=cmd_preprocess)
+
+    pl = sub.add_parser(
+        "plan",
+        help="GPU memory per ZeRO stage, offload and micro-batch: what fits, and the cheapest "
+        "--set line that does (meta device: no weights load, no Ray)",
+        description="Per-GPU bytes of parameters, gradients, optimizer states, DeepSpeed buffers "
+        "and activations for ZeRO stages 0-3 with and without CPU offload over a range of "
+        "micro-batches, computed on the meta device (trainers.plan documents the formulas). "
+        "Shows the config's own row, the largest fitting micro-batch of every stage/offload "
+        "combination, and the cheapest fit (fewest offloads, then largest micro-batch, then "
+        "lowest stage) as a --set line that keeps the global batch.",
+    )
+    common(pl)
+    pl.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs (= ranks, one worker per GPU) to plan for (default scaling.num_workers)",
+    )
+    pl.add_argument(
+        "--gpu-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory of one GPU, e.g. 80GiB, 80GB, 81920MiB (default: this machine's GPU, "
+        "if any; without it nothing is judged to fit)",
+    )
+    pl.add_argument("--json", action="store_true", help="the whole plan as JSON on stdout")
+    pl.set_defaults(func=cmd_plan)
 
     t = sub.add_parser("train", help="fine-tune: prepare data, train, evaluate, export")
     common(t)
@@ -621,6 +650,93 @@ def _stdout_to_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def cmd_plan(args) -> int:
+    import warnings
+
+    from trainers.config_load import load_config
+    from trainers.plan import parse_bytes, plan_run
+    from trainers.stages import stage_specs
+
+    if args.gpus is not None and args.gpus < 1:
+        _require([f"--gpus={args.gpus}: must be >= 1. Leave it out to plan scaling.num_workers."])
+    memory = parse_bytes(args.gpu_memory, "--gpu-memory") if args.gpu_memory else None
+    spec = load_config(args.config, args.overrides)
+    if memory is None:
+        import torch
+
+        if torch.cuda.is_available():
+            memory = torch.cuda.mem_get_info()[1]
+    # transformers' deprecation notices from building the meta model are not the user's concern.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        # A later stage trains the earlier stage's output: the top-level model's shape.
+        runs = (
+            [(label, s.model_copy(update={"model": spec.model})) for label, s in stage_specs(spec)]
+            if spec.stages
+            else [("", spec)]
+        )
+        plans = [(label, plan_run(s, gpus=args.gpus, gpu_memory_bytes=memory)) for label, s in runs]
+    if args.json:
+        out = [dict(plan.to_dict(), stage=label or None) for label, plan in plans]
+        print(json.dumps(out[0] if len(out) == 1 else {"stages": out}, indent=2))
+        return 0
+    for label, plan in plans:
+        _print_plan(plan, label)
+    return 0
+
+
+def _print_plan(plan, label: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from trainers.plan import GIB, HEADROOM
+
+    memory = (
+        f"{plan.gpu_memory_bytes / GIB:.1f} GiB ({1 - HEADROOM:.0%} usable)"
+        if plan.gpu_memory_bytes
+        else "unknown memory (pass --gpu-memory)"
+    )
+    print(
+        f"{label + ': ' if label else ''}{plan.model}: {plan.trainable_params:,} of "
+        f"{plan.total_params:,} parameters trained; sequence {plan.seq_length}, global batch "
+        f"{plan.global_batch}; {plan.world} GPU(s) x {memory}. GiB per GPU:"
+    )
+    table = Table()
+    for name in ("", "ZeRO", "offload", "micro", "accum", "params", "grads", "optim",
+                 "buffers", "activ", "GPU", "CPU", "fits"):  # fmt: skip
+        table.add_column(name, justify="left" if name in ("", "offload") else "right")
+    best: dict = {}
+    for row in plan.rows:  # the largest fitting micro-batch of each stage/offload combination
+        key = (row.zero_stage, row.offload_optimizer, row.offload_params)
+        if row.fits and row.gradient_accumulation is not None:
+            if key not in best or row.micro_batch > best[key].micro_batch:
+                best[key] = row
+    shown = [("config", plan.current)] + [
+        ("cheapest" if r is plan.cheapest_fit else "fits", r) for r in best.values()
+    ]
+    for mark, r in shown:
+        offload = "+".join(
+            n for n, on in (("optimizer", r.offload_optimizer), ("params", r.offload_params)) if on
+        )
+        gib = [f"{b / GIB:.1f}" for b in (r.params_bytes, r.grads_bytes,
+               r.master_bytes + r.optimizer_bytes, r.buffers_bytes, r.activation_bytes,
+               r.gpu_bytes, r.cpu_bytes)]  # fmt: skip
+        fits = "-" if r.fits is None else ("yes" if r.fits else "NO")
+        accum = "-" if r.gradient_accumulation is None else str(r.gradient_accumulation)
+        table.add_row(mark, str(r.zero_stage), offload or "none", str(r.micro_batch), accum,
+                      *gib, fits)  # fmt: skip
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 120)
+    console.print(table)
+    for note in plan.notes:
+        print(f"note: {note}")
+    if plan.cheapest_fit_set:
+        print(f"cheapest fit: {plan.cheapest_fit_set}")
+    elif plan.gpu_memory_bytes:
+        print("nothing fits: use more GPUs (--gpus), method=lora, or a smaller model")
 
 
 def cmd_train(args) -> int:

@@ -30,9 +30,10 @@ from trainers.checkpoints import (
 from trainers.config import RunSpec
 from trainers.console import say as _say
 from trainers.data.prepare import PreparedData
-from trainers.errors import CheckpointError, DivergedError
+from trainers.errors import CheckpointError, ConfigError, DivergedError
 from trainers.export import export_model, exported_step, summary
 from trainers.model import build_model, count_parameters, load_tokenizer
+from trainers.plan import fit_problems
 from trainers.stopping import best_evaluation, stop_reason
 from trainers.storage import DS_TAG, STATE_FILE
 from trainers.tasks import TASKS
@@ -89,6 +90,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     ds_config = build_ds_config(spec)
     tokenizer = load_tokenizer(data.tokenizer_path)
+    if spec.scaling.gpus_per_worker and torch.cuda.is_available():
+        # Before any weights load; rank 0 decides for all, so every rank raises the same error.
+        gpu = torch.cuda.mem_get_info()[1]
+        if problems := _from_rank0(fit_problems(spec, gpu, world, tokenizer) if rank == 0 else []):
+            raise ConfigError(problems)
     model = build_model(spec, tokenizer, data.label_names, ds_config)
     trainable, total_params = count_parameters(model)
     # Under ZeRO-3 the base weights must already be partitioned here (built inside zero.Init),
