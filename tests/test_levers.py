@@ -233,7 +233,8 @@ def test_export_dtype_auto_full_weights_in_the_training_dtype_adapters_in_fp32(t
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(ray_session, tmp_path):
     """Checkpointing on vs off: the same loss and the same full gradients (gathered across the
-    2 workers) for full fine-tuning and LoRA, at ZeRO-2 and ZeRO-3, in one real Ray Train run."""
+    2 workers) for full fine-tuning and LoRA, at ZeRO-2 and ZeRO-3, in one real Ray Train run of
+    a bf16 run, whose weights are built in bf16 (under ZeRO-3 inside zero.Init)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -274,6 +275,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(ray_session, t
                     )
                     ds_config = build_ds_config(spec)
                     model = build_model(spec, tok, None, ds_config)
+                    # bf16 from the start, under zero.Init too (its dtype: the DeepSpeed config's)
+                    built = sorted(
+                        {str(p.dtype) for n, p in model.named_parameters() if "lora_" not in n}
+                    )
                     optimizer = torch.optim.AdamW(
                         [p for p in model.parameters() if p.requires_grad]
                     )
@@ -283,21 +288,32 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(ray_session, t
                     engine.train()
                     inner = engine.module.get_base_model() if method == "lora" else engine.module
                     assert inner.is_activation_checkpointing == checkpointing
-                    loss = engine(input_ids=ids, labels=ids).loss
+                    # What checkpointing saves: the bytes autograd keeps for backward (inside a
+                    # checkpointed layer nothing is kept; it is recomputed in backward).
+                    saved = [0]
+
+                    def pack(t, saved=saved):
+                        saved[0] += t.numel() * t.element_size()
+                        return t
+
+                    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                        loss = engine(input_ids=ids, labels=ids).loss
                     engine.backward(loss)
                     grads = {
                         n: safe_get_full_grad(p).detach().float().cpu().clone()  # collective
                         for n, p in engine.module.named_parameters()
                         if p.requires_grad
                     }
-                    runs.append((loss.item(), grads))
+                    runs.append((loss.item(), grads, built, saved[0]))
                     engine.destroy()
-                (loss_off, off), (loss_on, on) = runs
+                (loss_off, off, built, saved_off), (loss_on, on, _, saved_on) = runs
                 assert off.keys() == on.keys() and off
                 results[f"{method}-zero{stage}"] = {
                     "loss_off": loss_off,
                     "loss_on": loss_on,
                     "params": len(off),
+                    "built": built,
+                    "saved_bytes": [saved_off, saved_on],
                     "max_grad": max(g.abs().max().item() for g in off.values()),
                     "max_diff": max((off[n] - on[n]).abs().max().item() for n in off),
                 }
@@ -308,7 +324,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(ray_session, t
     spec = _spec(
         tmp_path,
         lora={"dropout": 0.0},
-        train={"micro_batch_size_per_worker": 2, "global_batch_size": 4},
+        train={"micro_batch_size_per_worker": 2, "global_batch_size": 4, "precision": "bf16"},
         scaling={"num_workers": 2},
     )
     tok = _tokenizer(spec)
@@ -325,6 +341,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(ray_session, t
     assert sorted(results) == ["full-zero2", "full-zero3", "lora-zero2", "lora-zero3"]
     for case, r in results.items():
         assert r["loss_on"] == pytest.approx(r["loss_off"], rel=1e-6), case
+        assert r["built"] == ["torch.bfloat16"], case
+        off_bytes, on_bytes = r["saved_bytes"]
+        assert on_bytes < off_bytes / 2, case  # it really checkpointed
         assert r["max_grad"] > 0, case  # gradients flowed (LoRA: through the frozen layers)
         assert r["max_diff"] <= 1e-5 * max(1.0, r["max_grad"]), (case, r)
     assert results["lora-zero2"]["params"] < results["full-zero2"]["params"]
