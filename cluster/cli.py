@@ -577,7 +577,7 @@ def add_config_args(sp: argparse.ArgumentParser, config_nargs: str | None = None
 def cmd_validate(args) -> int:
     from trainers.config_load import dump_spec, load_config
     from trainers.errors import ConfigError
-    from trainers.model import check_lora_fits, load_tokenizer_for
+    from trainers.model import check_checkpointing, check_lora_fits, load_tokenizer_for
     from trainers.preflight import check_run
     from trainers.stages import check_stages
 
@@ -592,6 +592,7 @@ def cmd_validate(args) -> int:
         ["a", "b"] if spec.task.type == "sequence_classification" else None
     )
     problems += check_lora_fits(spec, tokenizer, labels)
+    problems += check_checkpointing(spec, tokenizer, labels)
     if problems:
         raise ConfigError(problems)
     print(dump_spec(spec), end="")
@@ -782,7 +783,7 @@ def _print_tracking(tracking: dict | None) -> None:
 def cmd_export(args) -> int:
     from trainers.data.files import check_data
     from trainers.errors import ConfigError
-    from trainers.export import export_checkpoint, find_checkpoint
+    from trainers.export import export_checkpoint, export_dtype, find_checkpoint
     from trainers.preflight import check_writable, load_recorded_spec, prepare_checked_data
     from trainers.saved import merge_adapter
     from trainers.storage import join
@@ -820,7 +821,7 @@ def cmd_export(args) -> int:
     export_checkpoint(spec, data, checkpoint, out, run_state=latest, export=chosen)
     if args.merge:
         if spec.method == "lora":
-            merge_adapter(out)
+            merge_adapter(out, export_dtype(spec, adapter=False))
         else:
             print("ferry: --merge ignored: method=full exports a whole model", file=sys.stderr)
     print(f"step {step} of {latest['step']} ({chosen}) exported: {out}")

@@ -25,7 +25,12 @@ from typing import Any
 from trainers.config import RunSpec
 from trainers.data.files import expand_files, format_of, parse_file, peek_columns, raw_columns
 from trainers.errors import ConfigError, DataError
-from trainers.model import load_pretrained, load_tokenizer_for, model_config
+from trainers.model import (
+    load_pretrained,
+    load_tokenizer_for,
+    model_config,
+    requested_attention,
+)
 from trainers.storage import is_uri
 from trainers.tasks import TASKS
 
@@ -461,7 +466,8 @@ def _load_base_model(spec: RunSpec, tokenizer):
         kind, cls = None, transformers.AutoModel
     torch.manual_seed(spec.run.seed)
     if spec.model.preset:
-        return cls.from_config(cfg).eval(), kind, None
+        attention = requested_attention(spec.model)
+        return cls.from_config(cfg, attn_implementation=attention).eval(), kind, None
     # A missing head is expected (and reported below): keep transformers' loading table quiet.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()

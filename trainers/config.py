@@ -56,6 +56,29 @@ class RunConfig(_Strict):
     )
 
 
+class QuantizationConfig(_Strict):
+    """model.quantization: the frozen base model's weights stored in 4 or 8 bits (bitsandbytes),
+    computed in `compute_dtype`; only the LoRA adapters train."""
+
+    bits: Literal[4, 8] = Field(
+        ..., description="Bits per base weight: 4 (QLoRA, ~0.5 byte/param) or 8 (~1 byte/param)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4",
+        description="4-bit data type: nf4 (normal-float, QLoRA's choice, more accurate) or fp4.",
+    )
+    double_quant: bool = Field(
+        True,
+        description="4-bit: quantize the quantization constants too (~0.4 bit/param saved, "
+        "slightly slower).",
+    )
+    compute_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None,
+        description="dtype the 4-bit weights are dequantized to for each matmul; default "
+        "train.precision's (bf16 for a bf16 run). fp32 is slower and gains little.",
+    )
+
+
 class ModelConfig(_Strict):
     name_or_path: str | None = Field(
         None,
@@ -81,6 +104,19 @@ class ModelConfig(_Strict):
         False, description="Run model code shipped with the checkpoint. Only for sources you trust."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (PyTorch's fused attention; memory linear in sequence "
+        "length where its kernels allow, falls back to eager for models without it), eager "
+        "(plain matmuls: the seq^2 score matrix is materialized, slowest, most memory) or "
+        "flash_attention_2 (CUDA only, needs the flash-attn package; fastest, fp16/bf16 only).",
+    )
+    quantization: QuantizationConfig | None = Field(
+        None,
+        description="QLoRA: load the frozen base in 4 or 8 bits through bitsandbytes (CUDA GPU, "
+        "method=lora, ZeRO stage <= 2). Cuts base-weight memory ~4x (4-bit) at some speed and "
+        "accuracy cost; None = full-precision base.",
+    )
 
     @field_validator("name_or_path")
     @classmethod
@@ -352,6 +388,12 @@ class TrainConfig(_Strict):
         "last.",
     )
     log_every_n_steps: int = Field(10, ge=1, description="Progress line every N optimizer steps.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in backward instead of keeping them "
+        "(non-reentrant checkpointing): activation memory drops to about one layer's worth, at "
+        "~30% more compute per step.",
+    )
 
 
 class GenerationConfig(_Strict):
@@ -485,6 +527,19 @@ class ScalingConfig(_Strict):
     )
 
 
+class ExportConfig(_Strict):
+    """How `<run>/final` stores weights (which checkpoint it holds is train.export)."""
+
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the exported tensors (config.json says the same). auto: full "
+        "weights (method=full, a merged model, a base that travels with an adapter) in "
+        "train.precision's dtype, which is what the run computed in, so no precision is lost "
+        "and bf16 halves the files; LoRA adapters in fp32: they are tiny, and fp32 merges into a "
+        "base of any dtype without rounding twice.",
+    )
+
+
 class TrackingConfig(_Strict):
     """Where a run's metrics go besides its own files. Every run always keeps its reported metrics
     (`<run>/report/history.jsonl`) and curves (`<run>/report/curves.png`); these add MLflow and
@@ -531,6 +586,9 @@ class RunSpec(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="The export's weight dtype (export.dtype)."
+    )
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig,
         description="MLflow and TensorBoard logging (both off by default; the metrics history "

@@ -155,6 +155,7 @@ def check_rules(spec: RunSpec) -> list[str]:
             "Use fp32 or bf16 on CPU."
         )
     p += _check_batch_sizes(spec)
+    p += check_levers(spec)
     task = spec.task.type
     if task == "causal_lm" and bool(d.prompt_column) != bool(d.response_column):
         p.append(
@@ -185,6 +186,70 @@ def check_rules(spec: RunSpec) -> list[str]:
             "evaluation steps, so nothing would stop it early. Remove train.early_stopping."
         )
     return p
+
+
+def check_levers(spec: RunSpec) -> list[str]:
+    """The memory levers that need a CUDA GPU or a package: flash_attention_2 and bitsandbytes
+    quantization. Checked where the config is validated; the packages must be importable there
+    too (a driver without them usually means workers without them: one image)."""
+    m, s, ds = spec.model, spec.scaling, spec.deepspeed
+    p = []
+    if m.attn_implementation == "flash_attention_2":
+        if s.gpus_per_worker == 0:
+            p.append(
+                "model.attn_implementation=flash_attention_2: FlashAttention runs on CUDA GPUs "
+                "only (scaling.gpus_per_worker=0). Set scaling.gpus_per_worker>=1 or use "
+                "model.attn_implementation=sdpa."
+            )
+        if not _importable("flash_attn"):
+            p.append(
+                "model.attn_implementation=flash_attention_2: the flash_attn package is not "
+                "installed. `pip install flash-attn` on a CUDA machine, or use "
+                "model.attn_implementation=sdpa."
+            )
+    q = m.quantization
+    if q is None:
+        return p
+    shown = f"model.quantization.bits={q.bits}"
+    if s.gpus_per_worker == 0:
+        p.append(
+            f"{shown}: bitsandbytes quantization needs a CUDA GPU (scaling.gpus_per_worker=0). "
+            "Set scaling.gpus_per_worker>=1 or drop model.quantization."
+        )
+    if spec.method != "lora":
+        p.append(
+            f"{shown}: a quantized base is frozen, so only LoRA adapters can train on it "
+            f"(method={spec.method}). Set method=lora or drop model.quantization."
+        )
+    if ds.zero_stage == 3:
+        p.append(
+            f"{shown}: ZeRO-3 cannot partition bitsandbytes' packed weights "
+            "(deepspeed.zero_stage=3). Set deepspeed.zero_stage to 2 or less (a 4-bit base is "
+            "small enough to replicate), or drop model.quantization."
+        )
+    if m.preset:
+        p.append(
+            f"{shown}: model.preset={m.preset} is a random-init model built from a config; "
+            "quantization applies to a pretrained checkpoint. Set model.name_or_path, or drop "
+            "model.quantization."
+        )
+    if m.gguf_file:
+        p.append(
+            f"{shown}: a GGUF file is already quantized (transformers dequantizes it on load). "
+            "Drop model.gguf_file or model.quantization."
+        )
+    if not _importable("bitsandbytes"):
+        p.append(
+            f"{shown}: the bitsandbytes package is not installed. `pip install bitsandbytes` "
+            "on a CUDA machine, or drop model.quantization."
+        )
+    return p
+
+
+def _importable(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 def _check_tracking(spec: RunSpec) -> list[str]:

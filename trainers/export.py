@@ -28,7 +28,7 @@ from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError
 from trainers.features.extract import FeatureCache, pretrained_ref
 from trainers.features.head import HEAD_FILE, META_FILE
-from trainers.model import load_tokenizer
+from trainers.model import load_tokenizer, torch_dtype
 from trainers.saved import load_saved
 from trainers.stopping import best_evaluation
 from trainers.storage import (
@@ -149,18 +149,52 @@ def export_model(
     export_dir: str,
 ) -> str:
     """Export a trained model (a PeftModel under LoRA) whose full `state_dict` was gathered (under
-    ZeRO-3 collectively, by every rank). Weights are saved in float32 whatever the training
-    precision."""
-    state_dict = {k: v.detach().to(torch.float32).cpu() for k, v in state_dict.items()}
+    ZeRO-3 collectively, by every rank), in export.dtype (`export_dtype`): a full model's
+    tensors and config.json's dtype, or a LoRA adapter (and the base that travels with it)."""
+    adapter = spec.method == "lora"
+    state_dict = {k: v.detach().cpu() for k, v in state_dict.items()}
 
     def save_weights(folder: str) -> None:
-        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        if spec.method == "lora":
-            _check_adapter_nonempty(folder)
-            if base_travels_with_adapter(spec):
-                _save_base(model, state_dict, folder, export_dir)
+        weights = cast_floats(state_dict, export_dtype(spec, adapter=adapter))
+        model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
+        if not adapter:
+            stamp_dtype(folder, export_dtype(spec, adapter=False))
+            return
+        _check_adapter_nonempty(folder)
+        if base_travels_with_adapter(spec):
+            _save_base(model, state_dict, folder, export_dir, export_dtype(spec, adapter=False))
 
     return write_export(export_dir, spec, save_weights, tokenizer, label_names, metrics)
+
+
+def export_dtype(spec: RunSpec, adapter: bool) -> torch.dtype:
+    """export.dtype resolved: an explicit dtype as it says; auto = fp32 for a LoRA adapter,
+    train.precision's dtype for full weights (a full model, a merged model, a base that
+    travels with its adapter)."""
+    if spec.export.dtype != "auto":
+        return torch_dtype(spec.export.dtype)
+    return torch.float32 if adapter else torch_dtype(spec.train.precision)
+
+
+def cast_floats(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Floating-point tensors in `dtype`; others (a quantized base's packed integers) as they
+    are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def stamp_dtype(folder: str, dtype: torch.dtype) -> None:
+    """config.json's dtype set to what the tensors are: transformers writes the dtype of the
+    module it saves from, which is not the exported one when a state dict of another dtype is
+    passed (a checkpoint consolidated in fp32, a bf16 export)."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = name
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
 
 
 def export_checkpoint(
@@ -264,9 +298,9 @@ def base_travels_with_adapter(spec: RunSpec) -> bool:
     )
 
 
-def _save_base(peft_model, state_dict, folder: str, export_dir: str) -> None:
-    """Save the (frozen, hence unchanged) base weights to <export>/base in HF format and point
-    the adapter at them."""
+def _save_base(peft_model, state_dict, folder: str, export_dir: str, dtype: torch.dtype) -> None:
+    """Save the (frozen, hence unchanged) base weights to <export>/base in HF format, in `dtype`,
+    and point the adapter at them."""
     base = {}
     for key, value in state_dict.items():
         if "lora_" in key or ".modules_to_save." in key:
@@ -274,7 +308,7 @@ def _save_base(peft_model, state_dict, folder: str, export_dir: str) -> None:
         key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
         base[key.replace(".original_module.", ".")] = value
     inner = peft_model.get_base_model()
-    model = type(inner)(inner.config)
+    model = type(inner)(inner.config).to(dtype)
     # Every base weight accounted for; tied weights (lm_head) may be absent from the dict.
     missing, unexpected = model.load_state_dict(base, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -315,7 +349,11 @@ def export_features(
     f = spec.features
     base = pretrained_ref(spec)
     if features.base_path:
-        base = {"name_or_path": BASE_DIR, "in_export": True}
+        base = {
+            "name_or_path": BASE_DIR,
+            "in_export": True,
+            "attn_implementation": spec.model.attn_implementation,
+        }
     meta = {
         "head": f.head,
         "feature_dim": features.dim,

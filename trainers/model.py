@@ -1,7 +1,7 @@
 """Tokenizers and models: pretrained (HF id, local dir, GGUF) or a small random-init preset, + LoRA.
 
-`build_model` is the entry point on workers; `load_tokenizer_for` and `check_lora_fits` run on the
-driver before training starts. `load_pretrained` is the one place a base model is loaded from its
+`build_model` is the entry point on workers; `load_tokenizer_for`, `check_lora_fits` and
+`check_checkpointing` run on the driver before training starts. `load_pretrained` is the one place a base model is loaded from its
 source (id or folder, GGUF file, revision, trust_remote_code): training, feature extraction and
 analysis all go through it.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -227,29 +228,110 @@ def _pretrained_config(source: str | None, gguf_file: str | None, revision, trus
 def build_model(
     spec: RunSpec, tokenizer, label_names: list[str] | None, ds_config: dict | None = None
 ):
-    """The model to train: pretrained or preset, LoRA-wrapped when method=lora.
+    """The model to train: pretrained or preset, LoRA-wrapped when method=lora, with the memory
+    levers of the config (dtype, attention kernel, quantization, activation checkpointing).
 
-    Under ZeRO-3 (`ds_config` stage 3) transformers builds the model inside `deepspeed.zero.Init`,
-    so no rank ever holds the full set of weights.
+    Weights are built in train.precision's dtype: DeepSpeed's bf16/fp16 modes cast the module
+    to that dtype anyway and build their fp32 master weights from the cast parameters, so
+    loading in fp32 first only cost a transient fp32 copy. Under ZeRO-3 (`ds_config` stage 3)
+    transformers builds the model inside `deepspeed.zero.Init`, whose dtype comes from the same
+    DeepSpeed config, so no rank ever holds the full set of weights.
     """
     import transformers
 
     torch.manual_seed(spec.run.seed)
     cfg = model_config(spec, tokenizer, label_names)
+    t = spec.train
+    if t.gradient_checkpointing:
+        # A KV cache is meaningless while training, and transformers warns and drops it when
+        # checkpointing is on; say it in the config instead.
+        cfg.use_cache = False
     cls = TASKS[spec.task.type].model_class(transformers, spec, cfg)
+    dtype = torch_dtype(t.precision)
     with _zero3_context(ds_config, cfg):
         if spec.model.preset:
-            model = cls.from_config(cfg)
+            model = cls.from_config(
+                cfg, dtype=dtype, attn_implementation=requested_attention(spec.model)
+            )
+        elif spec.model.quantization:
+            model = _load_quantized(cls, spec, cfg)
         else:
-            model = load_pretrained(cls, spec.model, config=cfg)
+            model = load_pretrained(cls, spec.model, dtype, config=cfg)
+    _warn_attention_fallback(spec.model, model)
+    if t.gradient_checkpointing and not spec.model.quantization:
+        enable_checkpointing(model)
     if spec.method == "lora":
         model = apply_lora(model, spec)
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every layer: it sends gradients to the LoRA
+    weights inside a checkpointed layer even when the layer's input does not require grad
+    (frozen embeddings); the reentrant form would need the input to require grad. transformers
+    makes the embedding output require grad as well (`enable_input_require_grads`), so the
+    LoRA case is covered either way."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _load_quantized(cls, spec: RunSpec, cfg):
+    """QLoRA's frozen base, quantized by bitsandbytes while it loads. CUDA only (validation
+    refuses it elsewhere), ZeRO <= 2: every worker holds the whole quantized base on its own
+    GPU, hence `device_map` naming this worker's device (bitsandbytes quantizes on the device).
+    `prepare_model_for_kbit_training` freezes the base, keeps norms and head in fp32 for
+    stability and switches checkpointing on (non-reentrant) when the config asks for it."""
+    import peft
+    import transformers
+
+    q = spec.model.quantization
+    assert q is not None
+    compute = torch_dtype(q.compute_dtype or spec.train.precision)
+    bnb = transformers.BitsAndBytesConfig(
+        load_in_4bit=q.bits == 4,
+        load_in_8bit=q.bits == 8,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+    model = load_pretrained(
+        cls,
+        spec.model,
+        compute,
+        config=cfg,
+        quantization_config=bnb,
+        device_map={"": torch.cuda.current_device()},
+    )
+    return peft.prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=spec.train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def requested_attention(m: ModelConfig) -> str | None:
+    """The `attn_implementation` to pass to transformers: None for sdpa, which is transformers'
+    own default (sdpa where the model has it, eager otherwise: what Ferry always used);
+    eager and flash_attention_2 by name (transformers raises if the model lacks them)."""
+    return None if m.attn_implementation == "sdpa" else m.attn_implementation
+
+
+def _warn_attention_fallback(m: ModelConfig, model) -> None:
+    used = getattr(model.config, "_attn_implementation", None)
+    if used and used != m.attn_implementation:
+        logging.getLogger("ferry.model").warning(
+            "model.attn_implementation=%s: %s has no %s attention; using %s (more activation "
+            "memory at long sequences).",
+            m.attn_implementation,
+            type(model).__name__,
+            m.attn_implementation,
+            used,
+        )
+
+
 def load_pretrained(cls, m: ModelConfig, dtype: torch.dtype = torch.float32, **kwargs):
-    """`cls.from_pretrained` on the base model `m` names, in `dtype` (kwargs pass through, e.g.
-    config=, output_loading_info=). A URI source is copied to a local folder first."""
+    """`cls.from_pretrained` on the base model `m` names, in `dtype`, with its attention kernel
+    (kwargs pass through, e.g. config=, output_loading_info=). A URI source is copied to a
+    local folder first."""
     source = m.source
     if source and is_uri(source):
         source = localize(source)
@@ -259,6 +341,7 @@ def load_pretrained(cls, m: ModelConfig, dtype: torch.dtype = torch.float32, **k
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
         dtype=dtype,
+        attn_implementation=requested_attention(m),
         **kwargs,
     )
     if m.gguf_file:
@@ -372,6 +455,25 @@ def check_lora_fits(spec: RunSpec, tokenizer, label_names: list[str] | None) -> 
             f"({limit}, {name}). Lower lora.rank to {limit} or less."
         ]
     return []
+
+
+def check_checkpointing(spec: RunSpec, tokenizer, label_names: list[str] | None) -> list[str]:
+    """train.gradient_checkpointing needs a model class that supports it (read from the class
+    the run builds; built on the meta device: no memory, no weights)."""
+    if not spec.train.gradient_checkpointing or spec.method == "feature_extraction":
+        return []
+    import transformers
+
+    cfg = model_config(spec, tokenizer, label_names)
+    with torch.device("meta"):
+        model = TASKS[spec.task.type].model_class(transformers, spec, cfg).from_config(cfg)
+    if model.supports_gradient_checkpointing:
+        return []
+    return [
+        f"train.gradient_checkpointing=True: {type(model).__name__} does not support activation "
+        "checkpointing. Set train.gradient_checkpointing=false (lower "
+        "train.micro_batch_size_per_worker or raise deepspeed.zero_stage to save memory instead)."
+    ]
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from trainers.data.prepare import PreparedData, prepare_dataset
 from trainers.errors import ConfigError, on_full_disk
 from trainers.features.extract import check_features
 from trainers.lease import lease_problems
-from trainers.model import check_lora_fits, load_tokenizer
+from trainers.model import check_checkpointing, check_lora_fits, load_tokenizer
 from trainers.storage import (
     EXPORT_DIR,
     LEASE_FILE,
@@ -51,6 +51,11 @@ _RERUN_FREE_KEYS = {
     "scaling.data_cpus",
     "train.log_every_n_steps",
     "train.export",
+    "export",  # how the weights are stored, not what they are
+    # Memory levers that leave the numbers as they were (within float tolerance): a run that ran
+    # out of memory may resume with checkpointing on or another attention kernel.
+    "train.gradient_checkpointing",
+    "model.attn_implementation",
     "data.cache_dir",
     "stages",
     "tracking",
@@ -180,7 +185,9 @@ def plan_checked(spec: RunSpec) -> RunPlan:
     )
     problems = []
     if spec.method != "feature_extraction":
-        problems = check_lora_fits(spec, load_tokenizer(data.tokenizer_path), data.label_names)
+        tokenizer = load_tokenizer(data.tokenizer_path)
+        problems = check_lora_fits(spec, tokenizer, data.label_names)
+        problems += check_checkpointing(spec, tokenizer, data.label_names)
     return plan_for(spec, data, problems)
 
 

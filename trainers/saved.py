@@ -18,7 +18,7 @@ import torch
 from trainers.checkpoints import raise_if_damaged, verify_checkpoint
 from trainers.config import RunSpec
 from trainers.features.head import is_feature_export, load_feature_model
-from trainers.model import build_model
+from trainers.model import build_model, requested_attention
 from trainers.storage import (
     BASE_DIR,
     DS_TAG,
@@ -41,14 +41,15 @@ _PEFT_BASE_CLASS = {
 
 
 def load_saved(spec: RunSpec, tokenizer, data, folder: str):
-    """A model (eval mode, float32) with the weights saved in local `folder`."""
+    """A model (eval mode, float32) with the weights saved in local `folder`, with the run's
+    attention kernel."""
     import transformers
 
     if is_checkpoint(folder):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         raise_if_damaged(folder, verify_checkpoint(folder))
-        model = build_model(spec, tokenizer, data.label_names)
+        model = build_model(_fp32_rebuild(spec), tokenizer, data.label_names)
         full = os.path.join(folder, DS_TAG, "mp_rank_00_model_states.pt")
         if spec.deepspeed.zero_stage == 0:
             # Without ZeRO there are no shards to consolidate (zero_to_fp32 fails on them): rank 0
@@ -65,11 +66,25 @@ def load_saved(spec: RunSpec, tokenizer, data, folder: str):
         return model.eval()
     if is_feature_export(folder):  # method=feature_extraction: frozen base + trained head
         return load_feature_model(folder)
+    attention = requested_attention(spec.model)
     if is_adapter(folder):
-        return load_adapter(folder)
+        return load_adapter(folder, attention)
     cfg = transformers.AutoConfig.from_pretrained(folder)
     cls = TASKS[spec.task.type].model_class(transformers, spec, cfg)
-    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+    return cls.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention).eval()
+
+
+def _fp32_rebuild(spec: RunSpec) -> RunSpec:
+    """The run's model as the consolidated fp32 weights of a checkpoint load into: built in fp32
+    whatever train.precision (the checkpoint keeps fp32 master weights), and a quantized base
+    in full precision (only its adapter is exported, and bitsandbytes needs a CUDA GPU that
+    the machine reading the checkpoint may lack)."""
+    return spec.model_copy(
+        update={
+            "train": spec.train.model_copy(update={"precision": "fp32"}),
+            "model": spec.model.model_copy(update={"quantization": None}),
+        }
+    )
 
 
 def is_checkpoint(folder: str) -> bool:
@@ -80,9 +95,10 @@ def is_adapter(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, "adapter_config.json"))
 
 
-def load_adapter(folder: str):
-    """A LoRA export as a PeftModel: its base loaded with the class its task type names, from the
-    export's own `base/` when it carries one (a moved or downloaded export still loads)."""
+def load_adapter(folder: str, attn_implementation: str | None = None):
+    """A LoRA export as a PeftModel in float32: its base loaded with the class its task type
+    names, from the export's own `base/` when it carries one (a moved or downloaded export still
+    loads), with `attn_implementation` (None: transformers' default, sdpa where supported)."""
     import peft
     import transformers
 
@@ -93,17 +109,22 @@ def load_adapter(folder: str):
     if os.path.isdir(own_base):
         base_ref = own_base
     cls = getattr(transformers, _PEFT_BASE_CLASS[cfg["task_type"]])
-    base = cls.from_pretrained(base_ref, dtype=torch.float32)
+    base = cls.from_pretrained(
+        base_ref, dtype=torch.float32, attn_implementation=attn_implementation
+    )
     return peft.PeftModel.from_pretrained(base, folder).eval()
 
 
-def merge_adapter(export_dir: str) -> str:
+def merge_adapter(export_dir: str, dtype: torch.dtype = torch.float32) -> str:
     """Write the LoRA adapter merged into its base model to `<export_dir>/merged` (plain HF:
-    weights, tokenizer, labels), for any task Ferry trains."""
+    weights, tokenizer, labels) in `dtype`, for any task Ferry trains. The merge itself runs in
+    fp32. A QLoRA adapter is merged into its base as the checkpoint holds it (full precision),
+    not into the 4-bit copy it trained against: the merged model differs from the training-time
+    one by that quantization error, which is what a full-precision model can carry."""
     from transformers import AutoTokenizer
 
     local = localize(export_dir)
-    merged = load_adapter(local).merge_and_unload()
+    merged = load_adapter(local).merge_and_unload().to(dtype)
     out = os.path.join(local, MERGED_DIR)
     merged.save_pretrained(out, safe_serialization=True)
     # A complete model folder: the tokenizer and label names travel with the weights.

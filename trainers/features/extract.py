@@ -41,7 +41,13 @@ import torch
 
 from trainers.config import ModelConfig, RunSpec
 from trainers.data.prepare import PreparedData
-from trainers.model import PRESETS, load_pretrained, load_tokenizer, model_config
+from trainers.model import (
+    PRESETS,
+    load_pretrained,
+    load_tokenizer,
+    model_config,
+    requested_attention,
+)
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import classification
 
@@ -165,7 +171,10 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
             _build_preset_base(spec, load_tokenizer(data.tokenizer_path)), fs, f"{partial}/base"
         )
         base_path = f"{final}/base"
-        base_ref = {"name_or_path": with_scheme(spec.cache_dir, f"{partial}/base")}
+        base_ref = {
+            "name_or_path": with_scheme(spec.cache_dir, f"{partial}/base"),
+            "attn_implementation": spec.model.attn_implementation,
+        }
     f = spec.features
     # Both splits in one pass through one actor pool (each actor loads the model once; an actor
     # start costs seconds), written partitioned by split, then moved to train/ and validation/.
@@ -318,6 +327,7 @@ def pretrained_ref(spec: RunSpec) -> dict:
         "revision": m.revision,
         "gguf_file": m.gguf_file,
         "trust_remote_code": m.trust_remote_code,
+        "attn_implementation": m.attn_implementation,
     }
 
 
@@ -325,7 +335,9 @@ def _build_preset_base(spec: RunSpec, tokenizer):
     import transformers
 
     torch.manual_seed(spec.run.seed)
-    return transformers.AutoModel.from_config(model_config(spec, tokenizer, None)).eval()
+    return transformers.AutoModel.from_config(
+        model_config(spec, tokenizer, None), attn_implementation=requested_attention(spec.model)
+    ).eval()
 
 
 def _save_pretrained(obj, fs, path: str) -> None:

@@ -19,7 +19,13 @@ import logging
 from trainers.checkpoints import recover_run
 from trainers.data.prepare import PreparedData
 from trainers.errors import ConfigError, on_full_disk, run_error
-from trainers.export import TrainOutcome, export_checkpoint, exported_step, find_checkpoint
+from trainers.export import (
+    TrainOutcome,
+    export_checkpoint,
+    export_dtype,
+    exported_step,
+    find_checkpoint,
+)
 from trainers.lease import hold_run
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
@@ -145,7 +151,7 @@ def _train(
     metrics = read_export_metrics(spec.export_dir)
     if merge and spec.method == "lora":
         with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
-            merge_adapter(spec.export_dir)
+            merge_adapter(spec.export_dir, export_dtype(spec, adapter=False))
     return TrainOutcome(
         spec.export_dir,
         metrics,
