@@ -46,6 +46,11 @@ PRESETS = {
 }
 
 
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a `train.precision` value."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def load_tokenizer_for(spec: RunSpec, texts: Callable[[], Iterator[str]] | None):
     """The run's tokenizer: trained on the training text for presets, else from_pretrained."""
     chat = spec.task.type == "chat"
@@ -209,8 +214,8 @@ def build_model(
     return model
 
 
-def load_pretrained(cls, m: ModelConfig, **kwargs):
-    """`cls.from_pretrained` on the base model `m` names, in float32 (kwargs pass through, e.g.
+def load_pretrained(cls, m: ModelConfig, dtype: torch.dtype = torch.float32, **kwargs):
+    """`cls.from_pretrained` on the base model `m` names, in `dtype` (kwargs pass through, e.g.
     config=, output_loading_info=). A URI source is copied to a local folder first."""
     source = m.source
     if source and is_uri(source):
@@ -220,7 +225,7 @@ def load_pretrained(cls, m: ModelConfig, **kwargs):
         gguf_file=m.gguf_file,
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
-        dtype=torch.float32,
+        dtype=dtype,
         **kwargs,
     )
     if m.gguf_file:
