@@ -102,25 +102,28 @@ _SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vo", "nel", "pi", "dra", "gu
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster.session import connect, disconnect
+
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     rows = [r for r in ROWS if not args.rows or r["name"] in args.rows.split(",")]
     work = tempfile.mkdtemp(prefix="ferry-gpu-check-")
     t0 = time.perf_counter()
-    results = []
+    results, session = [], None
     try:
         corpus = write_corpus(os.path.join(work, "corpus.jsonl"), args.docs, seed=0)
-        _start_ray(args, work)
+        # The embedded Ray `ferry train` starts (with its dashboard: Ray Train's placement-group
+        # cleaner asks it whether the run is alive).
+        session = connect(None, num_cpus=max(4, os.cpu_count() or 4), temp_dir=f"{work}/ray")
         for row in rows:
             if time.perf_counter() - t0 > args.budget_s:
                 results.append({"row": row, "skipped": f"time budget ({args.budget_s:g}s) spent"})
                 continue
             results.append(run_row(row, corpus, work, args))
     finally:
-        import ray
-
-        ray.shutdown()
+        if session is not None:
+            disconnect(session)
         shutil.rmtree(work, ignore_errors=True)
     table = render(results, args)
     print(table)
@@ -160,21 +163,6 @@ def write_corpus(path: str, n_docs: int, seed: int) -> str:
             )
             f.write(json.dumps({"text": text + "."}) + "\n")
     return path
-
-
-def _start_ray(args, work: str) -> None:
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=max(4, os.cpu_count() or 4),
-        include_dashboard=False,
-        logging_level="WARNING",
-        _temp_dir=os.path.join(work, "ray"),
-    )
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def row_config(row: dict, corpus: str, storage: str, args) -> dict:
@@ -389,7 +377,7 @@ def render(results: list[dict], args) -> str:
         levers = ", ".join(f"{k}={v}" for k, v in row.get("set", {}).items()) or "-"
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or f"error: {r['error']}"
-            lines.append(f"| {row['name']} | | | {row['zero']} | {levers} | {why} |||||||| ")
+            lines.append(f"| {row['name']} | | | {row['zero']} | {levers} | {why} ||||||||")
             continue
         ratio = (
             r["peak_gib"] / r["plan_gib"] if r["peak_gib"] is not None and r["plan_gib"] else None

@@ -96,7 +96,7 @@ def _rank_main(rank: int, folder: str) -> None:
         init_method=f"file://{folder}/rendezvous",
         rank=rank,
         world_size=2,
-        timeout=datetime.timedelta(seconds=60),
+        timeout=datetime.timedelta(seconds=120),
     )
     model, batches = _TinyClassifier(), _batches()
     mine = [b for i, b in enumerate(batches) if i % 2 == rank]  # rank 0: 2 batches, rank 1: 1
