@@ -24,6 +24,7 @@ from typing import Any
 
 from trainers.config import RunSpec
 from trainers.data.files import expand_files, format_of, parse_file, peek_columns, raw_columns
+from trainers.device import compute_device, on_device
 from trainers.errors import ConfigError, DataError
 from trainers.model import (
     load_pretrained,
@@ -150,6 +151,7 @@ def analyze_domain_shift(
     }
     tok["fertility_ratio"] = _ratio(tok["target"]["fertility"], tok["source"]["fertility"])
     model, kind, reason = _load_base_model(spec, tokenizer)
+    device = next(model.parameters()).device
     if spec.model.preset:
         notes.append(
             f"model.preset={spec.model.preset} is random-init: perplexity and embedding "
@@ -163,10 +165,10 @@ def analyze_domain_shift(
         "reason": reason,
     }
     if kind is not None:
-        ppl["target"] = _perplexity(model, tokenizer, target_texts, kind, spec)
-        ppl["source"] = _perplexity(model, tokenizer, source_texts, kind, spec)
+        ppl["target"] = _perplexity(model, tokenizer, target_texts, kind, spec, device)
+        ppl["source"] = _perplexity(model, tokenizer, source_texts, kind, spec, device)
         ppl["ratio"] = _ratio(ppl["target"], ppl["source"])
-    embedding = _embedding_shift(model, tokenizer, target_texts, source_texts, spec)
+    embedding = _embedding_shift(model, tokenizer, target_texts, source_texts, spec, device)
     labels = label_balance(target_labels) if target_labels is not None else None
     report = {
         "model": spec.model.preset or spec.model.name_or_path,
@@ -439,7 +441,8 @@ def _tokenizer_stats(tokenizer, texts: list[str]) -> dict[str, Any]:
 
 
 def _load_base_model(spec: RunSpec, tokenizer):
-    """(model in eval mode, perplexity kind or None, reason when None)."""
+    """(model in eval mode, perplexity kind or None, reason when None), on this process's GPU in
+    the run's precision when the run asks for GPUs (`trainers.device.compute_device`)."""
     import torch
     import transformers
 
@@ -464,15 +467,19 @@ def _load_base_model(spec: RunSpec, tokenizer):
         kind, cls = "masked_lm", transformers.AutoModelForMaskedLM
     else:
         kind, cls = None, transformers.AutoModel
+    device, dtype = compute_device(spec)
     torch.manual_seed(spec.run.seed)
     if spec.model.preset:
         attention = requested_attention(spec.model)
-        return cls.from_config(cfg, attn_implementation=attention).eval(), kind, None
+        model = cls.from_config(cfg, attn_implementation=attention)
+        return model.to(device, dtype).eval(), kind, None
     # A missing head is expected (and reported below): keep transformers' loading table quiet.
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, info = load_pretrained(cls, spec.model, config=cfg, output_loading_info=True)
+        model, info = load_pretrained(
+            cls, spec.model, dtype=dtype, config=cfg, output_loading_info=True
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     reason = None if kind else f"no language-model head for model type '{cfg.model_type}'"
@@ -487,13 +494,13 @@ def _load_base_model(spec: RunSpec, tokenizer):
                 f"head weights ({head_missing[0]} missing)"
             ),
         )
-    return model.eval(), kind, reason
+    return model.to(device).eval(), kind, reason
 
 
-def _batches(tokenizer, texts: list[str], spec: RunSpec, **kw):
+def _batches(tokenizer, texts: list[str], spec: RunSpec, device, **kw):
     tokenizer.padding_side = "right"
     for i in range(0, len(texts), BATCH_SIZE):
-        yield tokenizer(
+        enc = tokenizer(
             texts[i : i + BATCH_SIZE],
             truncation=True,
             padding=True,
@@ -501,9 +508,10 @@ def _batches(tokenizer, texts: list[str], spec: RunSpec, **kw):
             return_tensors="pt",
             **kw,
         )
+        yield on_device(dict(enc), device)
 
 
-def _perplexity(model, tokenizer, texts: list[str], kind: str, spec: RunSpec) -> float:
+def _perplexity(model, tokenizer, texts: list[str], kind: str, spec: RunSpec, device) -> float:
     """exp(mean token NLL): next-token for causal LMs; masked tokens (MASK_FRACTION, one pass,
     seeded) for masked LMs."""
     import torch
@@ -511,14 +519,16 @@ def _perplexity(model, tokenizer, texts: list[str], kind: str, spec: RunSpec) ->
     gen = torch.Generator().manual_seed(spec.run.seed)
     nll, count = 0.0, 0
     with torch.no_grad():
-        for enc in _batches(tokenizer, texts, spec, return_special_tokens_mask=True):
+        for enc in _batches(tokenizer, texts, spec, device, return_special_tokens_mask=True):
             ids, mask = enc["input_ids"], enc["attention_mask"]
             if kind == "causal":
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
                 targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             else:
                 candidates = (mask == 1) & (enc["special_tokens_mask"] == 0)
-                chosen = candidates & (torch.rand(ids.shape, generator=gen) < MASK_FRACTION)
+                # Drawn on the CPU: the same masked positions on any device.
+                drawn = torch.rand(ids.shape, generator=gen).to(device)
+                chosen = candidates & (drawn < MASK_FRACTION)
                 # Every row with a real token contributes at least one masked position.
                 first = candidates.float().argmax(-1)
                 rows = candidates.any(-1) & ~chosen.any(-1)
@@ -537,28 +547,29 @@ def _perplexity(model, tokenizer, texts: list[str], kind: str, spec: RunSpec) ->
     return float(math.exp(min(nll / max(count, 1), 50.0)))
 
 
-def _pooled(model, tokenizer, texts: list[str], spec: RunSpec):
+def _pooled(model, tokenizer, texts: list[str], spec: RunSpec, device):
     """One vector per row: the mean of the last hidden state over its real tokens."""
     import torch
 
     pooled = []
     with torch.no_grad():
-        for enc in _batches(tokenizer, texts, spec):
+        for enc in _batches(tokenizer, texts, spec, device):
             hidden = model.base_model(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
             ).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).float()
             pooled.append((hidden.float() * m).sum(1) / m.sum(1).clamp(min=1))
-    return torch.cat(pooled)
+    return torch.cat(pooled).cpu()
 
 
 def _embedding_shift(
-    model, tokenizer, target: list[str], source: list[str], spec: RunSpec
+    model, tokenizer, target: list[str], source: list[str], spec: RunSpec, device
 ) -> dict[str, Any]:
     """Cosine distance between the target and source centroids, and between the centroids of the
     target's even and odd rows: the noise floor, since the scale of these distances depends on
     the model (contrastively trained encoders spread topics far more than raw LMs)."""
-    t, s = _pooled(model, tokenizer, target, spec), _pooled(model, tokenizer, source, spec)
+    t = _pooled(model, tokenizer, target, spec, device)
+    s = _pooled(model, tokenizer, source, spec, device)
     floor = _cosine_distance(t[0::2].mean(0), t[1::2].mean(0)) if len(t) > 1 else None
     return {
         "centroid_cosine_distance": _cosine_distance(t.mean(0), s.mean(0)),

@@ -11,6 +11,7 @@ from typing import Any
 
 from trainers.config import RunSpec
 from trainers.data.prepare import PreparedData
+from trainers.device import bind_device, compute_device
 from trainers.errors import ConfigError, TrainingFailedError, root_message
 from trainers.model import load_tokenizer
 from trainers.preflight import prepare_data
@@ -78,6 +79,8 @@ def _eval_worker(config: dict[str, Any]) -> list[dict[str, float]]:
 
     spec = RunSpec.model_validate(config["spec"])
     data = PreparedData(**config["data"])
+    bind_device()  # before the collectives of `evaluate`
+    device, dtype = compute_device(spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     task = TASKS[spec.task.type]
@@ -88,7 +91,7 @@ def _eval_worker(config: dict[str, Any]) -> list[dict[str, float]]:
     )
     out = []
     for checkpoint in config["checkpoints"]:
-        model = load_saved(spec, tokenizer, data, localize(checkpoint))
+        model = load_saved(spec, tokenizer, data, localize(checkpoint)).to(device, dtype)
         with torch.no_grad():
             out.append(evaluate(model, batches, task, data, world, spec, tokenizer))
     return out

@@ -42,6 +42,7 @@ from trainers.data.files import (
     text_error,
 )
 from trainers.data.prepare import PreparedData
+from trainers.device import compute_device, on_device
 from trainers.errors import ConfigError, DataError, unwrap_data_errors
 from trainers.model import load_tokenizer
 from trainers.preflight import prepare_data
@@ -364,8 +365,9 @@ class _Predictor:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # `data` is only read for DeepSpeed checkpoints (to rebuild the model); exports load
-        # from their own folder.
-        self.model = load_saved(self.spec, self.tokenizer, data, checkpoint)
+        # from their own folder. On the actor's GPU, in the run's precision, when it has one.
+        self.device, dtype = compute_device(self.spec)
+        self.model = load_saved(self.spec, self.tokenizer, data, checkpoint).to(self.device, dtype)
         self.column = next(iter(input_columns(self.spec).values()))[0]
         self.label_names = label_names
         self.max_new_tokens = max_new_tokens
@@ -405,8 +407,9 @@ class _Predictor:
             padding=True,
             return_tensors="pt",
         )
+        enc = on_device(dict(enc), self.device)
         logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        probs = torch.softmax(logits.float(), dim=-1).numpy()
+        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         best = probs.argmax(-1)
         batch = batch.append_column(
             "prediction", pa.array([self.label_names[i] for i in best], type=pa.string())
@@ -429,6 +432,7 @@ class _Predictor:
             add_special_tokens=False,
             return_tensors="pt",
         )
+        enc = on_device(dict(enc), self.device)
         # use_cache=True: presets train with the KV cache off (packing); generation wants it.
         out = self.model.generate(
             input_ids=enc["input_ids"],
@@ -438,6 +442,6 @@ class _Predictor:
             pad_token_id=tok.pad_token_id,
             use_cache=True,
         )
-        new = out[:, enc["input_ids"].shape[1] :]
+        new = out[:, enc["input_ids"].shape[1] :].cpu()
         generations = tok.batch_decode(new, skip_special_tokens=True)
         return batch.append_column("generation", pa.array(generations, type=pa.string()))

@@ -41,6 +41,7 @@ import torch
 
 from trainers.config import ModelConfig, RunSpec
 from trainers.data.prepare import PreparedData
+from trainers.device import compute_device, compute_dtype, on_device
 from trainers.model import (
     PRESETS,
     load_pretrained,
@@ -193,6 +194,7 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=f.num_actors),
             fn_constructor_kwargs={
+                "spec_dict": spec.model_dump(),
                 "base_ref": base_ref,
                 "tokenizer_path": data.tokenizer_path,
                 "pooling": f.pooling,
@@ -248,6 +250,8 @@ def feature_cache_key(spec: RunSpec, data: PreparedData) -> str:
         spec.features.pooling,
         spec.features.layer,
     ]
+    if compute_dtype(spec) != torch.float32:  # bf16/fp16 features differ; fp32 keys unchanged
+        parts.append(str(compute_dtype(spec)))
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -273,10 +277,14 @@ def _tag_split(batch: pa.Table, split: str) -> pa.Table:
 class _Embedder:
     """One frozen model replica (a Ray Data actor): token ids -> pooled float32 features."""
 
-    def __init__(self, base_ref: dict, tokenizer_path: str, pooling: str, layer: int):
+    def __init__(
+        self, spec_dict: dict, base_ref: dict, tokenizer_path: str, pooling: str, layer: int
+    ):
         tokenizer = load_tokenizer(tokenizer_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.model = load_backbone(base_ref)
+        # On the actor's GPU, in the run's precision, when it has one (features stay float32).
+        self.device, dtype = compute_device(RunSpec.model_validate(spec_dict))
+        self.model = load_backbone(base_ref, dtype).to(self.device)
         self.pooling, self.layer = pooling, layer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -284,11 +292,11 @@ class _Embedder:
             "input_ids": batch.column("input_ids").to_pylist(),
             "labels": batch.column("labels").to_pylist(),
         }
-        enc = classification.collate(rows, self.pad_id)
+        enc = on_device(classification.collate(rows, self.pad_id), self.device)
         with torch.inference_mode():
             vectors = embed(
                 self.model, enc["input_ids"], enc["attention_mask"], self.pooling, self.layer
-            )
+            ).cpu()
         flat = pa.array(vectors.numpy().reshape(-1), type=pa.float32())
         features = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
         return batch.drop_columns(["input_ids"]).append_column("features", features)
@@ -302,21 +310,21 @@ def embed(
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     states = out.hidden_states[layer].float()
     mask = attention_mask.to(states.dtype)
-    rows = torch.arange(states.shape[0])
+    rows = torch.arange(states.shape[0], device=states.device)
     if pooling == "mean":
         return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     if pooling == "cls":
         return states[rows, attention_mask.argmax(1)]  # first real token
-    positions = torch.arange(states.shape[1]).expand_as(attention_mask)
+    positions = torch.arange(states.shape[1], device=states.device).expand_as(attention_mask)
     return states[rows, (positions * attention_mask).argmax(1)]  # last real token
 
 
-def load_backbone(ref: dict):
+def load_backbone(ref: dict, dtype: torch.dtype = torch.float32):
     """The frozen AutoModel (no task head) named by `ref` (a model config's name_or_path,
-    revision, gguf_file, trust_remote_code), in eval mode without gradients."""
+    revision, gguf_file, trust_remote_code), in `dtype`, in eval mode without gradients."""
     import transformers
 
-    model = load_pretrained(transformers.AutoModel, ModelConfig.model_validate(ref))
+    model = load_pretrained(transformers.AutoModel, ModelConfig.model_validate(ref), dtype=dtype)
     return model.eval().requires_grad_(False)
 
 

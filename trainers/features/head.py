@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import torch
 
 from trainers.config import RunSpec
+from trainers.device import bind_device
 from trainers.errors import TrainingFailedError, root_message
 from trainers.features.extract import FeatureCache, embed, load_backbone
 from trainers.storage import absolute, filesystem, localize
@@ -127,7 +128,8 @@ def _fit_epochs(model, x: torch.Tensor, y: torch.Tensor, spec: RunSpec, seed: in
     order = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(spec.features.mlp_epochs):
-        perm = torch.randperm(len(y), generator=order)
+        # Drawn on the CPU (the same order on any device), then moved to index x and y.
+        perm = torch.randperm(len(y), generator=order).to(y.device)
         for i in range(0, len(perm), t.micro_batch_size_per_worker):
             rows = perm[i : i + t.micro_batch_size_per_worker]
             loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows])
@@ -178,13 +180,15 @@ def _head_worker(config: dict[str, Any]) -> dict[str, np.ndarray]:
     import ray.train.torch
 
     spec = RunSpec.model_validate(config["spec"])
+    device = bind_device()  # before DDP's collectives
     torch.manual_seed(spec.run.seed)
     head = build_head("mlp", config["dim"], config["num_labels"], spec.features.mlp_hidden_size)
     head.load_state_dict({k: torch.from_numpy(v) for k, v in config["init"].items()})
-    model = ray.train.torch.prepare_model(head)
+    model = ray.train.torch.prepare_model(head)  # moved to `device`, wrapped in DDP
     # The shard is read once and kept in memory (rows x dim float32, small next to the model that
     # made them): streaming it again every epoch cost tens of seconds per epoch on a 2-core machine.
     x, y = _read_shard(ray.train.get_dataset_shard("train"))
+    x, y = x.to(device), y.to(device)
     rank = ray.train.get_context().get_world_rank()
     # Ray's equal split gives every worker the same row count, hence the same number of steps
     # (DDP needs all ranks in every all-reduce).

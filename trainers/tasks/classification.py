@@ -65,7 +65,9 @@ def loss_and_outputs(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """Summed cross-entropy over the batch, the example count, and the predicted classes."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-    return loss, torch.tensor(float(len(batch["labels"]))), logits.argmax(-1)
+    # The count on the logits' device: evaluation stacks it with the loss (no CPU/GPU mix).
+    n = torch.tensor(float(len(batch["labels"])), device=logits.device)
+    return loss, n, logits.argmax(-1)
 
 
 def metrics(loss_sum: float, weight: float, preds, labels, label_names) -> dict[str, float]:

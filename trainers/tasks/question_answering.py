@@ -226,7 +226,7 @@ def loss_and_outputs(model, batch):
         ce(out.start_logits.float(), batch["start_positions"], reduction="sum")
         + ce(out.end_logits.float(), batch["end_positions"], reduction="sum")
     ) / 2
-    n = torch.tensor(float(len(batch["input_ids"])))
+    n = torch.tensor(float(len(batch["input_ids"])), device=loss.device)
     # A DeepSpeed engine's eval() sets only its wrapped module's flag, not its own.
     if getattr(model, "module", model).training:
         return loss, n, None
@@ -245,7 +245,8 @@ def best_spans(
     """Per row, the (start, end) token pair maximizing start + end logit with start <= end <
     start + max_tokens, both context tokens."""
     n, width = start_logits.shape
-    idx = torch.arange(width)
+    idx = torch.arange(width, device=start_logits.device)
+    in_context = in_context.to(start_logits.device)
     ok = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_tokens)
     ok = ok[None] & in_context[:, :, None] & in_context[:, None, :]
     scores = (start_logits.float()[:, :, None] + end_logits.float()[:, None, :]).masked_fill(
@@ -300,7 +301,9 @@ def predict(model, tokenizer, inputs: dict[str, list[str]], spec, max_new_tokens
         [[x for p in _context_offsets(enc, i) for x in p] for i in range(len(questions))], -1
     ).view(len(questions), -1, 2)
     kwargs = {"token_type_ids": pad(enc["token_type_ids"], 0)} if "token_type_ids" in enc else {}
-    out = model(**pad_inputs(enc["input_ids"], tokenizer.pad_token_id or 0), **kwargs)
+    inputs = {**pad_inputs(enc["input_ids"], tokenizer.pad_token_id or 0), **kwargs}
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in inputs.items()})
     spans = best_spans(out.start_logits, out.end_logits, offsets[..., 0] >= 0)
     found = span_texts(spans, offsets, contexts)
     return {"prediction": [t for t, _ in found], "answer_start": [s for _, s in found]}

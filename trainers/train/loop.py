@@ -30,6 +30,7 @@ from trainers.checkpoints import (
 from trainers.config import RunSpec
 from trainers.console import say as _say
 from trainers.data.prepare import PreparedData
+from trainers.device import bind_device, on_device
 from trainers.errors import CheckpointError, ConfigError, DivergedError
 from trainers.export import export_model, exported_step, summary
 from trainers.model import build_model, count_parameters, load_tokenizer
@@ -37,6 +38,7 @@ from trainers.plan import fit_problems
 from trainers.stopping import best_evaluation, stop_reason
 from trainers.storage import DS_TAG, STATE_FILE
 from trainers.tasks import TASKS
+from trainers.train.collectives import all_gather_objects, all_reduce, from_rank0
 from trainers.train.ds_config import build_ds_config
 
 
@@ -85,6 +87,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = TASKS[spec.task.type]
 
     skip_unused_shm_build()
+    device = bind_device()
+    if device.type == "cuda":  # before any collective (see bind_device)
+        torch.cuda.reset_peak_memory_stats()  # train/peak_memory_gib: this rank's whole run
     # Adopt Ray's process group now: zero.Init (ZeRO-3 model construction) checks the batch
     # arithmetic against deepspeed.comm's world size, which reads 1 until this is called.
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
@@ -93,7 +98,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if spec.scaling.gpus_per_worker and torch.cuda.is_available():
         # Before any weights load; rank 0 decides for all, so every rank raises the same error.
         gpu = torch.cuda.mem_get_info()[1]
-        if problems := _from_rank0(fit_problems(spec, gpu, world, tokenizer) if rank == 0 else []):
+        mine = fit_problems(spec, gpu, world, tokenizer) if rank == 0 else []
+        if problems := from_rank0(mine, device):
             raise ConfigError(problems)
     model = build_model(spec, tokenizer, data.label_names, ds_config)
     trainable, total_params = count_parameters(model)
@@ -179,10 +185,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
                 # Before the checkpoint is reported: a diverged state is never kept.
                 watch.stop_if_diverged(state, metrics)
-                metrics.update(_train_metrics(state, progress, schedule))
+                metrics.update(_train_metrics(state, progress, schedule, engine.device))
                 window_loss, window_n = torch.zeros((), device=engine.device), 0
                 state.history.append({k: v for k, v in metrics.items() if _is_number(v)})
-                state.early_stop = _early_stop(spec, state, total, rank)
+                state.early_stop = _early_stop(spec, state, total, rank, engine.device)
                 # The checkpoint of the stopping step is reported too: resume and export see
                 # the run exactly where it ended.
                 _report_with_checkpoint(engine, state, metrics, rank, world)
@@ -196,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Rank 0's history decides (the best metric may be each rank's own train/loss): all ranks
     # must agree, because the ZeRO-3 export gathers the weights collectively.
-    if _from_rank0(exported_step(spec, state.history) == state.step):
+    if from_rank0(exported_step(spec, state.history) == state.step, engine.device):
         _export(engine, spec, tokenizer, data, state, rank)
 
 
@@ -245,9 +251,7 @@ class _DivergenceWatch:
         )
 
     def stop_if_diverged(self, state: LoopState, metrics: dict | None = None) -> None:
-        first = self.first_bad.clone()
-        if dist.is_initialized():
-            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = all_reduce(self.first_bad.clone(), self.device, "min")
         eval_loss = (metrics or {}).get("eval/loss")
         reason = divergence_reason(first.tolist(), eval_loss, state.step)
         if reason is not None:
@@ -317,10 +321,7 @@ def evaluate(
     # Every tensor of a collective on the model's device: NCCL refuses CPU tensors. (A
     # DeepSpeed engine names it; `ferry eval` passes a plain model.)
     device = getattr(engine, "device", None) or next(engine.parameters()).device
-    if dist.is_initialized():
-        n = torch.tensor([rounds], device=device)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        rounds = int(n.item())
+    rounds = int(all_reduce(torch.tensor([rounds], device=device), device, "max").item())
     generate = None
     if hasattr(task, "generate") and spec is not None:
         synced = spec.deepspeed.zero_stage == 3 and world > 1
@@ -344,12 +345,8 @@ def evaluate(
         task.loss_and_outputs(engine, on_device(spare, device))
         if generate:
             generate(on_device(spare, device))
-    gathered: list = [None] * world
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_gather_object(gathered, (preds, labels))
-    else:
-        gathered = [(preds, labels)]
+    sums = all_reduce(sums, device)
+    gathered = all_gather_objects((preds, labels), device)
     all_preds = [x for g in gathered for x in g[0]]
     all_labels = [x for g in gathered for x in g[1]]
     engine.train()
@@ -357,16 +354,16 @@ def evaluate(
     return task.metrics(loss_sum, weight, all_preds, all_labels, data.label_names)
 
 
-def on_device(batch: dict[str, Any], device) -> dict[str, Any]:
-    """A collated batch with its tensors on the engine's device (the collate functions build
-    them on the CPU; DeepSpeed's engine does not move its inputs)."""
+def _train_metrics(state: LoopState, progress, schedule, device) -> dict[str, float]:
+    # The rank's peak since the worker started (reset there): model, optimizer states,
+    # activations and the allocator's leftovers, what `ferry plan` estimates.
+    peak = (
+        {"train/peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+        if device.type == "cuda"
+        else {}
+    )
     return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
-
-
-def _train_metrics(state: LoopState, progress, schedule) -> dict[str, float]:
-    return {
+        **peak,
         "train/loss": state.train_loss,
         "train/step": state.step,
         "train/epoch": state.epoch,
@@ -377,7 +374,9 @@ def _train_metrics(state: LoopState, progress, schedule) -> dict[str, float]:
     }
 
 
-def _early_stop(spec: RunSpec, state: LoopState, total: int, rank: int) -> dict[str, Any] | None:
+def _early_stop(
+    spec: RunSpec, state: LoopState, total: int, rank: int, device
+) -> dict[str, Any] | None:
     """{reason, step} when train.early_stopping ends the run after this evaluation, else None.
 
     Rank 0 decides from its history and every rank follows: the evaluation metrics are
@@ -388,7 +387,7 @@ def _early_stop(spec: RunSpec, state: LoopState, total: int, rank: int) -> dict[
     if cfg is None or not cfg.enabled or state.step >= total:
         return None  # the same on every rank: none of them joins the broadcast below
     mine = stop_reason(state.history, cfg, t.best_metric, t.best_metric_mode) if rank == 0 else None
-    reason = _from_rank0(mine)
+    reason = from_rank0(mine, device)
     if reason is None:
         return None
     if rank == 0:
@@ -400,14 +399,6 @@ def _early_stop(spec: RunSpec, state: LoopState, total: int, rank: int) -> dict[
         )
         _say(f"[ferry] early stop at step {state.step}: {reason} ({where})")
     return {"reason": reason, "step": state.step}
-
-
-def _from_rank0(value: Any) -> Any:
-    """Rank 0's `value` on every rank (a collective: every rank calls it)."""
-    box = [value]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _is_number(v: Any) -> bool:
@@ -449,11 +440,7 @@ def _restore(engine, checkpoint, rank: int, world: int) -> LoopState:
         rng = os.path.join(d, f"rng_rank{rank}.pt")
         if not os.path.exists(rng) and not any("rng_rank" in p for p in problems):
             problems.append(f"rng_rank{rank}.pt is missing")  # an exact resume needs it
-        everyone: list = [None] * world
-        if dist.is_initialized() and world > 1:
-            dist.all_gather_object(everyone, problems)
-        else:
-            everyone = [problems]
+        everyone = all_gather_objects(problems, engine.device)
         raise_if_damaged(checkpoint.path, [p for ps in everyone for p in ps])
         with open(os.path.join(d, STATE_FILE)) as f:
             saved = json.load(f)
