@@ -15,7 +15,7 @@ reads from the run's own metrics:
             score and value matmuls, forward and backward (L layers, H hidden size, S sequence
             length). Gradient checkpointing's recomputed forward is not counted (MFU, not HFU).
   peak      `train/peak_memory_gib` (torch.cuda.max_memory_allocated of the rank over the run)
-            against `ferry plan`'s estimate for the same config (`trainers.plan.plan_run`; n/a
+            against `ferry plan`'s estimate for the same config (`trainers.train.plan.plan_run`; n/a
             where the planner is not installed)
   loss      the first and the last logged training loss (it should fall)
   export    the export loaded back with Ferry's loader (transformers/PEFT) and one forward pass
@@ -317,7 +317,7 @@ def _peak_flops() -> float | None:
 def _plan_gib(spec) -> float | None:
     """`ferry plan`'s per-GPU total for this config, in GiB; None without the planner."""
     try:
-        from trainers.plan import plan_run
+        from trainers.train.plan import plan_run
     except ImportError:
         return None
     try:

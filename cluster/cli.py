@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set line that does (meta device: no weights load, no Ray)",
         description="Per-GPU bytes of parameters, gradients, optimizer states, DeepSpeed buffers "
         "and activations for ZeRO stages 0-3 with and without CPU offload over a range of "
-        "micro-batches, computed on the meta device (trainers.plan documents the formulas). "
+        "micro-batches, computed on the meta device (trainers.train.plan documents the formulas). "
         "Shows the config's own row, the largest fitting micro-batch of every stage/offload "
         "combination, and the cheapest fit (fewest offloads, then largest micro-batch, then "
         "lowest stage) as a --set line that keeps the global batch.",
@@ -657,8 +657,8 @@ def cmd_plan(args) -> int:
     import warnings
 
     from trainers.config_load import load_config
-    from trainers.plan import parse_bytes, plan_run
     from trainers.stages import stage_specs
+    from trainers.train.plan import parse_bytes, plan_run
 
     if args.gpus is not None and args.gpus < 1:
         _require([f"--gpus={args.gpus}: must be >= 1. Leave it out to plan scaling.num_workers."])
@@ -692,7 +692,7 @@ def _print_plan(plan, label: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from trainers.plan import GIB, HEADROOM
+    from trainers.train.plan import GIB, HEADROOM
 
     memory = (
         f"{plan.gpu_memory_bytes / GIB:.1f} GiB ({1 - HEADROOM:.0%} usable)"

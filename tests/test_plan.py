@@ -11,7 +11,14 @@ import pytest
 from cluster.cli import main
 from trainers.config_load import build_spec, load_config
 from trainers.errors import ConfigError
-from trainers.plan import GIB, activation_bytes, model_shape, parse_bytes, plan_run, refuse_if_unfit
+from trainers.train.plan import (
+    GIB,
+    activation_bytes,
+    model_shape,
+    parse_bytes,
+    plan_run,
+    refuse_if_unfit,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml")))

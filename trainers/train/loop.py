@@ -34,12 +34,12 @@ from trainers.device import bind_device, on_device
 from trainers.errors import CheckpointError, ConfigError, DivergedError
 from trainers.export import export_model, exported_step, summary
 from trainers.model import build_model, count_parameters, load_tokenizer
-from trainers.plan import fit_problems
 from trainers.stopping import best_evaluation, stop_reason
 from trainers.storage import DS_TAG, STATE_FILE
 from trainers.tasks import TASKS
 from trainers.train.collectives import all_gather_objects, all_reduce, from_rank0
 from trainers.train.ds_config import build_ds_config
+from trainers.train.plan import fit_problems
 
 
 @dataclass
