@@ -16,7 +16,7 @@ reads from the run's own metrics:
             length). Gradient checkpointing's recomputed forward is not counted (MFU, not HFU).
   peak      `train/peak_memory_gib` (torch.cuda.max_memory_allocated of the rank over the run)
             against `ferry plan`'s estimate for the same config (`trainers.train.plan.plan_run`; n/a
-            where the planner is not installed)
+            where the planner fails, with its error printed)
   loss      the first and the last logged training loss (it should fall)
   export    the export loaded back with Ferry's loader (transformers/PEFT) and one forward pass
             with finite logits
@@ -315,13 +315,11 @@ def _peak_flops() -> float | None:
 
 
 def _plan_gib(spec) -> float | None:
-    """`ferry plan`'s per-GPU total for this config, in GiB; None without the planner."""
+    """`ferry plan`'s per-GPU total for this config, in GiB; None when the planner fails."""
+    from trainers.train.plan import plan_run
+
     try:
-        from trainers.train.plan import plan_run
-    except ImportError:
-        return None
-    try:
-        return plan_run(spec, gpus=1).current.total_bytes / 2**30
+        return plan_run(spec, gpus=1).current.gpu_bytes / 2**30
     except Exception as e:  # noqa: BLE001 - the check reports the planner's failure, not dies
         print(f"[gpu-check] plan failed: {type(e).__name__}: {e}", flush=True)
         return None
