@@ -18,7 +18,7 @@ from trainers.predict import check_predict_inputs, predict_dataset
 
 def _export(tmp_path, data_dir, kind: str, method: str):
     """A random-init preset saved like a finished run's <run>/final (no training needed)."""
-    from trainers.export import _save_base
+    from trainers.export import _save_base, export_dtype
 
     spec = make_spec(tmp_path, kind, data_dir, method=method,
                      scaling={"num_workers": 1, "cpus_per_worker": 0.5})
@@ -29,7 +29,8 @@ def _export(tmp_path, data_dir, kind: str, method: str):
     final = tmp_path / "final"
     model.save_pretrained(final)
     if method == "lora":
-        _save_base(model, model.state_dict(), str(final), str(final))
+        _save_base(model, model.state_dict(), str(final), str(final),
+                   export_dtype(spec, adapter=False))
     tok.save_pretrained(final)
     if labels:
         (final / "labels.json").write_text(json.dumps(labels))
