@@ -109,6 +109,11 @@ def make_spec(tmp_path, kind: str, data_dir, **sections):
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2},
     }
+    return spec_with(raw, sections)
+
+
+def spec_with(raw: dict, sections: dict):
+    """`raw` with each section's keys merged in (a dict) or replaced (a value), validated."""
     for key, value in sections.items():
         if isinstance(value, dict):
             raw.setdefault(key, {}).update(value)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import lm_rows
+from conftest import lm_rows, spec_with
 from safetensors.torch import load_file
 
 from trainers.config_load import build_spec
@@ -24,12 +24,7 @@ def _spec(tmp_path=None, **sections):
     raw = {k: dict(v) for k, v in LM.items()}
     if tmp_path is not None:
         raw["run"] = {"name": "x", "storage_path": str(tmp_path / "runs")}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    return build_spec(raw)
+    return spec_with(raw, sections)
 
 
 def _tokenizer(spec):
