@@ -255,6 +255,37 @@ def build_parser() -> argparse.ArgumentParser:
     verbose_opt(an)
     an.set_defaults(func=cmd_analyze)
 
+    se = sub.add_parser(
+        "select",
+        help="rank candidate base models for the run's task with cheap transfer signals "
+        "(frozen-feature probe, LogME, base perplexity, tokenizer fertility, cost)",
+    )
+    common(se)
+    se.add_argument(
+        "--candidates",
+        nargs="+",
+        required=True,
+        metavar="MODEL",
+        help="base models: Hub ids, local folders, .gguf files, python-package: references, "
+        "preset:NAME",
+    )
+    se.add_argument(
+        "--budget-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rows read per split for the signals (default 1000)",
+    )
+    se.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="where select.json and selected.yaml go (default <storage_path>/<run.name>/select)",
+    )
+    se.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    ray_opts(se)
+    se.set_defaults(func=cmd_select)
+
     tu = sub.add_parser(
         "tune", help="search hyperparameters (the config's tune: block) with Ray Tune"
     )
@@ -947,6 +978,37 @@ def cmd_analyze(args) -> int:
     path = write_report(report, args.output or f"{spec.run_dir}/domain_shift.json")
     print("\n".join(summarize(report)))
     print(f"report: {path}")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from trainers.config_load import load_config
+    from trainers.preflight import check_writable
+    from trainers.select import (
+        DEFAULT_BUDGET_ROWS,
+        candidate_specs,
+        select_models,
+        summarize,
+        write_selection,
+    )
+    from trainers.storage import join
+
+    spec = load_config(args.config, args.overrides)
+    budget = args.budget_rows or DEFAULT_BUDGET_ROWS
+    _require(check_writable(spec))
+    candidate_specs(spec, args.candidates, budget)  # every candidate's problems before Ray
+    actors = spec.features.num_actors if spec.task.type == "sequence_classification" else 1
+    session = _ray_session(args, spec.scaling, workers=actors, workers_key="features.num_actors")
+    _keep_logs_in(args, spec.run_dir)
+    with session:
+        selection = select_models(spec, args.candidates, budget_rows=budget)
+    write_selection(selection, spec, args.output or join(spec.run_dir, "select"))
+    if args.json:
+        print(json.dumps(selection.to_dict(), indent=2))
+    else:
+        print("\n".join(summarize(selection)))
+        print(f"report: {selection.report_path}")
+        print(f"best config: {selection.config_path}")
     return 0
 
 

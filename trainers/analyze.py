@@ -129,7 +129,7 @@ def analyze_domain_shift(
     """
     t0 = time.perf_counter()
     notes: list[str] = []
-    target_texts, target_labels, target_info = _read_target(spec, max_rows)
+    target_texts, target_labels, target_info = read_target(spec, max_rows)
     if source_files:
         source_texts, source_info = _read_source(spec, source_files, max_rows)
     else:
@@ -146,8 +146,8 @@ def analyze_domain_shift(
         )
     tokenizer = _tokenizer(spec, target_texts, notes)
     tok = {
-        "target": _tokenizer_stats(tokenizer, target_texts),
-        "source": _tokenizer_stats(tokenizer, source_texts),
+        "target": tokenizer_stats(tokenizer, target_texts),
+        "source": tokenizer_stats(tokenizer, source_texts),
     }
     tok["fertility_ratio"] = _ratio(tok["target"]["fertility"], tok["source"]["fertility"])
     model, kind, reason = _load_base_model(spec, tokenizer)
@@ -325,7 +325,7 @@ def write_report(report: dict[str, Any], path: str) -> str:
     return path
 
 
-def _read_target(spec: RunSpec, max_rows: int) -> tuple[list[str], list[str] | None, dict]:
+def read_target(spec: RunSpec, max_rows: int) -> tuple[list[str], list[str] | None, dict]:
     d = spec.data
     files = expand_files(d.train_files, "data.train_files")
     if spec.task.type == "causal_lm" and d.prompt_column:
@@ -425,7 +425,7 @@ def _tokenizer(spec: RunSpec, target_texts: list[str], notes: list[str]):
     return load_tokenizer_for(spec, lambda: iter(target_texts))
 
 
-def _tokenizer_stats(tokenizer, texts: list[str]) -> dict[str, Any]:
+def tokenizer_stats(tokenizer, texts: list[str]) -> dict[str, Any]:
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     tokens = sum(len(x) for x in ids)
     words = sum(len(t.split()) for t in texts)
