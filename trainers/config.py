@@ -368,6 +368,12 @@ class TrainConfig(_Strict):
         16, ge=1, description="Sequences per eval forward pass."
     )
     eval_before_training: bool = Field(True, description="Evaluate the starting model first.")
+    probe_baseline: bool = Field(
+        True,
+        description="Classification: before fine-tuning, score a logistic regression on the "
+        "base model's frozen features (method=feature_extraction's head, cached) on the same "
+        "split, and report it beside the result (probe/*).",
+    )
     keep_best_checkpoints: int = Field(
         2, ge=1, description="Checkpoints kept, ranked by best_metric."
     )

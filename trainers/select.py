@@ -6,9 +6,9 @@ candidate (an HF id, a local folder, a GGUF file, a `python-package:` reference 
   -> prepare_dataset (the spine's tokenized Parquet cache, with the candidate's tokenizer)
   -> classification: extract_features (Ray Data actor pool; the feature-extraction cache, same
      keys, so a later `method: feature_extraction` run of the winner starts from a cache hit), then
-       * probe: nested cross-validated logistic regression on the standardized features of the
-         sample (train and validation rows together; stratified outer folds, C chosen by an inner
-         cross-validation on the outer training folds only): accuracy and macro F1;
+       * probe: the feature head's logistic regression (standardized features, C by
+         cross-validation) under an outer stratified cross-validation over the sample (train and
+         validation rows together; C chosen on the outer training folds only): accuracy, macro F1;
        * LogME (You, Liu, Wang, Long: "LogME: Practical Assessment of Pre-trained Models for
          Transfer Learning", ICML 2021): the log marginal evidence per row of a Bayesian linear
          model from the features to each one-hot label column, averaged over labels, with the
@@ -18,9 +18,10 @@ candidate (an HF id, a local folder, a GGUF file, a `python-package:` reference 
      perplexity and as bits per byte of target text (comparable across tokenizers: a tokenizer
      that splits words finer has lower per-token perplexity for the same model quality)
   -> tokenizer fertility (tokens per word) and unknown-token rate on the sample's text
-  -> cost: parameters (a meta-device build, no weights), trainable parameters for the run's method,
-     and training FLOPs per token (6 N for full fine-tuning; 4 N_frozen + 6 N_trainable with LoRA:
-     the frozen weights still need the backward pass through activations, not their own grads).
+  -> cost: parameters (`ferry plan`'s meta-device build, no weights), trainable parameters for
+     the run's method, the plan's memory per worker for the run's scaling, and training FLOPs per
+     token (6 N for full fine-tuning; 4 N_frozen + 6 N_trainable with LoRA: the frozen weights
+     still need the backward pass through activations, not their own grads).
 The ranking key is the task's probe score (accuracy, then F1, then LogME) or bits per byte; the
 numbers behind it are in the table and the JSON. Every candidate's signals are cached under
 data.cache_dir by what determines them, so a rerun reads them back without touching a model.
@@ -48,7 +49,6 @@ SUPPORTED_TASKS = ("sequence_classification", "causal_lm", "chat")
 DEFAULT_BUDGET_ROWS = 1000
 _SELECT_VERSION = 1  # bump when a signal's definition changes: cached signals are then recomputed
 _PROBE_FOLDS = 5
-_PROBE_CS = (0.001, 0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths searched by the inner CV
 _LOGME_MAX_ITER = 11  # the paper's reference code: converges in at most 10 updates
 
 
@@ -193,7 +193,7 @@ def summarize(selection: Selection) -> list[str]:
     cls = selection.task == "sequence_classification"
     head = ["rank", "candidate"]
     head += ["probe acc", "probe F1", "LogME"] if cls else ["bits/byte", "token ppl"]
-    head += ["fertility", "unk rate", "params", "GFLOP/token", "cached", "s"]
+    head += ["fertility", "unk rate", "params", "GFLOP/token", "GiB/worker", "cached", "s"]
     lines = []
     for c in selection.candidates:
         s = c.signals
@@ -207,6 +207,7 @@ def summarize(selection: Selection) -> list[str]:
             _num(s["unk_rate"], 4),
             f"{s['parameters'] / 1e6:,.1f}M",
             _num(s["train_flops_per_token"] / 1e9, 3),
+            _num(s["memory_per_worker_bytes"] / 2**30, 2),
             "yes" if c.cache_hit else "no",
             f"{c.seconds:.1f}",
         ]
@@ -244,7 +245,7 @@ def _signals(ref: str, spec: RunSpec, method: str) -> Candidate:
     else:
         signals.update(_lm_signals(spec, data, tokenizer))
     signals.update(_tokenizer_signals(spec, tokenizer))
-    signals.update(_cost(spec, method, tokenizer, data.label_names))
+    signals.update(_cost(spec, method, tokenizer))
     write_bytes(path, json.dumps(signals).encode())
     return Candidate(ref, _model_section(spec), signals, False, time.perf_counter() - t0)
 
@@ -256,7 +257,15 @@ def _model_section(spec: RunSpec) -> dict[str, Any]:
 def _signals_key(spec: RunSpec, data, method: str) -> str:
     from trainers.features.extract import feature_cache_key
 
+    t = spec.train
     parts = [_SELECT_VERSION, spec.task.type, method, spec.lora.model_dump(mode="json")]
+    # What the memory plan reads besides the model: the run's scaling and batch settings.
+    parts += [
+        spec.scaling.num_workers,
+        spec.deepspeed.model_dump(mode="json"),
+        [t.micro_batch_size_per_worker, t.precision, t.gradient_checkpointing],
+        spec.model.attn_implementation,
+    ]
     # The feature key covers the tokenized data (files, tokenizer, settings), the model's identity
     # and the pooling: everything the signals depend on, for LM tasks too.
     parts.append(feature_cache_key(spec, data))
@@ -283,29 +292,26 @@ def _classification_signals(spec: RunSpec, data) -> dict[str, Any]:
 
 
 def probe_scores(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[float, float, int]:
-    """(accuracy, macro F1, folds) of a standardized logistic regression under stratified
-    cross-validation, C chosen per outer fold by an inner cross-validation (never on the fold
-    it is scored on). Fewer folds when the rarest label has fewer rows; none below 2 rows."""
-    from sklearn.linear_model import LogisticRegression
+    """(accuracy, macro F1, folds) of the feature head's logistic regression
+    (`trainers.features.head.fit_logistic_regression`: standardized, C by cross-validation)
+    under stratified outer cross-validation: C is chosen on each outer training part only, never
+    on the fold it is scored on. Fewer folds when the rarest label has fewer rows; none below 2."""
     from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
+
+    from trainers.features.head import fit_logistic_regression
 
     counts = np.bincount(y)
     folds = int(min(_PROBE_FOLDS, counts[counts > 0].min()))
     if folds < 2 or len(np.unique(y)) < 2:
         return float("nan"), float("nan"), 0
-    # The inner search sees (folds - 1) / folds of the rows: fewer folds if a label runs short.
-    inner = max(2, min(folds, int(counts[counts > 0].min() * (folds - 1) // folds)))
-    model = GridSearchCV(
-        make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed)),
-        {"logisticregression__C": list(_PROBE_CS)},
-        cv=StratifiedKFold(n_splits=inner, shuffle=True, random_state=seed),
-        scoring="accuracy",
-    )
+    predicted = np.empty_like(y)
     outer = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    predicted = cross_val_predict(model, x, y, cv=outer)
+    for fit_rows, score_rows in outer.split(x, y):
+        scaler = StandardScaler().fit(x[fit_rows])
+        clf, _, _ = fit_logistic_regression(scaler.transform(x[fit_rows]), y[fit_rows], None, seed)
+        predicted[score_rows] = clf.predict(scaler.transform(x[score_rows]))
     return (
         float(accuracy_score(y, predicted)),
         float(f1_score(y, predicted, average="macro")),
@@ -449,29 +455,26 @@ def _tokenizer_signals(spec: RunSpec, tokenizer) -> dict[str, Any]:
     return {"fertility": stats["fertility"], "unk_rate": stats["unk_rate"]}
 
 
-def _cost(spec: RunSpec, method: str, tokenizer, label_names) -> dict[str, Any]:
-    """Parameters from a meta-device build (no weights), and training FLOPs per token for the
-    run's method: 6 N full; 4 N_frozen + 6 N_trainable with LoRA (forward 2 N, backward through
-    the activations 2 N, weight gradients 2 N only for trainable weights)."""
-    import torch
-    import transformers
+def _cost(spec: RunSpec, method: str, tokenizer) -> dict[str, Any]:
+    """The training cost of the candidate in the run's own settings (`ferry plan`'s model, built
+    on the meta device: no weights): parameters, trainable parameters, the plan's memory per
+    worker for the run's scaling, ZeRO stage and micro-batch, and training FLOPs per token:
+    6 N full; 4 N_frozen + 6 N_trainable with LoRA (forward 2 N, backward through the
+    activations 2 N, weight gradients 2 N only for trainable weights)."""
+    from trainers.train.plan import plan_run
 
-    from trainers.model import apply_lora, count_parameters, model_config
-    from trainers.tasks import TASKS
-
-    cfg = model_config(spec, tokenizer, label_names)
-    with torch.device("meta"):
-        model = TASKS[spec.task.type].model_class(transformers, spec, cfg).from_config(cfg)
-        total = count_parameters(model)[1]
-        trainable = total
-        if method == "lora":
-            trainable = count_parameters(apply_lora(model, spec))[0]
+    # The candidate's signal config is feature extraction (classification): cost the run's method.
+    plan = plan_run(spec.model_copy(update={"method": method}), tokenizer=tokenizer)
+    total, trainable = plan.total_params, plan.trainable_params
     flops = 4 * (total - trainable) + 6 * trainable if method == "lora" else 6 * total
     return {
         "parameters": int(total),
         "trainable_parameters": int(trainable),
         "method": method,
         "train_flops_per_token": float(flops),
+        "memory_per_worker_bytes": int(plan.current.gpu_bytes),
+        "memory_plan": f"ZeRO-{plan.current.zero_stage}, micro-batch {plan.current.micro_batch}, "
+        f"{plan.world} worker(s)",
     }
 
 

@@ -234,6 +234,9 @@ def _run_trial(
             # the best checkpoint of the best trial itself (_export_best), so a best export per
             # trial would only cost each trial's driver a checkpoint load.
             "train.export": "last",
+            # One frozen probe per search, not per trial: the trials share its data and base
+            # model, and concurrent trials would extract the same features at once.
+            "train.probe_baseline": False,
         },
     )
     plan = plan_for(spec, PreparedData(**data))

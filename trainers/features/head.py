@@ -77,34 +77,12 @@ def train_head(
 
 
 def _fit_logistic_regression(spec: RunSpec, head, features: FeatureCache):
-    """scikit-learn's logistic regression on the standardized features. Without an explicit
-    features.regularization_c, C is chosen by cross-validation on the training features only
-    (a fixed C=1 overfit 384 MiniLM features on 800 rows: accuracy 0.655 against 0.78 at the
-    cross-validated C), so the default head is never worse than a tuned plain one."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-
+    """scikit-learn's logistic regression on the standardized features (`fit_logistic_regression`),
+    copied into the head's linear layer."""
     x, y = read_features(features.train_path)
     with torch.no_grad():
         z = head[0](torch.from_numpy(x)).numpy()
-    c = spec.features.regularization_c
-    if c is None:
-        folds = int(min(_CV_FOLDS, np.bincount(y).min())) if len(y) else 0
-        if folds >= 2:
-            # Scored by log loss, the quantity eval/loss reports (and what ranks checkpoints by
-            # default): accuracy would pick among Cs that tie on a small validation fold.
-            cv = LogisticRegressionCV(
-                Cs=_CV_CS,
-                cv=folds,
-                scoring="neg_log_loss",
-                max_iter=_LR_MAX_ITER,
-                random_state=spec.run.seed,
-            ).fit(z, y)
-            c, how = float(cv.C_[0]), f"{folds}-fold cross-validation"
-        else:  # a class with a single training row: no fold could hold it out
-            c, how = 1.0, "default (too few rows per class to cross-validate)"
-    else:
-        how = "features.regularization_c"
-    clf = LogisticRegression(C=c, max_iter=_LR_MAX_ITER, random_state=spec.run.seed).fit(z, y)
+    clf, c, how = fit_logistic_regression(z, y, spec.features.regularization_c, spec.run.seed)
     weight = np.zeros((head[1].out_features, z.shape[1]), dtype=np.float32)
     bias = np.zeros(head[1].out_features, dtype=np.float32)
     classes = clf.classes_.astype(int)
@@ -119,6 +97,37 @@ def _fit_logistic_regression(spec: RunSpec, head, features: FeatureCache):
         head[1].weight.copy_(torch.from_numpy(weight))
         head[1].bias.copy_(torch.from_numpy(bias))
     return head.eval(), {"head_regularization_c": c, "head_regularization_c_from": how}
+
+
+def fit_logistic_regression(z: np.ndarray, y: np.ndarray, c: float | None, seed: int):
+    """(classifier, C, how C was chosen) for standardized features `z`: the feature head's rule,
+    also `ferry select`'s probe. Without an explicit `c`, C is chosen by cross-validation on
+    these rows only (a fixed C=1 overfit 384 MiniLM features on 800 rows: accuracy 0.655
+    against 0.78 at the cross-validated C), so the default head is never worse than a tuned
+    plain one."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    if c is None:
+        counts = np.bincount(y)
+        # A label with no training row at all is not a fold problem: only the present ones count.
+        folds = int(min(_CV_FOLDS, counts[counts > 0].min())) if len(y) else 0
+        if folds >= 2:
+            # Scored by log loss, the quantity eval/loss reports (and what ranks checkpoints by
+            # default): accuracy would pick among Cs that tie on a small validation fold.
+            cv = LogisticRegressionCV(
+                Cs=_CV_CS,
+                cv=folds,
+                scoring="neg_log_loss",
+                max_iter=_LR_MAX_ITER,
+                random_state=seed,
+            ).fit(z, y)
+            c, how = float(cv.C_[0]), f"{folds}-fold cross-validation"
+        else:  # a class with a single training row: no fold could hold it out
+            c, how = 1.0, "default (too few rows per class to cross-validate)"
+    else:
+        how = "features.regularization_c"
+    clf = LogisticRegression(C=c, max_iter=_LR_MAX_ITER, random_state=seed).fit(z, y)
+    return clf, c, how
 
 
 def _fit_epochs(model, x: torch.Tensor, y: torch.Tensor, spec: RunSpec, seed: int) -> None:

@@ -14,6 +14,7 @@ driver of the same run folder is refused. A worker error that a retry would rais
 
 from __future__ import annotations
 
+import json
 import logging
 
 from trainers.checkpoints import recover_run
@@ -26,10 +27,11 @@ from trainers.export import (
     exported_step,
     find_checkpoint,
 )
+from trainers.features.probe import Probe, probe_gain, probe_verdict, run_probe, wants_probe
 from trainers.lease import hold_run
 from trainers.preflight import RunPlan, record_config
 from trainers.saved import merge_adapter, read_export_metrics
-from trainers.storage import absolute, filesystem
+from trainers.storage import absolute, filesystem, join, write_bytes
 from trainers.train.features import train_features
 from trainers.train.loop import KillAfterStep, train_loop_per_worker
 
@@ -93,6 +95,7 @@ def _train(
         return outcome
     # A damaged latest checkpoint is set aside here, before any worker could be handed it.
     recover_run(spec)
+    probe = run_probe(spec, data) if wants_probe(spec) else None
     with track_run(spec, plan.total_steps, tracking_parent) as tracking:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -102,6 +105,7 @@ def _train(
                 "steps_per_epoch": plan.steps_per_epoch,
                 "total_steps": plan.total_steps,
                 "fault": fault,
+                "probe": probe.metrics if probe else None,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=spec.scaling.num_workers,
@@ -149,6 +153,8 @@ def _train(
                 spec.export_dir,
             )
     metrics = read_export_metrics(spec.export_dir)
+    if probe is not None:
+        metrics = _with_probe(spec, metrics, probe)
     if merge and spec.method == "lora":
         with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
             merge_adapter(spec.export_dir, export_dtype(spec, adapter=False))
@@ -160,6 +166,23 @@ def _train(
         data,
         tracking.summary(),
     )
+
+
+def _with_probe(spec, metrics: dict, probe: Probe) -> dict:
+    """metrics.json with the frozen probe, the fine-tune's gain over it and, when it ended
+    below, the one-line verdict (the CLI prints it under the table)."""
+    gain = probe_gain(metrics.get("final") or {}, probe)
+    metrics = {
+        **metrics,
+        "probe": probe.to_dict(),
+        "probe_gain": gain,
+        "probe_verdict": probe_verdict(gain, spec.method),
+    }
+    if metrics["probe_verdict"]:
+        log.warning("%s", metrics["probe_verdict"])
+    with on_full_disk("run.storage_path", spec.run.storage_path, spec.export_dir):
+        write_bytes(join(spec.export_dir, "metrics.json"), json.dumps(metrics, indent=2).encode())
+    return metrics
 
 
 def _best_checkpoint(spec) -> str | None:

@@ -138,9 +138,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"({per_epoch}/epoch), resuming at step {state.step}"
         )
 
-    if state.step == 0 and spec.train.eval_before_training and state.before is None:
-        state.before = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
-        ray.train.report({**state.before, "train/step": 0})
+    if state.step == 0 and state.before is None:
+        if spec.train.eval_before_training:
+            state.before = evaluate(engine, val_batches, task, data, world, spec, tokenizer)
+        # The driver's frozen probe (trainers.features.probe) joins the step-0 report, so the
+        # history, MLflow and TensorBoard hold it beside the starting model's metrics.
+        probe = config.get("probe") or {}
+        if state.before is not None or probe:
+            ray.train.report({**(state.before or {}), **probe, "train/step": 0})
 
     micro_per_epoch = per_epoch * spec.grad_accum
     # The window's loss sum and the divergence watch stay on the device: reading them costs a
