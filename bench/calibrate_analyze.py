@@ -67,7 +67,13 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.join(ROOT, "ferry-runs", "calibrate"))
     ap.add_argument("--settings", nargs="+", default=[s[0] for s in SETTINGS])
     ap.add_argument("--table", default=TABLE, help="where the table is written")
+    ap.add_argument(
+        "--markdown", action="store_true", help="only print the table and thresholds as Markdown"
+    )
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(args.table))
+        return
     if not os.path.exists(os.path.join(EXAMPLES, "data", "reviews_train.jsonl")):
         raise SystemExit("run `python examples/prepare_reviews.py examples/data` first")
 
@@ -86,6 +92,7 @@ def main() -> None:
             write_table(args.workdir, args.table)
     finally:
         disconnect(session)
+    print(markdown(args.table))
     print(f"[calibrate] total {time.perf_counter() - t_all:,.0f}s; table: {args.table}")
 
 
@@ -290,6 +297,39 @@ def write_table(workdir: str, path: str) -> None:
     with open(path, "w") as f:
         json.dump(table, f, indent=2)
         f.write("\n")
+
+
+def markdown(path: str) -> str:
+    """The table and the thresholds derived from it, as BENCHMARKS.md shows them."""
+    from trainers.analyze import current_thresholds, thresholds_from_table
+
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    lines = [
+        "| run | rows | fertility ratio | UNK rate | centroid distance (split-half) | "
+        "features acc / F1 | LoRA acc / F1 | domain adaptation acc / F1 | winner (F1 margin) | "
+        "wall s (features / LoRA / DA) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sig, m = r["signals"], r["methods"]
+        cell = {k: f"{v['accuracy']:.3f} / {v['f1']:.3f}" for k, v in m.items()}
+        walls = " / ".join(f"{m[k]['wall_s']:.0f}" for k in METHODS if k in m)
+        lines.append(
+            f"| {r['name']} | {r['labeled_rows']} | {sig['fertility_ratio']:.2f} | "
+            f"{sig['unk_rate']:.2%} | {sig['centroid_distance']:.3f} "
+            f"({sig['split_half_distance']:.3f}) | {cell['feature_extraction']} | {cell['lora']} | "
+            f"{cell.get('domain_adaptation', '-')} | {r['winner']} (+{r['margin_points']:.1f} over "
+            f"{r['runner_up']}) | {walls} |"
+        )
+    derived, now = thresholds_from_table(rows), current_thresholds()
+    lines += ["", "| threshold | in code | derived | calibrated | why |", "|---|---|---|---|---|"]
+    for k, d in derived.items():
+        lines.append(
+            f"| {k} | {now[k]:g} | {d['value']:g} | {'yes' if d['calibrated'] else 'no'} | "
+            f"{d['why']} |"
+        )
+    return "\n".join(lines)
 
 
 def _describe(data: str, cipher: float) -> str:
