@@ -201,6 +201,9 @@ def _overrides(files: dict[str, str], workdir: str, name: str) -> list[str]:
         f"run.storage_path={os.path.join(workdir, 'runs', name)}",
         f"run.name={name}",
         "scaling.num_workers=1",
+        # A run that predicts one class scores the same at every evaluation; the export then
+        # picks the first of the tied steps, which 2 kept checkpoints may no longer hold.
+        "train.keep_best_checkpoints=10",
     ]
 
 
