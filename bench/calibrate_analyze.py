@@ -20,7 +20,7 @@ Every method's result is written to `<workdir>/results/` as soon as it is done a
 crash loses at most the method in progress; rerunning with the same --workdir skips what is done.
 `trainers.analyze.thresholds_from_table` derives the recommendation's thresholds from the table.
 
-Run (about 40 minutes on 2 busy CPU cores; needs `python examples/prepare_reviews.py examples/data`):
+Run (about 50 minutes on 2 busy CPU cores; needs `python examples/prepare_reviews.py examples/data`):
     .venv/bin/python bench/calibrate_analyze.py --workdir ferry-runs/calibrate
 """
 
