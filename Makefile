@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: setup demo test test-fast bench bench-hpo bench-methods lint clean
+.PHONY: setup demo test test-fast bench bench-hpo bench-methods bench-calibrate lint clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ bench-hpo: setup
 bench-methods: setup
 	$(PY) examples/prepare_reviews.py examples/data
 	$(PY) bench/transfer_methods.py
+
+# Rewrites trainers/calibration.json; the threshold constants in trainers/analyze.py must then be
+# set to the derived values it prints (tests/test_analyze.py checks they match).
+bench-calibrate: setup
+	$(PY) examples/prepare_reviews.py examples/data
+	$(PY) bench/calibrate_analyze.py --workdir ferry-runs/calibrate
 
 lint: setup
 	$(VENV)/bin/ruff check cluster trainers tuning tests bench examples

@@ -10,10 +10,15 @@ import pytest
 from conftest import LM_SENTENCES, classification_rows, write_jsonl
 
 from trainers.analyze import (
+    PRIOR_THRESHOLDS,
     RECOMMENDATIONS,
     REFERENCE_ENGLISH,
     analyze_domain_shift,
+    current_thresholds,
     label_balance,
+    load_calibration,
+    recommend,
+    thresholds_from_table,
     write_report,
 )
 from trainers.config_load import build_spec
@@ -131,6 +136,7 @@ def test_cli_writes_the_json_report_for_a_preset(tmp_path):
                           "report.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "recommendation: " in res.stdout and "labels: neg 2, pos 6" in res.stdout
+    assert "confidence: low: " in res.stdout and "thresholds calibrated from runs: " in res.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["labels"]["counts"] == {"neg": 2, "pos": 6}
     assert report["labels"]["majority_share"] == 0.75
@@ -139,3 +145,90 @@ def test_cli_writes_the_json_report_for_a_preset(tmp_path):
     spec = _spec(tmp_path, {"preset": "tiny-bert"}, str(tmp_path / "train.jsonl"))
     with pytest.raises(DataError, match=r"--source=missing/\*\.jsonl: file not found\. Fix the path"):
         analyze_domain_shift(spec, ["missing/*.jsonl"])
+
+
+def _calibration_row(name, rows, fertility, distance, f1):
+    """A calibration-table row from macro F1 per method (feature extraction, LoRA[, domain
+    adaptation]), ranked as the bench ranks them."""
+    choices = ("feature-extraction", "lora", "domain-adaptation-first")
+    keys = ("feature_extraction", "lora", "domain_adaptation")
+    methods = {k: {"accuracy": v, "f1": v} for k, v in zip(keys, f1)}
+    ranked = sorted(zip(f1, choices), reverse=True)
+    return {"name": name, "methods": methods, "winner": ranked[0][1], "runner_up": ranked[1][1],
+            "margin_points": round(100 * (ranked[0][0] - ranked[1][0]), 2),
+            "signals": {"unk_rate": 0.0, "fertility_ratio": fertility, "perplexity_ratio": None,
+                        "centroid_distance": distance, "split_half_distance": 0.01,
+                        "distance_to_floor_ratio": distance / 0.01, "labeled_rows": rows}}
+
+
+SYNTHETIC_TABLE = [
+    _calibration_row("clean-100", 100, 1.2, 0.8, (0.70, 0.60)),
+    _calibration_row("clean-800", 800, 1.2, 0.8, (0.70, 0.75)),
+    _calibration_row("clean-400", 400, 1.2, 0.8, (0.70, 0.72, 0.66)),
+    _calibration_row("shift-400", 400, 2.7, 0.9, (0.50, 0.60, 0.65)),
+]
+
+
+def test_threshold_constants_equal_those_derived_from_the_shipped_table():
+    rows = load_calibration()
+    assert rows, "trainers/calibration.json has no rows: run bench/calibrate_analyze.py"
+    derived = thresholds_from_table(rows)
+    assert current_thresholds() == {k: v["value"] for k, v in derived.items()}
+    for key, d in derived.items():
+        assert d["calibrated"] or d["value"] == PRIOR_THRESHOLDS[key], key
+        names = {r["name"] for r in rows}
+        assert set(d["runs"]) <= names
+
+
+def test_thresholds_sit_between_the_runs_that_won_and_lost():
+    got = thresholds_from_table(SYNTHETIC_TABLE)
+    # Domain adaptation lost at fertility ratio 1.2 (clean-400), won at 2.7: sqrt(1.2 * 2.7).
+    assert got["fertility_ratio_high"] == {
+        "value": 1.8, "calibrated": True, "runs": ["clean-400", "shift-400"],
+        "why": "between 1.2 (clean-400: domain adaptation did not win) and 2.7 "
+               "(shift-400: it won)"}
+    # Feature extraction won at 100 rows, LoRA at 400 and 800: sqrt(100 * 400).
+    assert got["small_labeled_rows"]["value"] == 200 and got["small_labeled_rows"]["calibrated"]
+    assert got["small_labeled_rows"]["runs"] == ["clean-100", "clean-400"]
+    # Every run has unk rate 0 (won and lost alike), none a perplexity, and no small-data run
+    # where LoRA won: those keep their prior values, marked as such.
+    assert got["unk_rate_high"]["value"] == PRIOR_THRESHOLDS["unk_rate_high"]
+    assert "runs overlap" in got["unk_rate_high"]["why"]
+    assert not got["perplexity_ratio_high"]["calibrated"]
+    assert got["perplexity_ratio_high"]["why"] == "no calibration run measured this signal"
+    assert not got["low_shift_distance"]["calibrated"]
+    assert got["low_shift_distance"]["runs"] == ["clean-100"]
+
+
+def _report(fertility: float, rows: int, distance: float) -> dict:
+    return {"tokenizer": {"target": {"unk_rate": 0.0, "fertility": 1.3 * fertility},
+                          "source": {"unk_rate": 0.0, "fertility": 1.3},
+                          "fertility_ratio": fertility},
+            "perplexity": {"kind": None, "target": None, "source": None, "ratio": None},
+            "embedding": {"centroid_cosine_distance": distance,
+                          "target_split_half_distance": 0.01},
+            "labels": {"rows": rows}}
+
+
+def test_recommendation_states_its_confidence_and_the_runs_behind_it():
+    # Far above any fertility threshold: domain adaptation; one run measured it and it won.
+    rec = recommend(_report(5.0, 400, 0.9), calibration=SYNTHETIC_TABLE)
+    assert rec["choice"] == "domain-adaptation-first"
+    assert rec["based_on"] == {"agree": ["shift-400"], "disagree": []}
+    assert rec["confidence"] == "medium"
+    assert rec["calibration"] == ("1 of 1 calibration runs with similar numbers won with "
+                                  "domain-adaptation-first (shift-400: +5.0 points over lora)")
+    # Many labeled rows, no tokenizer shift: lora; the clean runs that land here say so or not.
+    rec = recommend(_report(1.0, 50_000, 0.9), calibration=SYNTHETIC_TABLE)
+    assert rec["choice"] == "lora"
+    region = set(rec["based_on"]["agree"]) | set(rec["based_on"]["disagree"])
+    assert {"clean-800", "clean-400"} <= region and "shift-400" not in region
+    assert rec["calibration"].startswith(f"{len(rec['based_on']['agree'])} of {len(region)} ")
+    assert rec["confidence"] in ("medium", "low")
+    # No calibration rows: nothing to lean on.
+    rec = recommend(_report(1.0, 50_000, 0.9), calibration=[])
+    assert rec["confidence"] == "low" and rec["based_on"] == {"agree": [], "disagree": []}
+    assert rec["calibration"] == "no calibration run with similar numbers measured lora"
+    # A random-init preset: the model's numbers are ignored, so is any confidence.
+    rec = recommend(_report(5.0, 400, 0.9), trust_model=False, calibration=SYNTHETIC_TABLE)
+    assert rec["confidence"] == "low" and "random-init preset" in rec["calibration"]

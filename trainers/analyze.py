@@ -10,7 +10,10 @@ per side and runs in seconds on a CPU). Stages:
      or null with a reason when the checkpoint has no masked-LM head
   -> embedding centroids: mean-pooled last hidden state per row, averaged per side; cosine distance
   -> label balance of the whole target (classification)
-  -> a recommendation from the thresholds below, with the numbers behind it.
+  -> a recommendation from the thresholds below, with the numbers behind it, and its confidence:
+     how the calibration runs (`calibration.json`, measured outcomes of feature extraction, LoRA
+     and domain adaptation) that the same rules send the same way actually came out.
+The thresholds are derived from that table by `thresholds_from_table`.
 """
 
 from __future__ import annotations
@@ -35,20 +38,39 @@ from trainers.model import (
 from trainers.storage import is_uri
 from trainers.tasks import TASKS
 
-# Thresholds of the recommendation. Ratios compare the target with the source side.
+# Thresholds of the recommendation. Ratios compare the target with the source side. The values are
+# `thresholds_from_table(load_calibration())` written out (a test keeps them equal); a threshold
+# no calibration run crosses keeps its prior value (`PRIOR_THRESHOLDS`).
 UNK_RATE_HIGH = 0.01
 """Above 1% unknown target tokens the tokenizer cannot represent the domain: adapt first."""
 FERTILITY_RATIO_HIGH = 1.5
-"""Target words cost 1.5x the source's tokens or more: the vocabulary fits the domain poorly."""
+"""Target words cost this many times the source's tokens or more: the vocabulary fits the domain
+poorly."""
 PERPLEXITY_RATIO_HIGH = 4.0
-"""Target perplexity 4x the source's or more: the model finds the domain's text surprising."""
-SMALL_LABELED_ROWS = 1000
-"""Fewer labeled rows than this is a small set: too few to adapt many weights safely."""
+"""Target perplexity this many times the source's or more: the model finds the domain's text
+surprising."""
+SMALL_LABELED_ROWS = 200
+"""Fewer labeled rows than this is a small set: too few to adapt many weights safely (calibrated:
+feature extraction beat LoRA at 100 rows, LoRA won at 400 and 800)."""
 LOW_SHIFT_DISTANCE = 0.05
 """Centroid cosine distance below this: the model already represents target like source text."""
 LOW_SHIFT_FLOOR_RATIO = 2.0
-"""Also low shift: a distance below 2x the target's split-half distance (what two halves of the
-same data already show; the scale of distances depends on the model)."""
+"""Also low shift: a distance below this many times the target's split-half distance (what two
+halves of the same data already show; the scale of distances depends on the model)."""
+
+PRIOR_THRESHOLDS = {
+    "unk_rate_high": 0.01,
+    "fertility_ratio_high": 1.5,
+    "perplexity_ratio_high": 4.0,
+    "small_labeled_rows": 1000,
+    "low_shift_distance": 0.05,
+    "low_shift_floor_ratio": 2.0,
+}
+"""The hand-picked values before calibration: what a threshold keeps when no run crosses it."""
+
+CALIBRATION_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration.json")
+"""Measured outcomes (bench/calibrate_analyze.py): per setting the signals, each method's
+validation metrics and the winner. Shipped with the package."""
 
 RECOMMENDATIONS = {
     "domain-adaptation-first": "continue pretraining on unlabeled target text before fine-tuning "
@@ -179,14 +201,7 @@ def analyze_domain_shift(
         "perplexity": ppl,
         "embedding": embedding,
         "labels": labels,
-        "thresholds": {
-            "unk_rate_high": UNK_RATE_HIGH,
-            "fertility_ratio_high": FERTILITY_RATIO_HIGH,
-            "perplexity_ratio_high": PERPLEXITY_RATIO_HIGH,
-            "small_labeled_rows": SMALL_LABELED_ROWS,
-            "low_shift_distance": LOW_SHIFT_DISTANCE,
-            "low_shift_floor_ratio": LOW_SHIFT_FLOOR_RATIO,
-        },
+        "thresholds": threshold_sources(),
         "notes": notes,
     }
     report["recommendation"] = recommend(report, trust_model=not spec.model.preset)
@@ -194,68 +209,296 @@ def analyze_domain_shift(
     return report
 
 
-def recommend(report: dict[str, Any], trust_model: bool = True) -> dict[str, Any]:
-    """Pick one of `RECOMMENDATIONS` from a report's numbers; the reasons quote them.
+def recommend(
+    report: dict[str, Any], trust_model: bool = True, calibration: list[dict] | None = None
+) -> dict[str, Any]:
+    """Pick one of `RECOMMENDATIONS` from a report's numbers; the reasons quote them, and the
+    confidence says how the calibration runs that land on the same rule fared.
 
     Rules, first match wins: target UNK rate > UNK_RATE_HIGH, fertility ratio >=
     FERTILITY_RATIO_HIGH or perplexity ratio >= PERPLEXITY_RATIO_HIGH -> domain-adaptation-first;
-    classification with < SMALL_LABELED_ROWS rows and centroid distance < LOW_SHIFT_DISTANCE ->
-    feature-extraction; else lora. Low shift: centroid distance < LOW_SHIFT_DISTANCE or <
-    LOW_SHIFT_FLOOR_RATIO x the target's split-half distance. Model-based numbers count only when
-    `trust_model`.
+    classification with < SMALL_LABELED_ROWS rows and low shift -> feature-extraction; else lora.
+    Low shift: centroid distance < LOW_SHIFT_DISTANCE or < LOW_SHIFT_FLOOR_RATIO x the target's
+    split-half distance. Model-based numbers count only when `trust_model`.
+
+    Args:
+        report: `analyze_domain_shift`'s report (tokenizer, perplexity, embedding, labels).
+        trust_model: False for a random-init preset: perplexity and distances are ignored.
+        calibration: rows of the calibration table; None reads `CALIBRATION_TABLE`.
+
+    Returns:
+        choice, action, reasons, confidence (high|medium|low), based_on (calibration runs on the
+        same rule whose measured winner agrees / disagrees) and calibration (one line saying so).
     """
     tok, ppl = report["tokenizer"], report["perplexity"]
-    distance = report["embedding"]["centroid_cosine_distance"]
-    floor = report["embedding"]["target_split_half_distance"]
+    sig = signals_of(report)
+    distance, floor = sig["centroid_distance"], sig["split_half_distance"]
+    th = current_thresholds()
+    fired = _adapt_rules(sig, th, trust_model)
     reasons = []
-    if tok["target"]["unk_rate"] > UNK_RATE_HIGH:
-        reasons.append(
-            f"target unknown-token rate {tok['target']['unk_rate']:.2%} > {UNK_RATE_HIGH:.0%}"
-        )
-    if tok["fertility_ratio"] is not None and tok["fertility_ratio"] >= FERTILITY_RATIO_HIGH:
+    if "unk_rate_high" in fired:
+        reasons.append(f"target unknown-token rate {sig['unk_rate']:.2%} > {UNK_RATE_HIGH:.2%}")
+    if "fertility_ratio_high" in fired:
         reasons.append(
             f"fertility ratio {tok['fertility_ratio']:.2f} (target "
             f"{tok['target']['fertility']:.2f} vs source {tok['source']['fertility']:.2f} "
             f"tokens/word) >= {FERTILITY_RATIO_HIGH}"
         )
-    if trust_model and ppl["ratio"] is not None and ppl["ratio"] >= PERPLEXITY_RATIO_HIGH:
+    if "perplexity_ratio_high" in fired:
         reasons.append(
             f"perplexity ratio {ppl['ratio']:.2f} (target {ppl['target']:.1f} vs source "
             f"{ppl['source']:.1f}) >= {PERPLEXITY_RATIO_HIGH}"
         )
-    if reasons:
-        choice = "domain-adaptation-first"
-    else:
-        labels = report["labels"]
-        small = labels is not None and labels["rows"] < SMALL_LABELED_ROWS
-        limit = max(LOW_SHIFT_DISTANCE, LOW_SHIFT_FLOOR_RATIO * (floor or 0.0))
-        close = trust_model and distance is not None and distance < limit
-        if small and close:
-            choice = "feature-extraction"
-            reasons.append(
-                f"{labels['rows']} labeled rows < {SMALL_LABELED_ROWS} and centroid "
-                f"distance {distance:.3f} < {limit:.3f} (max of {LOW_SHIFT_DISTANCE} and "
-                f"{LOW_SHIFT_FLOOR_RATIO} x split-half {_fmt(floor, 3)})"
-            )
+    choice = choose(sig, th, trust_model)
+    labels = report["labels"]
+    small = _small(sig, th)
+    limit = max(LOW_SHIFT_DISTANCE, LOW_SHIFT_FLOOR_RATIO * (floor or 0.0))
+    if choice == "feature-extraction":
+        reasons.append(
+            f"{labels['rows']} labeled rows < {SMALL_LABELED_ROWS} and centroid "
+            f"distance {distance:.3f} < {limit:.3f} (max of {LOW_SHIFT_DISTANCE} and "
+            f"{LOW_SHIFT_FLOOR_RATIO} x split-half {_fmt(floor, 3)})"
+        )
+    elif choice == "lora":
+        reasons.append(
+            f"tokenizer{' and perplexity' if trust_model else ''} within thresholds "
+            f"(UNK {tok['target']['unk_rate']:.2%}, fertility ratio "
+            f"{_fmt(tok['fertility_ratio'])}, perplexity ratio {_fmt(ppl['ratio'])})"
+        )
+        if labels is None:
+            reasons.append("no labels (causal_lm)")
+        elif not small:
+            reasons.append(f"{labels['rows']} labeled rows >= {SMALL_LABELED_ROWS}")
         else:
-            choice = "lora"
             reasons.append(
-                f"tokenizer{' and perplexity' if trust_model else ''} within thresholds "
-                f"(UNK {tok['target']['unk_rate']:.2%}, fertility ratio "
-                f"{_fmt(tok['fertility_ratio'])}, perplexity ratio {_fmt(ppl['ratio'])})"
+                f"centroid distance {_fmt(distance, 3)} >= {limit:.3f}: the "
+                "representation has to move"
+                if trust_model
+                else "model-based numbers ignored (random-init preset)"
             )
-            if labels is None:
-                reasons.append("no labels (causal_lm)")
-            elif not small:
-                reasons.append(f"{labels['rows']} labeled rows >= {SMALL_LABELED_ROWS}")
-            else:
-                reasons.append(
-                    f"centroid distance {_fmt(distance, 3)} >= {limit:.3f}: the "
-                    "representation has to move"
-                    if trust_model
-                    else "model-based numbers ignored (random-init preset)"
-                )
-    return {"choice": choice, "action": RECOMMENDATIONS[choice], "reasons": reasons}
+    rows = load_calibration() if calibration is None else calibration
+    support = _calibration_support(choice, rows, trust_model)
+    return {"choice": choice, "action": RECOMMENDATIONS[choice], "reasons": reasons, **support}
+
+
+def choose(sig: dict[str, Any], th: dict[str, float], trust_model: bool = True) -> str:
+    """The rules of `recommend` on `signals_of`'s numbers with thresholds `th`: the one place they
+    are decided, for a report and for a calibration run alike."""
+    if _adapt_rules(sig, th, trust_model):
+        return "domain-adaptation-first"
+    if _small(sig, th) and trust_model and _close(sig, th):
+        return "feature-extraction"
+    return "lora"
+
+
+def _adapt_rules(sig: dict[str, Any], th: dict[str, float], trust_model: bool) -> list[str]:
+    """The domain-adaptation thresholds this setting reaches."""
+    fired = []
+    if sig["unk_rate"] > th["unk_rate_high"]:
+        fired.append("unk_rate_high")
+    if sig["fertility_ratio"] is not None and sig["fertility_ratio"] >= th["fertility_ratio_high"]:
+        fired.append("fertility_ratio_high")
+    ppl = sig["perplexity_ratio"]
+    if trust_model and ppl is not None and ppl >= th["perplexity_ratio_high"]:
+        fired.append("perplexity_ratio_high")
+    return fired
+
+
+def _small(sig: dict[str, Any], th: dict[str, float]) -> bool:
+    return sig["labeled_rows"] is not None and sig["labeled_rows"] < th["small_labeled_rows"]
+
+
+def _close(sig: dict[str, Any], th: dict[str, float]) -> bool:
+    distance, floor = sig["centroid_distance"], sig["split_half_distance"]
+    limit = max(th["low_shift_distance"], th["low_shift_floor_ratio"] * (floor or 0.0))
+    return distance is not None and distance < limit
+
+
+def current_thresholds() -> dict[str, float]:
+    """The module's threshold constants by their table names."""
+    return {
+        "unk_rate_high": UNK_RATE_HIGH,
+        "fertility_ratio_high": FERTILITY_RATIO_HIGH,
+        "perplexity_ratio_high": PERPLEXITY_RATIO_HIGH,
+        "small_labeled_rows": SMALL_LABELED_ROWS,
+        "low_shift_distance": LOW_SHIFT_DISTANCE,
+        "low_shift_floor_ratio": LOW_SHIFT_FLOOR_RATIO,
+    }
+
+
+def load_calibration(path: str = CALIBRATION_TABLE) -> list[dict[str, Any]]:
+    """The calibration table's rows; [] when the file is absent (nothing measured yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+_METHOD_OF = {
+    "domain-adaptation-first": "domain_adaptation",
+    "feature-extraction": "feature_extraction",
+    "lora": "lora",
+}
+
+
+def thresholds_from_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Derive the recommendation's thresholds from measured outcomes (the calibration table).
+
+    The rule, per threshold: it sits at the geometric midpoint between the largest signal value
+    of a run where the threshold's method did NOT win and the smallest value of a run where it
+    did (the arithmetic midpoint when the lower value is 0); rounded to 3 significant digits
+    (rows: to a whole row). A threshold keeps its prior value (`PRIOR_THRESHOLDS`) and is marked
+    not calibrated when no run crosses it: no run on one side, or the two sides overlap.
+    The rules are a decision list, so each threshold learns from the runs that reach its rule:
+
+    - unk_rate_high, fertility_ratio_high, perplexity_ratio_high: the runs that measured domain
+      adaptation; the method wins above the threshold.
+    - small_labeled_rows: the runs below every (derived) domain-adaptation threshold; LoRA beats
+      feature extraction at or above it.
+    - low_shift_distance (centroid distance) and low_shift_floor_ratio (distance / split-half
+      distance): those of the runs above with fewer labeled rows than small_labeled_rows; LoRA
+      beats feature extraction at or above it.
+
+    "Won" is the table's metric (macro F1 on the held-out rows); feature extraction against LoRA
+    is compared head to head.
+
+    Returns:
+        Per threshold name: value, calibrated (bool), runs (the two runs it sits between, or those
+        that were looked at), why (one line).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    measured = [r for r in rows if "domain_adaptation" in r["methods"]]
+    for key, signal in (
+        ("unk_rate_high", "unk_rate"),
+        ("fertility_ratio_high", "fertility_ratio"),
+        ("perplexity_ratio_high", "perplexity_ratio"),
+    ):
+        points = [
+            (r["name"], r["signals"][signal], r["winner"] == "domain-adaptation-first")
+            for r in measured
+            if r["signals"].get(signal) is not None
+        ]
+        out[key] = _split(key, points, "domain adaptation")
+    adapt = PRIOR_THRESHOLDS | {k: v["value"] for k, v in out.items()}
+    rest = [
+        r
+        for r in rows
+        if not _adapt_rules(r["signals"], adapt, True) and "feature_extraction" in r["methods"]
+    ]
+
+    def lora_won(r: dict) -> bool:
+        return r["methods"]["lora"]["f1"] > r["methods"]["feature_extraction"]["f1"]
+
+    out["small_labeled_rows"] = _split(
+        "small_labeled_rows",
+        [(r["name"], r["signals"]["labeled_rows"], lora_won(r)) for r in rest],
+        "LoRA (over feature extraction)",
+        whole=True,
+    )
+    small = [r for r in rest if r["signals"]["labeled_rows"] < out["small_labeled_rows"]["value"]]
+    for key, signal in (
+        ("low_shift_distance", "centroid_distance"),
+        ("low_shift_floor_ratio", "distance_to_floor_ratio"),
+    ):
+        points = [
+            (r["name"], r["signals"][signal], lora_won(r))
+            for r in small
+            if r["signals"].get(signal) is not None
+        ]
+        out[key] = _split(key, points, "LoRA (over feature extraction, small data)")
+    return out
+
+
+def _split(
+    key: str, points: list[tuple[str, float, bool]], method: str, whole: bool = False
+) -> dict[str, Any]:
+    """One threshold from (run, signal value, method won) points; see `thresholds_from_table`."""
+    prior = PRIOR_THRESHOLDS[key]
+    won = [(v, n) for n, v, w in points if w]
+    lost = [(v, n) for n, v, w in points if not w]
+    names = [n for n, _, _ in points]
+    if not points:
+        why = "no calibration run measured this signal"
+        return {"value": prior, "calibrated": False, "runs": [], "why": why}
+    if not won or not lost:
+        side = "won" if not won else "lost"
+        why = f"no calibration run where {method} {side} ({len(points)} run(s) looked at)"
+        return {"value": prior, "calibrated": False, "runs": names, "why": why}
+    (hi, hi_name), (lo, lo_name) = max(lost), min(won)
+    if hi >= lo:
+        why = f"runs overlap: {method} lost at {_g(hi)} ({hi_name}) but won at {_g(lo)} ({lo_name})"
+        return {"value": prior, "calibrated": False, "runs": names, "why": why}
+    mid = math.sqrt(hi * lo) if hi > 0 else (hi + lo) / 2
+    value: float = round(mid) if whole else float(f"{mid:.3g}")
+    why = f"between {_g(hi)} ({hi_name}: {method} did not win) and {_g(lo)} ({lo_name}: it won)"
+    return {"value": value, "calibrated": True, "runs": [hi_name, lo_name], "why": why}
+
+
+def threshold_sources(rows: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The report's thresholds section: each value in use, whether it is calibrated, from which
+    runs and why."""
+    derived = thresholds_from_table(load_calibration() if rows is None else rows)
+    return {
+        k: {"value": v, **{f: derived[k][f] for f in ("calibrated", "runs", "why")}}
+        for k, v in current_thresholds().items()
+    }
+
+
+def _calibration_support(choice: str, rows: list[dict], trust_model: bool) -> dict[str, Any]:
+    """Confidence from the calibration runs that the same rules send to `choice`: high when at
+    least 3 were measured with that method and all won with it, medium when most did, low
+    otherwise (none measured, half or fewer agree, or model-based numbers ignored)."""
+    th = current_thresholds()
+    method = _METHOD_OF[choice]
+    region = [r for r in rows if choose(r["signals"], th) == choice and method in r["methods"]]
+    agree = [r for r in region if r["winner"] == choice]
+    disagree = [r for r in region if r["winner"] != choice]
+    n, k = len(region), len(agree)
+    if not trust_model or n == 0 or 2 * k <= n:
+        confidence = "low"
+    else:
+        confidence = "high" if k == n and n >= 3 else "medium"
+    details = [
+        f"{r['name']}: +{r['margin_points']:.1f} points over {r['runner_up']}" for r in agree
+    ] + [
+        f"{r['name']}: {r['winner']} won, "
+        f"{100 * (r['methods'][_METHOD_OF[r['winner']]]['f1'] - r['methods'][method]['f1']):.1f} "
+        "points ahead"
+        for r in disagree
+    ]
+    if n:
+        line = (
+            f"{k} of {n} calibration runs with similar numbers won with {choice} "
+            f"({'; '.join(details)})"
+        )
+    else:
+        line = f"no calibration run with similar numbers measured {choice}"
+    if not trust_model:
+        line += "; model-based numbers ignored (random-init preset)"
+    return {
+        "confidence": confidence,
+        "based_on": {
+            "agree": [r["name"] for r in agree],
+            "disagree": [r["name"] for r in disagree],
+        },
+        "calibration": line,
+    }
+
+
+def signals_of(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `recommend` decides on, flat: what a calibration run records and what the
+    thresholds are derived from (`thresholds_from_table`)."""
+    tok, emb, labels = report["tokenizer"], report["embedding"], report["labels"]
+    distance, floor = emb["centroid_cosine_distance"], emb["target_split_half_distance"]
+    return {
+        "unk_rate": tok["target"]["unk_rate"],
+        "fertility_ratio": tok["fertility_ratio"],
+        "perplexity_ratio": report["perplexity"]["ratio"],
+        "centroid_distance": distance,
+        "split_half_distance": floor,
+        "distance_to_floor_ratio": _ratio(distance, floor),
+        "labeled_rows": labels["rows"] if labels else None,
+    }
 
 
 def label_balance(labels: list[str]) -> dict[str, Any]:
@@ -308,6 +551,16 @@ def summarize(report: dict[str, Any]) -> list[str]:
     lines += [f"note: {n}" for n in report["notes"]]
     rec = report["recommendation"]
     lines.append(f"recommendation: {rec['choice']}: {rec['action']} ({'; '.join(rec['reasons'])})")
+    lines.append(f"confidence: {rec['confidence']}: {rec['calibration']}")
+    th = report["thresholds"]
+    calibrated = [
+        f"{k}={v['value']:g} ({'|'.join(v['runs'])})" for k, v in th.items() if v["calibrated"]
+    ]
+    prior = [f"{k}={v['value']:g}" for k, v in th.items() if not v["calibrated"]]
+    lines.append(
+        f"thresholds calibrated from runs: {', '.join(calibrated) or 'none'}; "
+        f"not calibrated (prior value): {', '.join(prior) or 'none'}"
+    )
     return lines
 
 
@@ -586,6 +839,10 @@ def _cosine_distance(a, b) -> float:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
