@@ -95,10 +95,15 @@ def test_gain_and_verdict():
     final = {"eval/accuracy": 0.85, "eval/f1": 0.69, "eval/loss": 0.3}
     gain = probe_gain(final, probe)
     assert gain == pytest.approx({"accuracy": 0.05, "f1": -0.01})
-    assert "(f1 -0.0100)" in probe_verdict(gain, "lora") and "LoRA rank" in probe_verdict(
-        gain, "lora"
-    )
-    assert probe_verdict({"accuracy": 0.0, "f1": -0.001}, "full") is None  # a tie
+    # Judged on the run's best metric: below on F1, not on accuracy.
+    below = probe_verdict(gain, "lora", "eval/f1", 500)
+    assert "(f1 -0.0100)" in below and "LoRA rank" in below
+    assert probe_verdict(gain, "lora", "eval/accuracy", 500) is None
+    # A metric the probe lacks (eval/loss ranks by default) falls back to accuracy.
+    assert probe_verdict({"accuracy": -0.02}, "full", "eval/loss", 500).startswith("the fine")
+    # One validation row or less is a tie: 200 rows, accuracy one row worse.
+    assert probe_verdict({"accuracy": -0.005}, "full", "eval/accuracy", 200) is None
+    assert probe_verdict({"accuracy": -0.01}, "full", "eval/accuracy", 200) is not None
     assert np.isclose(probe_gain({"eval/accuracy": 0.8}, probe)["accuracy"], 0.0)
 
 

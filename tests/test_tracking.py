@@ -286,7 +286,9 @@ def test_curves_mark_the_best_step_and_an_early_stop(tmp_path):
     stop = {"reason": "eval/f1 did not improve", "step": 15}
     path = str(tmp_path / "c.png")
     series = plot_curves(history, path, "eval/f1", "max", early_stop=stop, title="r")
-    assert series.best == (5, 0.7)  # the first step that reached the best value
+    # The latest step at the best value: the one the export picks (Ray Train keeps the later of
+    # tied checkpoints), so the star marks the exported model.
+    assert series.best == (10, 0.7)
     assert series.running_best == [(0, 0.2), (5, 0.7), (10, 0.7), (15, 0.7)]
     assert series.eval_loss == [(0, 2.0), (5, 1.0), (15, 1.4)]  # the NaN is left out
     assert series.early_stop == stop and os.path.getsize(path) > 10_000

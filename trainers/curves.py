@@ -33,7 +33,7 @@ class CurveSeries:
     eval_loss: list[Point]
     metric_values: list[Point]
     running_best: list[Point]  # the best metric value seen up to each evaluation
-    best: Point | None  # (step, value) of the best evaluation; the first one on a tie
+    best: Point | None  # (step, value) of the best evaluation; the latest on a tie (as exported)
     early_stop: dict[str, Any] | None  # {"step": ..., "reason": ...} from metrics.json
 
 
@@ -109,7 +109,7 @@ def curve_series(
     better = min if mode == "min" else max
     running, best = [], None
     for step, value in values:
-        if best is None or better(value, best[1]) != best[1]:
+        if best is None or value == best[1] or better(value, best[1]) != best[1]:
             best = (step, value)
         running.append((step, best[1]))
     return CurveSeries(

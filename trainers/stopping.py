@@ -135,12 +135,16 @@ def stop_reason(
 def best_evaluation(
     history: list[dict[str, float]], metric: str, mode: Literal["min", "max"] = "min"
 ) -> dict[str, float] | None:
-    """The evaluation with the best finite `metric` (the earliest of equals), or None."""
+    """The evaluation with the best finite `metric` (the latest of equals), or None.
+
+    The latest, because Ray Train keeps the later of tied checkpoints (train.keep_best_checkpoints
+    ranks by this metric): a run whose evaluations all tie (one that predicts a single class) kept
+    only its last checkpoints, and asking for the first tied step found none."""
     scored = [h for h in history if _finite(h.get(metric))]
     if not scored:
         return None
     sign = 1.0 if mode == "min" else -1.0
-    return min(scored, key=lambda h: sign * h[metric])
+    return min(reversed(scored), key=lambda h: sign * h[metric])  # min keeps the first it meets
 
 
 def _stalled(

@@ -24,7 +24,7 @@ from trainers.errors import ConfigError
 
 log = logging.getLogger("ferry.probe")
 
-# Gains smaller than this (one validation row in 500) count as a tie, not a fine-tune below it.
+# The smallest gap that counts as below the probe, however many validation rows there are.
 _TIE = 0.002
 
 
@@ -38,6 +38,7 @@ class Probe:
     feature_cache_hit: bool | None = None
     feature_cache: str | None = None
     seconds: float = 0.0
+    validation_rows: int = 0
     skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +94,7 @@ def run_probe(spec: RunSpec, data) -> Probe:
         feature_cache_hit=features.cache_hit,
         feature_cache=features.path,
         seconds=round(time.perf_counter() - t0, 2),
+        validation_rows=len(y),
     )
     log.info(
         "frozen probe: accuracy %.4f, F1 %.4f (%s features, %.1fs)",
@@ -114,15 +116,19 @@ def probe_gain(final: dict[str, Any], probe: Probe) -> dict[str, float]:
     }
 
 
-def probe_verdict(gain: dict[str, float], method: str) -> str | None:
-    """One line when the fine-tune ended below its frozen probe on accuracy or F1, else None."""
-    below = {k: v for k, v in gain.items() if k in ("accuracy", "f1") and v < -_TIE}
-    if not below:
+def probe_verdict(
+    gain: dict[str, float], method: str, best_metric: str, validation_rows: int
+) -> str | None:
+    """One line when the fine-tune ended below its frozen probe, else None. Judged on the metric
+    the run ranks its checkpoints by (train.best_metric) when the probe has it, else accuracy; a
+    gap of one validation row or less is a tie (on 200 rows one row moves accuracy by 0.005)."""
+    name = best_metric.removeprefix("eval/")
+    name = name if name in gain else "accuracy"
+    if name not in gain or gain[name] >= -max(_TIE, 1.0 / max(validation_rows, 1)) - 1e-12:
         return None
-    worse = ", ".join(f"{k} {v:+.4f}" for k, v in below.items())
     rank = ", LoRA rank" if method == "lora" else ""
     return (
-        f"the fine-tune ended below the frozen probe ({worse}): likely too few steps, the "
-        f"learning rate{rank} or overfitting; `method: feature_extraction` does the probe's job "
-        "for a fraction of the cost (--set method=feature_extraction)"
+        f"the fine-tune ended below the frozen probe ({name} {gain[name]:+.4f}): likely too few "
+        f"steps, the learning rate{rank} or overfitting; `method: feature_extraction` does the "
+        "probe's job for a fraction of the cost (--set method=feature_extraction)"
     )

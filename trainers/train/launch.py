@@ -176,7 +176,9 @@ def _with_probe(spec, metrics: dict, probe: Probe) -> dict:
         **metrics,
         "probe": probe.to_dict(),
         "probe_gain": gain,
-        "probe_verdict": probe_verdict(gain, spec.method),
+        "probe_verdict": probe_verdict(
+            gain, spec.method, spec.train.best_metric, probe.validation_rows
+        ),
     }
     if metrics["probe_verdict"]:
         log.warning("%s", metrics["probe_verdict"])
