@@ -114,6 +114,8 @@ def test_two_worker_training_learns_and_exports(runs, kind, method, stage):
     assert final["eval/loss"] < before["eval/loss"] * {"cls": 0.8, "lm": 0.7 if method == "full" else 0.9}[kind]
     history = _history(outcome)["history"]
     assert history[-1]["train/loss"] < history[0]["train/loss"]
+    # Time blocked on Ray Data per evaluation window, as a share of the window's training time.
+    assert all(0 <= h["train/ingest_wait_share"] < 1 for h in history if "train/loss" in h)
     if kind == "cls":
         assert {"eval/accuracy", "eval/f1", "eval/precision", "eval/recall", "eval/f1_pos"} <= set(final)
         assert final["eval/accuracy"] >= 0.9

@@ -394,6 +394,13 @@ class TrainConfig(_Strict):
         "last.",
     )
     log_every_n_steps: int = Field(10, ge=1, description="Progress line every N optimizer steps.")
+    prefetch_batches: int = Field(
+        2,
+        ge=0,
+        description="Micro-batches Ray Data reads, collates and moves to the device ahead of the "
+        "step, in a background thread: hides data latency (train/ingest_wait_share) at the cost "
+        "of one micro-batch of memory each; 0 = read in the step.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each layer's activations in backward instead of keeping them "

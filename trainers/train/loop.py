@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trainers.checkpoints import (
     checkpoint_name,
@@ -157,11 +158,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = train_shard.iter_torch_batches(
             batch_size=spec.train.micro_batch_size_per_worker,
             drop_last=True,
-            collate_fn=lambda rows: task.collate(rows, pad_id),
+            collate_fn=TaskCollate(task, pad_id),
+            prefetch_batches=spec.train.prefetch_batches,
             local_shuffle_buffer_size=1024,
             local_shuffle_seed=spec.run.seed + state.epoch,
         )
-        for micro, batch in enumerate(batches):
+        for micro, batch in enumerate(progress.timed(batches)):
             if micro >= micro_per_epoch or state.step >= total:
                 break
             if micro < state.micro_in_epoch:
@@ -197,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # The checkpoint of the stopping step is reported too: resume and export see
                 # the run exactly where it ended.
                 _report_with_checkpoint(engine, state, metrics, rank, world)
-                progress.last = time.perf_counter()
+                progress.restart_window()
                 if state.early_stop:
                     break
         # The epoch is over: its micro-batch budget is spent, training is done, or the shard ran
@@ -209,6 +211,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # must agree, because the ZeRO-3 export gathers the weights collectively.
     if from_rank0(exported_step(spec, state.history) == state.step, engine.device):
         _export(engine, spec, tokenizer, data, state, rank)
+
+
+class TaskCollate(NumpyBatchCollateFn):
+    """A task's `collate(rows, pad_id)` as the collate class Ray Data wants (the function form
+    is deprecated since Ray 2.47). It runs on Ray Data's prefetch thread, so collation overlaps
+    the step; Ray then moves the tensors to the worker's device there too."""
+
+    def __init__(self, task, pad_id: int):
+        self.task, self.pad_id = task, pad_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.task.collate(batch, self.pad_id)
 
 
 def lr_schedule(optimizer, spec: RunSpec, total_steps: int):
@@ -294,9 +308,7 @@ def validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -> tu
     memory: re-running a Ray Data pipeline at every evaluation costs seconds each time. Also a
     spare batch, for ranks with fewer batches than others (see `evaluate`)."""
     bs = spec.train.eval_batch_size_per_worker
-    batches = val_data.iter_torch_batches(
-        batch_size=bs, collate_fn=lambda r: task.collate(r, pad_id)
-    )
+    batches = val_data.iter_torch_batches(batch_size=bs, collate_fn=TaskCollate(task, pad_id))
     mine, spare = [], None
     for i, b in enumerate(batches):
         spare = spare if spare is not None else b
@@ -375,6 +387,7 @@ def _train_metrics(state: LoopState, progress, schedule, device) -> dict[str, fl
         "train/lr": schedule.get_last_lr()[0],
         "train/tokens_per_s": progress.tokens_per_s(),
         "train/step_time_s": progress.median_step_time(),
+        "train/ingest_wait_share": progress.ingest_wait_share(),
         "train/elapsed_s": progress.elapsed(),
     }
 
@@ -520,6 +533,31 @@ class _Progress:
         self.rank, self.total, self.world, self.every = rank, total, world, every
         self.t0, self.tokens, self.start_step = time.perf_counter(), 0, start_step
         self.last, self.step_times = self.t0, []
+        # Time blocked on the data iterator, and the window it is a share of (since the last
+        # evaluation's report): train/ingest_wait_share.
+        self.waited, self.window_start = 0.0, self.t0
+
+    def timed(self, batches):
+        """`batches`, adding the time each `next()` blocks to the ingest wait."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t
+            yield batch
+
+    def ingest_wait_share(self) -> float:
+        """Share of the window's training time (up to its last step: the evaluation is not
+        training) spent waiting for the next batch."""
+        return self.waited / max(self.last - self.window_start, 1e-9)
+
+    def restart_window(self) -> None:
+        """After an evaluation and its checkpoint: step times and the ingest wait start over."""
+        self.last = self.window_start = time.perf_counter()
+        self.waited = 0.0
 
     def add_tokens(self, n: int) -> None:
         self.tokens += n
