@@ -444,9 +444,12 @@ def _time_cli(config: str, run_name: str, work: str) -> dict:
     load, t0 = os.getloadavg()[0], time.perf_counter()
     proc = subprocess.Popen([ferry, "train", config, "--set", f"run.name={run_name}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    first_step, tail = None, []
+    first_step, tail, timeline = None, [], []
     assert proc.stdout is not None
     for line in proc.stdout:
+        if first_step is None and "[ferry]" in line:
+            # Where start-up goes: when each of Ferry's lines before the first step arrived.
+            timeline.append((time.perf_counter() - t0, line.strip()[:150]))
         if first_step is None and "[ferry] step " in line:
             first_step = time.perf_counter() - t0
         tail = (tail + [line.rstrip()])[-15:]
@@ -455,7 +458,8 @@ def _time_cli(config: str, run_name: str, work: str) -> dict:
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     if rc != 0:
         print("\n".join(tail), file=sys.stderr)
-    return {"first_step_s": first_step, "total_s": total, "rc": rc, "load": load}
+    return {"first_step_s": first_step, "total_s": total, "rc": rc, "load": load,
+            "timeline": timeline}
 
 
 def _row(key: str, label: str, result: dict | None, rnd: int, error: str | None = None) -> dict:
@@ -519,6 +523,10 @@ def print_report(tables: dict[str, list[dict]], startup: list[dict], args, wall_
         for s in startup:
             first = "not seen" if s["first_step_s"] is None else f"{s['first_step_s']:.1f}"
             print(f"| {s['name']} | {first} | {s['total_s']:.1f} | {s['rc']} | {s['load']:.1f} |")
+        for s in startup:
+            print(f"\n{s['name']}: seconds after process start at which each line arrived\n")
+            for t, line in s["timeline"]:
+                print(f"    {t:6.1f}  {line}")
     print("\n## Machine\n")
     for line in machine_description(load_before):
         print(f"- {line}")

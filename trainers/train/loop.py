@@ -73,6 +73,7 @@ class KillAfterStep:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train on this worker's shard; every rank saves its ZeRO shard at each report."""
+    clock = _StartupClock()
     import deepspeed
     import ray.data
     import ray.train
@@ -87,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     task = TASKS[spec.task.type]
 
+    clock.mark("imports")
     skip_unused_shm_build()
     device = bind_device()
     if device.type == "cuda":  # before any collective (see bind_device)
@@ -102,7 +104,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mine = fit_problems(spec, gpu, world, tokenizer) if rank == 0 else []
         if problems := from_rank0(mine, device):
             raise ConfigError(problems)
+    clock.mark("process group")
     model = build_model(spec, tokenizer, data.label_names, ds_config)
+    clock.mark("model")
     trainable, total_params = count_parameters(model)
     # Under ZeRO-3 the base weights must already be partitioned here (built inside zero.Init),
     # or every rank held the whole model for a moment. LoRA weights are partitioned later.
@@ -124,19 +128,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
         dist_init_required=False,  # Ray Train already created the process group
     )
+    clock.mark("DeepSpeed engine")
     state = _restore(engine, ray.train.get_checkpoint(), rank, world)
+    clock.mark("restore")
     state.built_partitioned = built_partitioned
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_shard = ray.train.get_dataset_shard("train")
     val_batches = validation_batches(
         ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world
     )
+    clock.mark("validation data")
     progress = _Progress(rank, total, world, state.step, spec.train.log_every_n_steps)
     if rank == 0:
         _say(
             f"[ferry] {spec.method} on {trainable:,}/{total_params:,} trainable parameters, "
             f"ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s), {total} steps "
-            f"({per_epoch}/epoch), resuming at step {state.step}"
+            f"({per_epoch}/epoch), resuming at step {state.step}; worker ready in {clock}"
         )
 
     if state.step == 0 and state.before is None:
@@ -524,6 +531,24 @@ def skip_unused_shm_build() -> None:
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_torch_comm, "build_shm_op") and not torch.cuda.is_available():
         ds_torch_comm.build_shm_op = lambda: None
+
+
+class _StartupClock:
+    """Where a worker's start-up goes, phase by phase; printed on the worker's first line (slow
+    starts are a cost users pay on every run and every retry)."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f}" for name, s in self.phases)
+        return f"{self.last - self.t0:.1f}s ({parts})"
 
 
 class _Progress:
