@@ -175,14 +175,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if micro < state.micro_in_epoch:
                 continue  # resume: skip what this epoch already consumed before the checkpoint
-            batch = on_device(batch, engine.device)
-            loss_sum, weight, _ = task.loss_and_outputs(engine, batch)
-            loss = loss_sum / weight.clamp(min=1)
-            watch.loss(loss, state.step + 1)
-            engine.backward(loss)
-            engine.step()
+            loss = train_micro_step(engine, task, batch, watch, state.step + 1)
             state.micro_in_epoch = micro + 1
-            window_loss, window_n = window_loss + loss.detach(), window_n + 1
+            window_loss, window_n = window_loss + loss, window_n + 1
             progress.add_tokens(int(batch["input_ids"].numel()))
             if not engine.is_gradient_accumulation_boundary() and (micro + 1) % spec.grad_accum:
                 continue
@@ -230,6 +225,20 @@ class TaskCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.task.collate(batch, self.pad_id)
+
+
+def train_micro_step(engine, task, batch: dict, watch: _DivergenceWatch, step: int):
+    """Forward and backward of one micro-batch, and the optimizer step when it ends the
+    accumulation; the loss comes back detached, on the device. Nothing here reads a tensor on the
+    host (no `.item()`, no NaN check that needs the value): a GPU never waits for the CPU here
+    (tests/test_train.py counts the syncs against the bare DeepSpeed engine's)."""
+    batch = on_device(batch, engine.device)
+    loss_sum, weight, _ = task.loss_and_outputs(engine, batch)
+    loss = loss_sum / weight.clamp(min=1)
+    watch.loss(loss, step)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
 
 
 def lr_schedule(optimizer, spec: RunSpec, total_steps: int):
