@@ -5,7 +5,6 @@ run per strategy for the cache key and the reported figures."""
 import random
 
 import pyarrow.parquet as pq
-import pytest
 from conftest import write_jsonl
 
 from trainers.data.prepare import _cache_key, prepare_dataset
@@ -28,8 +27,9 @@ def _pieces(table):
     """Per row, the real pieces as (document, first token index, tokens), split where position
     ids restart, after checking each piece's positions, labels and the row's filler."""
     out = []
-    for ids, labels, pos, real in zip(*(table.column(c).to_pylist() for c in
-                                       ("input_ids", "labels", "position_ids", "_real"))):
+    for ids, labels, pos, real in zip(
+        *(table.column(c).to_pylist() for c in ("input_ids", "labels", "position_ids", "_real"))
+    ):
         assert len(ids) == len(labels) == len(pos) == MAX
         fill = MAX - real
         assert ids[real:] == [EOS] * fill and labels[real:] == [IGNORE] * fill
@@ -39,7 +39,8 @@ def _pieces(table):
         row = []
         for a, b in zip(starts, starts[1:]):
             assert pos[a:b] == list(range(b - a))
-            assert labels[a] == IGNORE and labels[a + 1:b] == ids[a + 1:b]  # no loss on 1st token
+            # No loss on a piece's first token.
+            assert labels[a] == IGNORE and labels[a + 1 : b] == ids[a + 1 : b]
             doc, first = divmod(ids[a] - 10, 1000)
             assert ids[a:b] == [doc * 1000 + first + k + 10 for k in range(b - a)]
             row.append((doc, first, b - a))
@@ -59,7 +60,9 @@ def test_best_fit_keeps_every_fitting_document_whole():
     _every_token_once(rows, lengths)
     assert all(f == 0 and n == lengths[d] for row in rows for d, f, n in row)  # never split
     assert table.column("_real").to_pylist() == [sum(n for _, _, n in row) for row in rows]
-    assert sum(table.column("_docs").to_pylist()) == 200 and sum(table.column("_cut").to_pylist()) == 0
+    assert (
+        sum(table.column("_docs").to_pylist()) == 200 and sum(table.column("_cut").to_pylist()) == 0
+    )
     # Best fit decreasing: no two rows could have been merged, and it needs fewer rows than
     # filling rows in input order with whole documents.
     real = sorted(table.column("_real").to_pylist())
@@ -83,7 +86,9 @@ def test_best_fit_cuts_an_overlong_document_into_full_rows_and_a_packed_remainde
     rows = _pieces(table)
     _every_token_once(rows, lengths)
     assert [[(1, 0, MAX)], [(1, MAX, MAX)]] == [r for r in rows if r[0][0] == 1 and r[0][2] == MAX]
-    assert [[(3, 0, MAX)], [(3, MAX, MAX)], [(3, 2 * MAX, MAX)]] == [r for r in rows if r[0][0] == 3]
+    assert [[(3, 0, MAX)], [(3, MAX, MAX)], [(3, 2 * MAX, MAX)]] == [
+        r for r in rows if r[0][0] == 3
+    ]
     # The 9-token remainder shares a row with whole documents (best fit: with the 20 and the 3).
     assert sorted([(1, 2 * MAX, 9), (2, 0, 20), (4, 0, 3)]) in rows
     assert [(0, 0, 5)] in rows  # left alone: that row is full
@@ -101,7 +106,8 @@ def test_concat_cuts_the_stream_into_full_rows():
     assert real[:-1] == [MAX] * (len(real) - 1) and real[-1] == sum(lengths) - MAX * (len(real) - 1)
     # The stream in document order; a document crossing a row boundary goes on in the next row.
     assert [(d, f) for row in rows for d, f, _ in row] == sorted(
-        (d, f) for row in rows for d, f, _ in row)
+        (d, f) for row in rows for d, f, _ in row
+    )
     split = {d for row in rows for d, f, n in row if f > 0 or n < lengths[d]}
     assert sum(table.column("_cut").to_pylist()) == len(split) > 0
 
@@ -120,8 +126,9 @@ def test_concat_reports_the_documents_it_splits(ray_session, spec_factory, tmp_p
     checked on the chat examples and in test_data's packing test)."""
     words = ["alpha", "beta", "gamma", "delta", "eps"]
     rng = random.Random(0)
-    rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 24)))}
-            for _ in range(100)]
+    rows = [
+        {"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 24)))} for _ in range(100)
+    ]
     f = write_jsonl(tmp_path / "docs.jsonl", rows)
     spec = spec_factory("lm", data={"train_files": [f], "max_seq_length": 32, "packing": "concat"})
     data = prepare_dataset(spec, lambda texts: load_tokenizer_for(spec, texts))
@@ -129,3 +136,9 @@ def test_concat_reports_the_documents_it_splits(ray_session, spec_factory, tmp_p
     assert set(table.column_names) == {"input_ids", "labels", "position_ids"}
     assert 0.3 < data.stats["data/whole_document_share"] < 0.9
     assert data.stats["data/packing_efficiency"] > 0.98  # only the last row has filler
+
+
+def test_packing_is_ignored_with_a_warning_where_nothing_packs(spec_factory, caplog):
+    with caplog.at_level("WARNING", logger="ferry.config"):
+        spec_factory("lm", data={"packing": "concat", "pack": False})
+    assert "data.packing=concat is ignored: only causal_lm and chat training rows" in caplog.text
