@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from trainers.data.prepare import PreparedData
 from trainers.model import load_tokenizer
 from trainers.storage import filesystem
-from trainers.tasks.causal_lm import IGNORE
+from trainers.tasks.common import IGNORE
 
 # Stats shown as percentages (fractions in [0, 1]); any other stat is shown as a number.
 _PERCENT_STATS = (

@@ -40,7 +40,7 @@ from trainers.errors import DataError, on_full_disk, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
-from trainers.tasks.causal_lm import IGNORE
+from trainers.tasks.common import IGNORE
 
 log = logging.getLogger("ferry.data")
 
