@@ -292,8 +292,15 @@ class DataConfig(_Strict):
     )
     pack: bool = Field(
         True,
-        description="Causal LM: pack documents into full sequences (concatenated and cut). Chat: "
-        "pack whole conversations into rows (best-fit decreasing), attention kept within each.",
+        description="Causal LM and chat training rows: pack documents (conversations) into full "
+        "rows of max_seq_length, attention kept within each; how rows are filled: data.packing.",
+    )
+    packing: Literal["best_fit", "concat"] = Field(
+        "best_fit",
+        description="With data.pack: best_fit keeps every document that fits a row whole "
+        "(best-fit decreasing; longer ones become full rows plus a packed remainder), a few "
+        "slots of EOS filler per row; concat joins documents and cuts every max_seq_length "
+        "tokens: every slot used, documents split across rows.",
     )
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate",

@@ -40,13 +40,17 @@ from trainers.errors import DataError, on_full_disk, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
-from trainers.tasks.causal_lm import IGNORE
+from trainers.tasks.common import IGNORE
 
 log = logging.getLogger("ferry.data")
 
 # Bump when the preprocessed format changes, or what a file reads to (5: CSV cells are text,
-# numbers in text columns are bad rows).
-_CACHE_VERSION = 5
+# numbers in text columns are bad rows; 6: best-fit packing keeps documents whole).
+_CACHE_VERSION = 6
+# Rows per tokenization batch; packing fills rows within one batch, so its last rows are part
+# filler: a larger window for packed LM tasks (see BENCHMARKS.md, "Packing").
+_BATCH_ROWS = 512
+_PACKED_BATCH_ROWS = 4096
 
 
 @dataclass
@@ -61,7 +65,8 @@ class PreparedData:
     train_tokens: int
     bad_rows: dict[str, int] = field(default_factory=dict)
     # Training split, token-level LM tasks: data/packing_efficiency (real tokens / token slots
-    # of packed rows) and data/trained_token_share (loss-bearing / real tokens).
+    # of packed rows), data/whole_document_share (documents packed without a split) and
+    # data/trained_token_share (loss-bearing / real tokens).
     stats: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False
 
@@ -104,7 +109,6 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     if spec.data.validation_files:
         files["validation"] = expand_files(spec.data.validation_files, "data.validation_files")
     fs, cache_root = filesystem(spec.cache_dir)
-    settings = _preprocess_settings(spec)
     files_id = [_file_identity(p) for split in files.values() for p in split]
 
     # Presets derive their tokenizer from the data, so the data and settings identify it; a
@@ -115,9 +119,7 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
         if spec.model.preset
         else _tokenizer_identity(tokenizer)
     )
-    key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()
-    ).hexdigest()[:20]
+    key = _cache_key(spec, files_id, tok_id)
     final = f"{cache_root}/{key}"
     meta = read_marker(fs, final)
     if meta is not None:
@@ -156,19 +158,23 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     label_index = {name: i for i, name in enumerate(label_names or [])}
     tok_uri = with_scheme(spec.cache_dir, tok_dir)
     counts = {}
+    packed = spec.task.type in ("causal_lm", "chat") and spec.data.pack
     for split, ds in (("train", train_rows), ("validation", val_rows)):
+        # Which rows share a batch decides how they pack: batches follow the files' order, not
+        # the order Ray's tasks finish in.
+        ds.context.execution_options.preserve_order = True
         with unwrap_data_errors():
             out = ds.map_batches(
                 _tokenize_batch,
                 batch_format="pyarrow",
-                batch_size=512,
+                batch_size=_PACKED_BATCH_ROWS if packed else _BATCH_ROWS,
                 fn_kwargs={
                     "tok_uri": tok_uri,
                     "spec_dict": spec.model_dump(),
                     "label_index": label_index,
                 },
             ).materialize()
-        n, overlong, tokens, real, loss = _split_stats(out)
+        n, overlong, tokens, real, loss, docs, cut = _split_stats(out)
         if n == 0:
             raise DataError(
                 f"data.max_seq_length={spec.data.max_seq_length}: every {split} row was dropped as "
@@ -181,10 +187,10 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
                 overlong,
                 spec.data.overlong,
             )
-        out = out.drop_columns(["_overlong", "_tokens", "_real", "_loss"])
+        out = out.drop_columns(list(_BOOKKEEPING))
         counts[split] = (n, tokens)
         if split == "train":
-            stats = _token_stats(spec, tokens, real, loss)
+            stats = _token_stats(spec, tokens, real, loss, docs, cut)
         out.write_parquet(with_scheme(spec.cache_dir, f"{partial}/{split}"))
     meta = {
         "tokenizer_path": with_scheme(spec.cache_dir, f"{final}/tokenizer"),
@@ -376,11 +382,19 @@ def _iter_text(ds):
             yield from values
 
 
+# Per-row bookkeeping columns of a tokenized split, summed by `_split_stats`, never cached.
+_BOOKKEEPING = ("_overlong", "_tokens", "_real", "_loss", "_docs", "_cut")
+
+
 def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index: dict) -> pa.Table:
-    """The task's tokenization, plus two bookkeeping columns `_split_stats` sums: the batch's
-    over-long row count (on its first row) and each row's token count."""
+    """The task's tokenization, plus the bookkeeping columns `_split_stats` sums: the batch's
+    over-long row count (on its first row), each row's token count, real (non-filler) tokens,
+    loss-bearing tokens, documents starting in it and, of those, documents split across rows."""
     spec = RunSpec.model_validate(spec_dict)
     tokenizer = _load_tokenizer_cached(tok_uri)
+    if "_file" in table.column_names and "_row" in table.column_names:
+        # Packing depends on the order of the batch's rows: make it the files' order.
+        table = table.sort_by([("_file", "ascending"), ("_row", "ascending")])
     out, overlong = TASKS[spec.task.type].tokenize(table, tokenizer, spec, label_index)
     flags = [overlong] + [0] * (out.num_rows - 1) if out.num_rows else []
     out = out.append_column("_overlong", pa.array(flags, type=pa.int64()))
@@ -391,14 +405,19 @@ def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index:
     loss = [0] * out.num_rows
     if "labels" in out.column_names and pa.types.is_list(out.schema.field("labels").type):
         loss = [sum(x != IGNORE for x in row) for row in out.column("labels").to_pylist()]
-    return out.append_column("_loss", pa.array(loss, type=pa.int64()))
+    out = out.append_column("_loss", pa.array(loss, type=pa.int64()))
+    if "_docs" not in out.column_names:  # unpacked: one document per row, none split
+        out = out.append_column("_docs", pa.array([1] * out.num_rows, type=pa.int64()))
+        out = out.append_column("_cut", pa.array([0] * out.num_rows, type=pa.int64()))
+    return out
 
 
-def _split_stats(ds) -> tuple[int, int, int, int, int]:
-    """Rows, over-long rows, token slots, real tokens and loss-bearing tokens of a tokenized
-    split, from its small bookkeeping columns in one pass. Ray Data's own aggregations (count +
-    sum) would each start a job, and a sum starts a shuffle: seconds each on a fresh Ray."""
-    sums = dict.fromkeys(("_overlong", "_tokens", "_real", "_loss"), 0)
+def _split_stats(ds) -> tuple[int, ...]:
+    """Rows, over-long rows, token slots, real tokens, loss-bearing tokens, documents and split
+    documents of a tokenized split, from its small bookkeeping columns in one pass. Ray Data's
+    own aggregations (count + sum) would each start a job, and a sum starts a shuffle: seconds
+    each on a fresh Ray."""
+    sums = dict.fromkeys(_BOOKKEEPING, 0)
     rows = 0
     for batch in ds.select_columns(list(sums)).iter_batches(
         batch_format="pyarrow", batch_size=None
@@ -406,15 +425,19 @@ def _split_stats(ds) -> tuple[int, int, int, int, int]:
         rows += batch.num_rows
         for k in sums:
             sums[k] += int(pa.compute.sum(batch.column(k)).as_py() or 0)
-    return rows, sums["_overlong"], sums["_tokens"], sums["_real"], sums["_loss"]
+    return (rows, *sums.values())
 
 
-def _token_stats(spec: RunSpec, slots: int, real: int, loss: int) -> dict[str, float]:
-    """What the training split's tokens are worth: how full packed rows are and how many
-    tokens teach the model (LM-style tasks, whose labels are per token)."""
+def _token_stats(
+    spec: RunSpec, slots: int, real: int, loss: int, docs: int, cut: int
+) -> dict[str, float]:
+    """What the training split's tokens are worth: how full packed rows are, how many
+    documents they keep whole and how many tokens teach the model (LM-style tasks, whose labels
+    are per token)."""
     out: dict[str, float] = {}
     if spec.task.type in ("causal_lm", "chat") and spec.data.pack:
         out["data/packing_efficiency"] = real / max(slots, 1)
+        out["data/whole_document_share"] = 1 - cut / max(docs, 1)
     if loss:
         out["data/trained_token_share"] = loss / max(real, 1)
     return out
@@ -444,6 +467,15 @@ def _save_tokenizer(tokenizer, fs, path: str) -> None:
         tokenizer.save_pretrained(tmp)
         fs.create_dir(path)
         pafs.copy_files(tmp, path, destination_filesystem=fs)
+
+
+def _cache_key(spec: RunSpec, files_id: list, tok_id: str) -> str:
+    """The cache folder's name: the format version, the input files' identity, the tokenizer's
+    and every preprocessing setting (data.packing included)."""
+    settings = _preprocess_settings(spec)
+    return hashlib.sha256(
+        json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()
+    ).hexdigest()[:20]
 
 
 def _preprocess_settings(spec: RunSpec) -> dict[str, Any]:
