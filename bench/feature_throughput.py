@@ -129,13 +129,21 @@ def run(args, work: str) -> dict:
     torch.set_num_threads(args.threads)
     spec = bench_spec(work, args)
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/ferry-bench-ray-")
-    ray.init(
-        address="local",
-        num_cpus=args.threads + 2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        _temp_dir=ray_tmp,
-    )
+    for attempt in range(3):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=args.threads + 2,
+                include_dashboard=False,
+                logging_level="WARNING",
+                _temp_dir=ray_tmp,
+            )
+            break
+        except Exception as e:  # Ray waits 30 s for its raylet: a loaded machine can miss that
+            print(f"[bench] ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+            if attempt == 2:
+                raise
     stage_s: list[float] = []
     _time_write_parquet(ray.data.Dataset, stage_s)
     try:
