@@ -1,7 +1,8 @@
 """Raw files -> validated rows -> tokens -> a Parquet cache that training workers stream from.
 
 `prepare_dataset` is the entry point (driver side). Stages, all on Ray Data:
-  read (one task per file, so every bad row is reported with its file and row number)
+  read (one task per file, or per ~16 MiB span of a larger one, each span numbering its rows on
+     from the spans before it, so every bad row is reported with its file and row number)
   -> check rows (missing/empty text, unknown label, bad encoding) under data.on_bad_rows
   -> split train/validation (a stable hash of file name + row, so the split never depends on
      block order or worker count)
@@ -28,12 +29,15 @@ import pyarrow.fs as pafs
 
 from trainers.config import RunSpec
 from trainers.data.files import (
+    READ_RANGE_BYTES,
+    count_span,
     expand_files,
     format_of,
     label_error,
     label_kind,
     parse_file,
     raw_columns,
+    split_file,
     text_error,
 )
 from trainers.errors import DataError, on_full_disk, unwrap_data_errors
@@ -205,11 +209,11 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     return PreparedData(**meta, cache_path=with_scheme(spec.cache_dir, final))
 
 
-def _read_rows(files: dict[str, list[str]], spec: RunSpec):
+def _read_rows(files: dict[str, list[str]], spec: RunSpec, range_bytes: int = READ_RANGE_BYTES):
     import ray.data
 
-    items = [{"path": p, "split": split} for split, paths in files.items() for p in paths]
     cols = raw_columns(spec, optional=True)
+    items = _plan_reads(files, spec, cols, range_bytes)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_file_batch,
         batch_size=1,
@@ -226,10 +230,94 @@ def _read_rows(files: dict[str, list[str]], spec: RunSpec):
     )
 
 
+def _plan_reads(
+    files: dict[str, list[str]], spec: RunSpec, columns: dict[str, str], range_bytes: int
+) -> list[dict]:
+    """One read per file, or one per span of a file above `range_bytes` (`split_file`). A span's
+    rows are numbered on from the rows of the spans before it, and its labels are judged by the
+    kind of its whole file's labels, so a split file reads to the very rows, row numbers,
+    validation split and bad rows of the whole file read at once: both are counted first, by
+    one task per span (`count_span`). A CSV whose records span lines is read whole."""
+    import ray.data
+
+    groups = []
+    for split, paths in files.items():
+        for path in paths:
+            spans = split_file(path, format_of(path, spec.data.format), range_bytes)
+            groups.append(
+                [
+                    {"path": path, "split": split, "start": a, "end": b, "row0": 0, "kind": None}
+                    for a, b in spans
+                ]
+            )
+    counted = [
+        dict(item, i=i) for group in groups if len(group) > 1 for i, item in enumerate(group)
+    ]
+    if not counted:
+        return [item for group in groups for item in group]
+    # The file's label kind only matters where `_read_file_batch` would judge labels by it.
+    task = TASKS[spec.task.type]
+    by_kind = "label" in columns and not spec.task.labels and not hasattr(task, "read_row")
+    with unwrap_data_errors():
+        counts = (
+            ray.data.from_items(counted, override_num_blocks=len(counted))
+            .map_batches(
+                _count_span_batch,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "fmt": spec.data.format,
+                    "label_column": columns["label"] if by_kind else None,
+                },
+            )
+            .take_all()
+        )
+    found = {(c["path"], c["split"], c["i"]): c for c in counts}
+    items = []
+    for group in groups:
+        if len(group) == 1:
+            items += group
+            continue
+        spans = [found[(it["path"], it["split"], i)] for i, it in enumerate(group)]
+        if not all(c["ok"] for c in spans):
+            items.append(dict(group[0], start=0, end=-1))
+            continue
+        kinds: dict[str, int] = {}
+        for c in spans:
+            for k, n in json.loads(c["kinds"]).items():
+                kinds[k] = kinds.get(k, 0) + n
+        row0 = 0
+        for item, c in zip(group, spans):
+            if not spec.data.max_rows or row0 < spec.data.max_rows:
+                items.append(dict(item, row0=row0, kind=label_kind(kinds)))
+            row0 += c["rows"]
+    return items
+
+
+def _count_span_batch(batch: pa.Table, fmt: str, label_column: str | None) -> pa.Table:
+    """One span -> its rows, whether it reads apart from its file, its label kinds."""
+    item = batch.to_pylist()[0]
+    path = item["path"]
+    rows, ok, kinds = count_span(
+        path, format_of(path, fmt), (item["start"], item["end"]), label_column
+    )
+    return pa.table(
+        {
+            "path": [path],
+            "split": [item["split"]],
+            "i": [item["i"]],
+            "rows": [rows],
+            "ok": [ok],
+            "kinds": [json.dumps(kinds)],
+        }
+    )
+
+
 def _read_file_batch(
     batch: pa.Table, columns, fmt, fraction, seed, max_rows, spec_dict: dict | None = None
 ) -> pa.Table:
-    """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error.
+    """One file, or one span of it (`_plan_reads`) -> rows with canonical columns plus _file,
+    _row (1-based, in the file), _split, _error.
 
     A task's optional `read_row(record, data_cfg)` turns a record into its canonical columns
     (chat: any conversation format -> `messages`); otherwise each column is text. Nested values
@@ -243,20 +331,21 @@ def _read_file_batch(
     check_row = getattr(task, "check_row", None)
     read_row = getattr(task, "read_row", None)
     nested = getattr(task, "NESTED", ())
-    path = batch.column("path")[0].as_py()
-    split = batch.column("split")[0].as_py()
-    records, errors = parse_file(path, format_of(path, fmt), list(columns.values()))
+    item = batch.to_pylist()[0]
+    path, split = item["path"], item["split"]
+    span, row0 = (item.get("start", 0), item.get("end", -1)), item.get("row0", 0)
+    records, errors = parse_file(path, format_of(path, fmt), list(columns.values()), span)
     if max_rows:
-        records, errors = records[:max_rows], errors[:max_rows]
+        records, errors = records[: max_rows - row0], errors[: max_rows - row0]
     out: dict[str, list] = {k: [] for k in (task.ROW_COLUMNS if read_row else columns)}
     rows, splits = [], []
     name = os.path.basename(path)
     # Declared task.labels decide which labels are known (checked once every file is read);
     # without them, a label of another kind than the file's others is a bad row.
-    labels_are = None
-    if "label" in columns and not (spec and spec.task.labels):
+    labels_are = item.get("kind")
+    if "label" in columns and not (spec and spec.task.labels) and labels_are is None:
         labels_are = label_kind([rec.get(columns["label"]) for rec in records if rec])
-    for i, (rec, err) in enumerate(zip(records, errors), start=1):
+    for i, (rec, err) in enumerate(zip(records, errors), start=row0 + 1):
         if read_row is not None:
             values, reason = read_row(rec, spec.data) if rec is not None else ({}, None)
             err = err or reason
@@ -285,7 +374,7 @@ def _read_file_batch(
                         break
         if err is None and check_row is not None:
             err = check_row({canon: out[canon][-1] for canon in out}, spec)
-        errors[i - 1] = err
+        errors[i - row0 - 1] = err
         rows.append(i)
         if split == "train" and fraction and _in_validation(name, i, seed, fraction):
             splits.append("validation")
