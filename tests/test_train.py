@@ -183,23 +183,39 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
     from ray.train.torch import TorchTrainer
 
     from trainers.data.prepare import prepare_dataset
+    from trainers.tasks import TASKS
     from trainers.train.launch import dataset_config, ray_datasets
+    from trainers.train.loop import train_batches
 
     rows = [{"text": f"item number {i} is {'good' if i % 2 else 'bad'}", "label": str(i % 2)} for i in range(203)]
     f = write_jsonl(tmp_path / "unique.jsonl", rows)
-    spec = spec_factory("cls", data={"train_files": [f]})
+    # Two prefetched batches: Ray Data collates them on two threads (the order test below).
+    spec = spec_factory("cls", data={"train_files": [f]}, train={"prefetch_batches": 2})
     prepared = prepare_dataset(spec)
 
-    def loop(_):
+    def loop(config):
         shard = ray.train.get_dataset_shard("train")
+        rank = ray.train.get_context().get_world_rank()
         seen = [tuple(r["input_ids"]) for r in shard.iter_rows()]
-        with open(os.path.join(str(tmp_path), f"rank{ray.train.get_context().get_world_rank()}.json"), "w") as fh:
-            json.dump(seen, fh)
+        # The loop's own epochs, in the order the micro-batches arrive.
+        epochs = [[b["input_ids"].tolist() for b in train_batches(shard, TASKS["sequence_classification"], spec, 0, e)]
+                  for e in range(2)]
+        with open(os.path.join(str(tmp_path), f"{config['run']}-rank{rank}.json"), "w") as fh:
+            json.dump({"rows": seen, "epochs": epochs}, fh)
 
-    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=2),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "shards")),
-                 datasets=ray_datasets(prepared), dataset_config=dataset_config()).fit()
-    seen = [set(map(tuple, json.load(open(tmp_path / f"rank{r}.json")))) for r in range(2)]
+    for run in ("first", "second"):
+        TorchTrainer(loop, train_loop_config={"run": run}, scaling_config=ray.train.ScalingConfig(num_workers=2),
+                     run_config=ray.train.RunConfig(storage_path=str(tmp_path / "shards"), name=run),
+                     datasets=ray_datasets(prepared), dataset_config=dataset_config()).fit()
+    out = {(run, r): json.load(open(tmp_path / f"{run}-rank{r}.json")) for run in ("first", "second") for r in range(2)}
+    # The same seed gives every worker the same micro-batches in the same order on every run: a
+    # resume skips the batches its checkpoint consumed by count. Each epoch is shuffled anew.
+    for r in range(2):
+        first, second = out["first", r]["epochs"], out["second", r]["epochs"]
+        assert first == second
+        assert len(first[0]) == prepared.train_rows // 2 // spec.train.micro_batch_size_per_worker
+        assert first[0] != first[1]
+    seen = [set(map(tuple, out["first", r]["rows"])) for r in range(2)]
     everything = {tuple(r["input_ids"]) for r in pq.read_table(prepared.train_path).to_pylist()}
     assert len(everything) == prepared.train_rows  # every row is unique
     assert not seen[0] & seen[1]

@@ -162,14 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     watch = _DivergenceWatch(engine, spec)
     while state.step < total and state.early_stop is None:
         engine.train()
-        batches = train_shard.iter_torch_batches(
-            batch_size=spec.train.micro_batch_size_per_worker,
-            drop_last=True,
-            collate_fn=TaskCollate(task, pad_id),
-            prefetch_batches=spec.train.prefetch_batches,
-            local_shuffle_buffer_size=1024,
-            local_shuffle_seed=spec.run.seed + state.epoch,
-        )
+        batches = train_batches(train_shard, task, spec, pad_id, state.epoch)
         for micro, batch in enumerate(progress.timed(batches)):
             if micro >= micro_per_epoch or state.step >= total:
                 break
@@ -225,6 +218,21 @@ class TaskCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.task.collate(batch, self.pad_id)
+
+
+def train_batches(train_shard, task, spec: RunSpec, pad_id: int, epoch: int):
+    """One epoch of this worker's micro-batches, shuffled by (run.seed, epoch). The same seed
+    yields the same batches in the same order on every run: a resume skips the micro-batches its
+    checkpoint already consumed by count, so the order must not depend on thread timing (the
+    train split is ordered for this: `launch.dataset_config`)."""
+    return train_shard.iter_torch_batches(
+        batch_size=spec.train.micro_batch_size_per_worker,
+        drop_last=True,
+        collate_fn=TaskCollate(task, pad_id),
+        prefetch_batches=spec.train.prefetch_batches,
+        local_shuffle_buffer_size=1024,
+        local_shuffle_seed=spec.run.seed + epoch,
+    )
 
 
 def train_micro_step(engine, task, batch: dict, watch: _DivergenceWatch, step: int):
