@@ -440,3 +440,23 @@ def test_prepare_reads_a_saved_dataset_folder(ray_session, spec_factory, tmp_pat
     prepared = _prepare(spec_factory("cls", data={"train_files": [folder]}))
     assert prepared.train_rows + prepared.validation_rows == 60
     assert prepared.label_names == ["neg", "pos"]
+
+
+def test_padding_keeps_each_row_and_marks_real_tokens():
+    """One padding rule for collation and feature extraction: read-only Arrow-backed rows,
+    empty rows and Python lists pad to the longest row, values and mask row by row."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from trainers.tasks.common import pad, pad_flat, pad_inputs
+
+    arrow = pa.array([[5, 6, 7], [], [8]], type=pa.list_(pa.int32())).to_numpy(zero_copy_only=False)
+    out = pad_inputs(list(arrow), pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [0, 0, 0], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    assert pad([[1, 2], [3]], -100).tolist() == [[1, 2], [3, -100]]
+    assert pad([[200, 3]], 0, torch.uint8).dtype == torch.uint8
+    assert pad([], 0).shape == (0, 1)
+    ids, mask = pad_flat(np.array([], dtype=np.int64), np.array([0, 0]), 9)  # only empty rows: one column
+    assert ids.tolist() == [[9], [9]] and not mask.any()

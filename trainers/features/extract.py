@@ -53,6 +53,7 @@ from trainers.model import (
     requested_attention,
 )
 from trainers.storage import filesystem, publish, read_marker, with_scheme
+from trainers.tasks.common import pad_flat
 
 log = logging.getLogger("ferry.features")
 
@@ -353,10 +354,8 @@ def embed_rows(
     out: np.ndarray | None = None
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size]
-        width = max(1, int(lengths[rows].max()))
-        mask = np.arange(width)[None, :] < lengths[rows][:, None]
-        padded = np.full((len(rows), width), pad_id, dtype=np.int64)
-        padded[mask] = values[(starts[rows][:, None] + np.arange(width)[None, :])[mask]]
+        picked = np.concatenate([values[starts[r] : starts[r] + lengths[r]] for r in rows])
+        padded, mask = pad_flat(picked, lengths[rows], pad_id)
         with torch.inference_mode():
             vectors = embed(
                 model,

@@ -34,11 +34,10 @@ import torch
 from trainers.chat_templates import end_of_turn_ids
 from trainers.errors import DataError
 from trainers.tasks import causal_lm
-from trainers.tasks.common import overlong_policy, pad, pad_inputs, table_of
+from trainers.tasks.common import IGNORE, overlong_policy, pad, pad_inputs, table_of
 from trainers.tasks.packing import pack_documents
 from trainers.tasks.summarization import generate_texts, rouge, texts_of
 
-IGNORE = causal_lm.IGNORE
 # The canonical columns `read_row` produces, whatever the format.
 ROW_COLUMNS = ("messages",)
 # Metric keys every evaluation reports (the reply scores with generation.score_replies, the

@@ -48,17 +48,31 @@ def overlong_policy(n_tokens: int, spec, file: str, row: int, fix: str = "") -> 
 
 def pad_inputs(seqs, pad_id: int) -> dict[str, torch.Tensor]:
     """`input_ids` right-padded with `pad_id`, and the `attention_mask` that marks real tokens."""
-    ids = pad(seqs, pad_id)
-    lengths = torch.tensor([len(x) for x in seqs])
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    return {"input_ids": ids, "attention_mask": mask}
+    ids, mask = pad_flat(*_flat(seqs), pad_id)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+    }
 
 
 def pad(seqs, value, dtype=torch.long) -> torch.Tensor:
     """Right-pad variable-length rows into one (rows, longest) tensor."""
-    width = max(1, max(len(x) for x in seqs))
-    out = torch.full((len(seqs), width), value, dtype=dtype)
-    for i, x in enumerate(seqs):
-        # A copy: Arrow-backed arrays are read-only, and viewing them warns once per process.
-        out[i, : len(x)] = torch.tensor(np.asarray(x))
-    return out
+    out, _ = pad_flat(*_flat(seqs), value)
+    return torch.from_numpy(out).to(dtype)
+
+
+def pad_flat(values: np.ndarray, lengths: np.ndarray, value) -> tuple[np.ndarray, np.ndarray]:
+    """Rows given as their values end to end and their lengths, right-padded with `value` into
+    one (rows, longest) int64 array (at least one column), and the mask of real entries."""
+    width = max(1, int(lengths.max(initial=0)))
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    out = np.full((len(lengths), width), value, dtype=np.int64)
+    out[mask] = values  # a boolean mask fills row by row: the values' own order
+    return out, mask
+
+
+def _flat(seqs) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's rows (Arrow-backed, read-only arrays) as one new array and their lengths."""
+    lengths = np.array([len(x) for x in seqs], dtype=np.int64)
+    parts = [np.asarray(x, dtype=np.int64) for x in seqs]
+    return (np.concatenate(parts) if parts else np.empty(0, np.int64)), lengths
