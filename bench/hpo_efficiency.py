@@ -283,6 +283,8 @@ def replay(grid_dir: str, search, cpus: float = 4) -> dict:
             elif entry[2] == len(rows):
                 why[tid] = "completed"
             if tid in why:
+                # As Tune does for every running trial it stops: ASHA records its last result.
+                scheduler.on_trial_complete(None, _Trial(tid), result)
                 running.remove(entry)
     winner = min(best, key=best.get)
     by = {}
