@@ -16,9 +16,12 @@ collate, the NaN check's all-reduce, progress bookkeeping) and the Ray processes
 the baselines run afterwards, with Ray shut down, each in a fresh process, on batches stacked in
 memory beforehand.
 Each run is cut into windows of --report-every steps (Ferry reports once per window); the first
-window is warm-up and dropped; a run's figure is the median of its window medians. Ratios are
-ferry / baseline: above 1 means Ferry is slower. A second ratio uses each variant's fastest
-window, which other processes on the machine disturb least.
+window is warm-up and dropped; a run's figure is the median of its window medians. The variants
+run interleaved (--rounds rounds of: every setting's ferry, a, b, c), so a change in the
+machine's load falls on all of them alike; a variant's figure is the median over rounds. Ratios
+are ferry / baseline (above 1: Ferry is slower), over those medians and as the median of the
+per-round ratios. Settings: ZeRO-2 and ZeRO-3 full fine-tuning and ZeRO-2 LoRA by default.
+Ferry's train/ingest_wait_share (time blocked on Ray Data / window time) is printed too.
 
 Start-up: `ferry train` on a tiny-llama config as a subprocess; time from process start to the
 first "[ferry] step" progress line (train.log_every_n_steps=1), and total wall time, with a cold
@@ -26,9 +29,9 @@ preprocessing cache (--startup-warm adds a second run that finds the cache).
 
 Timings only; nothing is asserted. Other processes on a shared machine move the numbers.
 
-Run (about 6-8 minutes on 2 CPU cores):
+Run (about 15-20 minutes on 2 CPU cores with the defaults):
     .venv/bin/python bench/overhead.py            # or: make bench
-    .venv/bin/python bench/overhead.py --steps 30 --zero-stage 2 --micro-batch 8 --max-seq-length 128
+    .venv/bin/python bench/overhead.py --rounds 2 --settings zero2 --skip-hf --skip-startup
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ _SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vo", "nel", "pi", "dra", "gu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every measurement, print the table and the machine description."""
+    """Run every measurement, interleaved, print the tables and the machine description."""
     args = _parser().parse_args(argv)
     # Nothing here may reach the network: presets are random-init, tokenizers trained in-process.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,19 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
-    rows: list[dict] = []
+    tables: dict[str, list[dict]] = {}
     try:
         corpus = write_corpus(os.path.join(work, "corpus.jsonl"), args.corpus_docs, seed=0)
-        spec = bench_spec(corpus, os.path.join(work, "runs"), args)
-        ferry, train_path = measure_ferry(spec, args.threads)
-        rows.append(_row("ferry", f"Ferry: train() on Ray, ZeRO-{args.zero_stage}", ferry))
-        rows += measure_baselines(spec, train_path, args)
+        # Interleaved: round 1 runs every setting's variants once (ferry a b c, then the next
+        # setting), round 2 again, ... so a change in the machine's load lands on all variants
+        # alike instead of on whichever ran during it.
+        for rnd in range(args.rounds):
+            for setting in args.settings:
+                stage, method = _SETTINGS[setting]
+                spec = bench_spec(corpus, os.path.join(work, "runs"), args, stage, method,
+                                  name=f"bench-{setting}-r{rnd}")
+                print(f"[bench] round {rnd + 1}/{args.rounds}, {setting}", flush=True)
+                runs = tables.setdefault(setting, [])
+                ferry, train_path = measure_ferry(spec, args.threads)
+                runs.append(_row("ferry", f"Ferry: train() on Ray, ZeRO-{stage}", ferry, rnd))
+                runs += measure_baselines(spec, train_path, args, stage, rnd)
         startup = [] if args.skip_startup else measure_startup(work, args)
     finally:
         if not args.workdir and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print_report(rows, startup, args, time.perf_counter() - t_start, load_before)
+    print_report(tables, startup, args, time.perf_counter() - t_start, load_before)
     return 0
+
+
+# Setting name -> (ZeRO stage, method) for the step-cost rows.
+_SETTINGS = {"zero2": (2, "full"), "zero3": (3, "full"), "lora-zero2": (2, "lora"),
+             "zero0": (0, "full"), "zero1": (1, "full"), "lora-zero3": (3, "lora")}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,8 +106,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps per window (Ferry's eval_every_n_steps); the first window is warm-up")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per optimizer step")
     p.add_argument("--max-seq-length", type=int, default=128, help="tokens per packed row")
-    p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3],
-                   help="ZeRO stage for ferry, (a) and (c)")
+    p.add_argument("--settings", nargs="+", default=["zero2", "zero3", "lora-zero2"],
+                   choices=sorted(_SETTINGS), help="ZeRO stage / method settings to measure")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds: every variant of every setting runs once per round")
+    p.add_argument("--skip-hf", action="store_true", help="leave out (c), the HF Trainer")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads in every variant (1 = what Ray gives a 1-CPU Ferry worker)")
     p.add_argument("--corpus-docs", type=int, default=3000, help="synthetic documents to generate")
@@ -98,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--startup-warm", action="store_true",
                    help="also time a second `ferry train` that finds the preprocessing cache")
     p.add_argument("--skip-startup", action="store_true", help="skip the `ferry train` start-up run")
+    p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3],
+                   help="ZeRO stage of the start-up run")
     p.add_argument("--workdir", default=None, help="keep data and runs here (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="do not delete the temp dir at the end")
     return p
@@ -114,15 +136,16 @@ def write_corpus(path: str, n_docs: int, seed: int) -> str:
     return path
 
 
-def bench_spec(corpus: str, storage: str, args):
-    """The run config every variant follows: small-llama, full fine-tuning, causal LM, fp32."""
+def bench_spec(corpus: str, storage: str, args, stage: int, method: str, name: str):
+    """The run config every variant follows: small-llama, causal LM, fp32; full or LoRA."""
     from trainers.config_load import build_spec
 
     windows = -(-args.steps // args.report_every)
     return build_spec({
-        "run": {"name": "bench-overhead", "storage_path": storage, "resume": "never"},
+        "run": {"name": name, "storage_path": storage, "resume": "never"},
         "model": {"preset": "small-llama"},
-        "method": "full",
+        "method": method,
+        "lora": {"rank": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "task": {"type": "causal_lm"},
         "data": {"train_files": [corpus], "max_seq_length": args.max_seq_length,
                  "validation_fraction": 0.05},
@@ -130,7 +153,7 @@ def bench_spec(corpus: str, storage: str, args):
                   "micro_batch_size_per_worker": args.micro_batch,
                   "eval_every_n_steps": args.report_every, "log_every_n_steps": args.report_every,
                   "eval_before_training": False, "precision": "fp32"},
-        "deepspeed": {"zero_stage": args.zero_stage},
+        "deepspeed": {"zero_stage": stage},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1, "data_cpus": 1},
     })
 
@@ -171,37 +194,31 @@ def measure_ferry(spec, threads: int) -> tuple[dict, str]:
             f"ferry_state.json has {len(times)} reports with train/step_time_s; need >= 2 "
             "(is trainers/loop.py reporting it?)"
         )
-    return {"windows": times[1:], "threads": threads, "load": load}, data.train_path
+    waits = [h["train/ingest_wait_share"] for h in history if "train/ingest_wait_share" in h]
+    return ({"windows": times[1:], "threads": threads, "load": load, "ingest": waits[1:]},
+            data.train_path)
 
 
-def measure_baselines(spec, train_path: str, args) -> list[dict]:
+def measure_baselines(spec, train_path: str, args, stage: int, rnd: int) -> list[dict]:
     """(a), (b), (c): each in a fresh process, so no torch.distributed or accelerate state, env
     var or thread setting leaks from one variant into the next."""
     kw = {"spec_dict": spec.model_dump(), "train_path": train_path, "threads": args.threads,
           "out_dir": os.path.join(os.path.dirname(spec.run_dir), "baselines"),
           "warmup": args.report_every, "window": args.report_every,
           "steps": spec.train.max_steps - args.report_every}
-    z = args.zero_stage
-    rows = []
-    for key, label, fn, extra in (
-        ("a", f"(a) bare DeepSpeed engine, ZeRO-{z}", run_deepspeed_loop, {}),
+    variants = [
+        ("a", f"(a) bare DeepSpeed engine, ZeRO-{stage}", run_deepspeed_loop, {}),
         ("b", "(b) plain PyTorch loop (ZeRO-0)", run_plain_loop, {}),
-        ("c", f"(c) HF Trainer + DeepSpeed ZeRO-{z}", run_hf_trainer, {"use_deepspeed": True}),
-    ):
+        ("c", f"(c) HF Trainer + DeepSpeed ZeRO-{stage}", run_hf_trainer, {"use_deepspeed": True}),
+    ]
+    rows = []
+    for key, label, fn, extra in variants[: 2 if args.skip_hf else 3]:
         print(f"[bench] {label} ...", flush=True)
         load = os.getloadavg()[0]
         ok, result = _in_fresh_process(fn, **kw, **extra)
         if ok:
             result["load"] = load
-        rows.append(_row(key, label, result) if ok else _row(key, label, None, error=result))
-        if key == "c" and not ok:
-            label = "(c') HF Trainer, no DeepSpeed (fallback)"
-            print(f"[bench] {label} ...", flush=True)
-            load = os.getloadavg()[0]
-            ok, result = _in_fresh_process(run_hf_trainer, **kw, use_deepspeed=False)
-            if ok:
-                result["load"] = load
-            rows.append(_row("c'", label, result) if ok else _row("c'", label, None, error=result))
+        rows.append(_row(key, label, result, rnd) if ok else _row(key, label, None, rnd, result))
     return rows
 
 
@@ -427,9 +444,12 @@ def _time_cli(config: str, run_name: str, work: str) -> dict:
     load, t0 = os.getloadavg()[0], time.perf_counter()
     proc = subprocess.Popen([ferry, "train", config, "--set", f"run.name={run_name}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    first_step, tail = None, []
+    first_step, tail, timeline = None, [], []
     assert proc.stdout is not None
     for line in proc.stdout:
+        if first_step is None and "[ferry]" in line:
+            # Where start-up goes: when each of Ferry's lines before the first step arrived.
+            timeline.append((time.perf_counter() - t0, line.strip()[:150]))
         if first_step is None and "[ferry] step " in line:
             first_step = time.perf_counter() - t0
         tail = (tail + [line.rstrip()])[-15:]
@@ -438,40 +458,63 @@ def _time_cli(config: str, run_name: str, work: str) -> dict:
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     if rc != 0:
         print("\n".join(tail), file=sys.stderr)
-    return {"first_step_s": first_step, "total_s": total, "rc": rc, "load": load}
+    return {"first_step_s": first_step, "total_s": total, "rc": rc, "load": load,
+            "timeline": timeline}
 
 
-def _row(key: str, label: str, result: dict | None, error: str | None = None) -> dict:
+def _row(key: str, label: str, result: dict | None, rnd: int, error: str | None = None) -> dict:
     result = result or {}
     windows = result.get("windows")
-    return {"key": key, "label": label, "windows": windows, "error": error,
+    return {"key": key, "label": label, "windows": windows, "error": error, "round": rnd,
             "median_s": statistics.median(windows) if windows else None,
-            # Other processes only ever add time: the fastest window is the least disturbed one.
-            "fastest_s": min(windows) if windows else None,
-            "threads": result.get("threads"), "load": result.get("load")}
+            "threads": result.get("threads"), "load": result.get("load"),
+            "ingest": result.get("ingest")}
 
 
-def print_report(rows: list[dict], startup: list[dict], args, wall_s: float, load_before) -> None:
-    """The results table, the ratios and the machine description, as Markdown."""
-    ferry = next(r for r in rows if r["key"] == "ferry")
-    print(f"\n## Step time: median of {args.report_every}-step window medians after a "
-          f"{args.report_every}-step warm-up, {args.steps} measured steps")
+def print_report(tables: dict[str, list[dict]], startup: list[dict], args, wall_s: float,
+                 load_before) -> None:
+    """Per setting: each variant's median over rounds (of each run's median window), the spread
+    over rounds, and Ferry's ratio to it: over the medians, and the median of the per-round
+    ratios (each pairs runs minutes apart, the point of interleaving)."""
+    print(f"\n## Step time: {args.rounds} interleaved rounds; a run's figure is the median of "
+          f"its {args.report_every}-step window medians after a {args.report_every}-step warm-up "
+          f"({args.steps} measured steps)")
     print(f"micro-batch {args.micro_batch} x {args.max_seq_length} tokens, small-llama, fp32, "
-          f"1 worker, {args.threads} torch thread(s)\n")
-    print("| variant | median step (ms) | window medians (ms) | threads | load at start "
-          "| ferry / variant (median) | ferry / variant (fastest window) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
-    for r in rows:
-        if r["error"]:
-            print(f"| {r['label']} | not measured | `{r['error']}` | - | - | - | - |")
-            continue
-        win = " ".join(f"{w * 1e3:.0f}" for w in r["windows"])
-        ratios = ["-", "-"] if r is ferry else [
-            f"{ferry['median_s'] / r['median_s']:.2f}", f"{ferry['fastest_s'] / r['fastest_s']:.2f}"]
-        print(f"| {r['label']} | {r['median_s'] * 1e3:.1f} | {win} | {r['threads']} "
-              f"| {r['load']:.1f} | {' | '.join(ratios)} |")
-    print("\n(load at start: the machine's 1-minute load average when the variant started; "
-          f"{os.cpu_count()} cores)")
+          f"1 worker, {args.threads} torch thread(s); LoRA rank 8 on q/k/v/o\n")
+    print("| setting | variant | median step (ms) | per-round medians (ms) | load (per round) "
+          "| ferry / variant (medians) | ferry / variant (median of per-round ratios) |")
+    print("|---|---|---:|---|---|---:|---:|")
+    for setting, rows in tables.items():
+        ferry = {r["round"]: r for r in rows if r["key"] == "ferry" and not r["error"]}
+        for key in ("ferry", "a", "b", "c"):
+            mine = [r for r in rows if r["key"] == key]
+            if not mine:
+                continue
+            label = mine[0]["label"]
+            ok = [r for r in mine if not r["error"]]
+            if not ok:
+                print(f"| {setting} | {label} | not measured | `{mine[0]['error']}` | - | - | - |")
+                continue
+            med = statistics.median(r["median_s"] for r in ok)
+            per_round = " ".join(f"{r['median_s'] * 1e3:.0f}" for r in ok)
+            loads = " ".join(f"{r['load']:.1f}" for r in ok)
+            if key == "ferry":
+                ratios = ["-", "-"]
+            else:
+                f_med = statistics.median(r["median_s"] for r in ferry.values())
+                paired = [ferry[r["round"]]["median_s"] / r["median_s"] for r in ok
+                          if r["round"] in ferry]
+                ratios = [f"{f_med / med:.3f}",
+                          f"{statistics.median(paired):.3f} ({min(paired):.2f}-{max(paired):.2f})"]
+            print(f"| {setting} | {label} | {med * 1e3:.1f} | {per_round} | {loads} "
+                  f"| {' | '.join(ratios)} |")
+    for setting, rows in tables.items():
+        shares = [w for r in rows if r["key"] == "ferry" and r["ingest"] for w in r["ingest"]]
+        if shares:
+            print(f"\n{setting}: Ferry's train/ingest_wait_share over its windows after warm-up: "
+                  f"median {statistics.median(shares):.2%}, max {max(shares):.2%}")
+    print("\n(load: the machine's 1-minute load average when each run started; "
+          f"{os.cpu_count()} cores. Ratios above 1: Ferry is slower.)")
     if startup:
         print("\n## `ferry train` start-up (tiny-llama, 1 worker, embedded Ray with dashboard)\n")
         print("| run | process start -> first `[ferry] step` line (s) | total wall (s) | exit "
@@ -480,6 +523,10 @@ def print_report(rows: list[dict], startup: list[dict], args, wall_s: float, loa
         for s in startup:
             first = "not seen" if s["first_step_s"] is None else f"{s['first_step_s']:.1f}"
             print(f"| {s['name']} | {first} | {s['total_s']:.1f} | {s['rc']} | {s['load']:.1f} |")
+        for s in startup:
+            print(f"\n{s['name']}: seconds after process start at which each line arrived\n")
+            for t, line in s["timeline"]:
+                print(f"    {t:6.1f}  {line}")
     print("\n## Machine\n")
     for line in machine_description(load_before):
         print(f"- {line}")

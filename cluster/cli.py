@@ -1188,6 +1188,7 @@ def _print_summary(metrics: dict, seconds: float) -> None:
         f"{name} {metrics[key]:.1%}"
         for key, name in (
             ("data/packing_efficiency", "packing efficiency"),
+            ("data/whole_document_share", "documents kept whole"),
             ("data/trained_token_share", "loss-bearing tokens"),
         )
         if key in metrics

@@ -163,6 +163,8 @@ def test_packing_resets_positions_and_masks_boundaries(ray_session, spec_factory
             if i and p == 0 and row["labels"][i - 1] != -100:
                 assert row["input_ids"][i - 1] == eos  # documents end in EOS
     assert prepared.train_tokens == 32 * len(t)
+    # data.packing=best_fit (default): every document fits a row, so none is split.
+    assert prepared.stats["data/whole_document_share"] == 1.0
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

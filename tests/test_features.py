@@ -3,7 +3,9 @@ cached once, a logistic-regression head on the driver and an MLP head through Ra
 
 import glob
 import os
+from collections import Counter
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -11,12 +13,13 @@ from conftest import classification_rows, make_spec, write_jsonl
 
 from trainers.config_load import load_config
 from trainers.errors import ConfigError
-from trainers.features.extract import check_features, feature_cache_key
-from trainers.features.head import load_feature_model
+from trainers.features.extract import check_features, embed, feature_cache_key, load_backbone
+from trainers.features.head import load_feature_model, read_features
 from trainers.predict import predict_dataset
 from trainers.preflight import prepare_run
 from trainers.storage import LEASE_FILE
 from trainers.tasks import classification
+from trainers.tasks.common import pad_inputs
 from trainers.train.launch import train
 
 pytestmark = pytest.mark.slow
@@ -94,6 +97,31 @@ def test_rerun_hits_the_feature_cache_and_a_changed_pooling_misses(lr_run, data_
         assert feature_cache_key(_spec(root, data_dir, **changed), first.data) != key, changed
     assert feature_cache_key(_spec(root, data_dir, name="other", features={"head": "mlp"}),
                              first.data) == key  # the head does not change the features
+
+
+@pytest.mark.timeout(400)
+def test_each_cached_feature_vector_is_its_own_rows_with_its_label(lr_run):
+    # Extraction sorts rows by length before batching; the cache must still hold each row's
+    # features beside that row's label. Every cached vector equals an unbucketed forward of one
+    # tokenized row (all rows in file order, one batch; within 1e-5) with that row's label, and
+    # every row is matched once (rows of the same text are interchangeable: same features, same
+    # label).
+    _, spec, outcome = lr_run
+    [folder] = _feature_folders(spec)
+    base = load_backbone({"name_or_path": os.path.join(folder, "base")})
+    for split in ("train", "validation"):
+        rows = pq.read_table(os.path.join(outcome.data.cache_path, split)).to_pylist()
+        batch = pad_inputs([r["input_ids"] for r in rows], pad_id=0)  # file order, unsorted
+        with torch.inference_mode():
+            alone = embed(base, batch["input_ids"], batch["attention_mask"], "mean", -1).numpy()
+        x, y = read_features(os.path.join(folder, split))
+        assert len(x) == len(rows)
+        gap = np.abs(x[:, None, :] - alone[None, :, :]).max(-1)
+        nearest = gap.argmin(1)
+        assert gap[np.arange(len(x)), nearest].max() < 1e-5
+        assert [rows[j]["labels"] for j in nearest] == y.tolist()
+        assert Counter(tuple(rows[j]["input_ids"]) for j in nearest) == Counter(
+            tuple(r["input_ids"]) for r in rows)
 
 
 @pytest.mark.timeout(400)

@@ -114,6 +114,8 @@ def test_two_worker_training_learns_and_exports(runs, kind, method, stage):
     assert final["eval/loss"] < before["eval/loss"] * {"cls": 0.8, "lm": 0.7 if method == "full" else 0.9}[kind]
     history = _history(outcome)["history"]
     assert history[-1]["train/loss"] < history[0]["train/loss"]
+    # Time blocked on Ray Data per evaluation window, as a share of the window's training time.
+    assert all(0 <= h["train/ingest_wait_share"] < 1 for h in history if "train/loss" in h)
     if kind == "cls":
         assert {"eval/accuracy", "eval/f1", "eval/precision", "eval/recall", "eval/f1_pos"} <= set(final)
         assert final["eval/accuracy"] >= 0.9
@@ -181,23 +183,39 @@ def test_train_shards_are_disjoint_and_cover_the_data(ray_session, spec_factory,
     from ray.train.torch import TorchTrainer
 
     from trainers.data.prepare import prepare_dataset
+    from trainers.tasks import TASKS
     from trainers.train.launch import dataset_config, ray_datasets
+    from trainers.train.loop import train_batches
 
     rows = [{"text": f"item number {i} is {'good' if i % 2 else 'bad'}", "label": str(i % 2)} for i in range(203)]
     f = write_jsonl(tmp_path / "unique.jsonl", rows)
-    spec = spec_factory("cls", data={"train_files": [f]})
+    # Two prefetched batches: Ray Data collates them on two threads (the order test below).
+    spec = spec_factory("cls", data={"train_files": [f]}, train={"prefetch_batches": 2})
     prepared = prepare_dataset(spec)
 
-    def loop(_):
+    def loop(config):
         shard = ray.train.get_dataset_shard("train")
+        rank = ray.train.get_context().get_world_rank()
         seen = [tuple(r["input_ids"]) for r in shard.iter_rows()]
-        with open(os.path.join(str(tmp_path), f"rank{ray.train.get_context().get_world_rank()}.json"), "w") as fh:
-            json.dump(seen, fh)
+        # The loop's own epochs, in the order the micro-batches arrive.
+        epochs = [[b["input_ids"].tolist() for b in train_batches(shard, TASKS["sequence_classification"], spec, 0, e)]
+                  for e in range(2)]
+        with open(os.path.join(str(tmp_path), f"{config['run']}-rank{rank}.json"), "w") as fh:
+            json.dump({"rows": seen, "epochs": epochs}, fh)
 
-    TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=2),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "shards")),
-                 datasets=ray_datasets(prepared), dataset_config=dataset_config()).fit()
-    seen = [set(map(tuple, json.load(open(tmp_path / f"rank{r}.json")))) for r in range(2)]
+    for run in ("first", "second"):
+        TorchTrainer(loop, train_loop_config={"run": run}, scaling_config=ray.train.ScalingConfig(num_workers=2),
+                     run_config=ray.train.RunConfig(storage_path=str(tmp_path / "shards"), name=run),
+                     datasets=ray_datasets(prepared), dataset_config=dataset_config()).fit()
+    out = {(run, r): json.load(open(tmp_path / f"{run}-rank{r}.json")) for run in ("first", "second") for r in range(2)}
+    # The same seed gives every worker the same micro-batches in the same order on every run: a
+    # resume skips the batches its checkpoint consumed by count. Each epoch is shuffled anew.
+    for r in range(2):
+        first, second = out["first", r]["epochs"], out["second", r]["epochs"]
+        assert first == second
+        assert len(first[0]) == prepared.train_rows // 2 // spec.train.micro_batch_size_per_worker
+        assert first[0] != first[1]
+    seen = [set(map(tuple, out["first", r]["rows"])) for r in range(2)]
     everything = {tuple(r["input_ids"]) for r in pq.read_table(prepared.train_path).to_pylist()}
     assert len(everything) == prepared.train_rows  # every row is unique
     assert not seen[0] & seen[1]
@@ -229,3 +247,77 @@ def test_stopped_run_resumes_on_rerun_and_completed_run_is_not_retrained(runs):
     with pytest.raises(ConfigError, match=r"run\.name=lm-lora-zero3: this run finished earlier with a "
                                           r"different config \(changed: train\.learning_rate;"):
         prepare_run(changed)
+
+
+def _count_syncs_main(rank: int, folder: str) -> None:
+    """One gloo process: a real DeepSpeed ZeRO-2 engine on a tiny Llama; the host reads
+    (aten._local_scalar_dense: `.item()`, `float(t)`, `bool(t)`) of four micro-steps (two optimizer
+    steps) of Ferry's `train_micro_step` + the per-step gradient-norm watch, against the bare
+    engine's forward/backward/step on the same batches."""
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from trainers.tasks import causal_lm
+    from trainers.train.loop import _DivergenceWatch, skip_unused_shm_build, train_micro_step
+
+    class HostReads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                HostReads.n += 1
+            return func(*args, **(kwargs or {}))
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=120))
+    skip_unused_shm_build()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+                 "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    spec = make_spec(Path(folder), "lm", Path(folder))
+    counts = {}
+    for variant in ("bare", "ferry"):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=4)
+        model = transformers.LlamaForCausalLM(cfg)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
+                                          config=ds_config, dist_init_required=False)
+        watch = _DivergenceWatch(engine, spec)
+        ids = torch.randint(1, 64, (4, 2, 16), generator=torch.Generator().manual_seed(1))
+        HostReads.n = 0
+        with HostReads():
+            for micro in range(4):
+                batch = {"input_ids": ids[micro], "labels": ids[micro].clone()}
+                if variant == "bare":
+                    loss = engine(**batch, use_cache=False).loss
+                    engine.backward(loss)
+                    engine.step()
+                else:
+                    train_micro_step(engine, causal_lm, batch, watch, micro // 2 + 1)
+                    if engine.is_gradient_accumulation_boundary():
+                        watch.grad_norm(micro // 2 + 1)
+        counts[variant] = HostReads.n
+    # The counter sees a host read when there is one (what the loop did before: loss.item()).
+    with HostReads():
+        HostReads.n = 0
+        torch.ones(()).item()
+    counts["control"] = HostReads.n
+    with open(os.path.join(folder, "counts.json"), "w") as f:
+        json.dump(counts, f)
+    dist.destroy_process_group()
+
+
+def test_a_micro_step_reads_nothing_on_the_host_beyond_the_bare_engine(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_count_syncs_main, args=(str(tmp_path),), nprocs=1, join=True)
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert counts["control"] == 1
+    assert counts["ferry"] == counts["bare"], counts

@@ -292,8 +292,15 @@ class DataConfig(_Strict):
     )
     pack: bool = Field(
         True,
-        description="Causal LM: pack documents into full sequences (concatenated and cut). Chat: "
-        "pack whole conversations into rows (best-fit decreasing), attention kept within each.",
+        description="Causal LM and chat training rows: pack documents (conversations) into full "
+        "rows of max_seq_length, attention kept within each; how rows are filled: data.packing.",
+    )
+    packing: Literal["best_fit", "concat"] = Field(
+        "best_fit",
+        description="With data.pack: best_fit keeps every document that fits a row whole "
+        "(best-fit decreasing; longer ones become full rows plus a packed remainder), a few "
+        "slots of EOS filler per row; concat joins documents and cuts every max_seq_length "
+        "tokens: every slot used, documents split across rows.",
     )
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate",
@@ -394,6 +401,13 @@ class TrainConfig(_Strict):
         "last.",
     )
     log_every_n_steps: int = Field(10, ge=1, description="Progress line every N optimizer steps.")
+    prefetch_batches: int = Field(
+        2,
+        ge=0,
+        description="Micro-batches Ray Data reads, collates and moves to the device ahead of the "
+        "step, in a background thread: hides data latency (train/ingest_wait_share) at the cost "
+        "of one micro-batch of memory each; 0 = read in the step.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute each layer's activations in backward instead of keeping them "

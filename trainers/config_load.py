@@ -173,6 +173,12 @@ def check_rules(spec: RunSpec) -> list[str]:
     if spec.task.labels is not None and len(spec.task.labels) < 2:
         p.append(f"task.labels={spec.task.labels}: need at least 2 labels. List every class.")
     p += _check_tracking(spec)
+    if d.packing != "best_fit" and not (d.pack and spec.task.type in ("causal_lm", "chat")):
+        logging.getLogger("ferry.config").warning(
+            "data.packing=%s is ignored: only causal_lm and chat training rows are packed, "
+            "with data.pack=true",
+            d.packing,
+        )
     metric = t.best_metric
     if not metric.startswith(("eval/", "train/")):
         p.append(

@@ -2,7 +2,8 @@
 
 `check_data` is the driver-side entry point (files exist, formats known, columns present, before
 anything starts); `parse_file` is what every reader (training data, prediction inputs, analysis)
-uses, so a bad row is reported the same way everywhere.
+uses, so a bad row is reported the same way everywhere. `split_file` and `count_span` let one
+large file be read by many tasks (a span each) to the same rows and row numbers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import glob
 import io
 import json
 import os
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +29,15 @@ from trainers.storage import HUB_DATASET_PREFIX, absolute, is_hub_dataset, is_ur
 from trainers.tasks import TASKS
 
 _LOCAL = pafs.LocalFileSystem()
+# A file larger than this is read by several tasks, one per range of about this many bytes (or
+# Parquet row groups). 16 MiB of JSONL parses in about a second and grows to a few hundred MB as
+# Python rows: far above a Ray task's start cost (milliseconds), small enough that a read task's
+# memory stays bounded and that a 100 MB file already keeps several cores busy.
+READ_RANGE_BYTES = 16 << 20
+# One CSV record on one line: every field plain or fully quoted (Python's and pyarrow's default
+# dialect). A line that does not match might open a quoted field that runs on to the next line,
+# and a range starting there would read the inside of a quote as rows.
+_CSV_ONE_LINE = re.compile(rb'(?:"(?:[^"]|"")*"|[^,"]*)(?:,(?:"(?:[^"]|"")*"|[^,"]*))*\r?')
 # What `Dataset.save_to_disk` writes beside the Arrow data: never rows.
 _SAVED_DATASET_METADATA = ("state.json", "dataset_info.json", "dataset_dict.json")
 
@@ -292,14 +303,118 @@ def peek_columns(path: str, fmt: str) -> set[str] | None:
     return set(obj) if isinstance(obj, dict) else None
 
 
-def parse_file(
-    path: str, fmt: str, columns: list[str]
-) -> tuple[list[dict | None], list[str | None]]:
+def split_file(path: str, fmt: str, range_bytes: int = READ_RANGE_BYTES) -> list[tuple[int, int]]:
+    """The spans one file is read in, each by its own task: byte ranges that start at a line
+    start (JSON Lines, CSV) or row-group ranges (Parquet); one span, `(0, -1)` (the whole file),
+    for a file of at most `range_bytes`, a compressed file, a JSON array or an Arrow file.
+
+    A CSV split here may still have to be read whole: `count_span` says whether its lines are
+    one record each."""
+    fs, p = pafs.FileSystem.from_uri(absolute(path))
+    size = fs.get_file_info(p).size or 0
+    if size <= range_bytes or fmt not in ("jsonl", "csv", "parquet") or _compressed(path):
+        return [(0, -1)]
+    if fmt == "parquet":
+        with fs.open_input_file(p) as f:
+            meta = pq.ParquetFile(f).metadata
+        spans, first, acc = [], 0, 0
+        for i in range(meta.num_row_groups):
+            acc += meta.row_group(i).total_byte_size
+            if acc >= range_bytes:
+                spans.append((first, i + 1))
+                first, acc = i + 1, 0
+        if first < meta.num_row_groups:
+            spans.append((first, meta.num_row_groups))
+        return spans
+    with fs.open_input_file(p) as f:
+        if fmt == "jsonl" and f.read_at(1 << 16, 0).lstrip().startswith(b"["):
+            return [(0, -1)]  # a JSON array is one value: only a whole-file parse reads it
+        starts = [0]
+        for nominal in range(range_bytes, size, range_bytes):
+            at = _next_line_start(f, nominal, size)
+            if at > starts[-1] and at < size:  # a line longer than a range: no empty span
+                starts.append(at)
+    return list(zip(starts, starts[1:] + [size]))
+
+
+def count_span(
+    path: str, fmt: str, span: tuple[int, int], label_column: str | None = None
+) -> tuple[int, bool, dict[str, int]]:
+    """What the reader of a span needs to know about the spans before it: the span's row count
+    (rows as `parse_file` numbers them), whether the span may be read apart from the rest of
+    its file (CSV: no record spans lines) and, with `label_column`, how many of its labels are
+    of each kind (`label_kind` of a file is decided over all its spans)."""
     fs, p = pafs.FileSystem.from_uri(absolute(path))
     if fmt == "parquet":
         with fs.open_input_file(p) as f:
-            t = pq.read_table(
-                f, columns=[c for c in columns if c in pq.ParquetFile(f).schema_arrow.names]
+            meta = pq.ParquetFile(f).metadata
+        return sum(meta.row_group(i).num_rows for i in range(*span)), True, {}
+    with fs.open_input_file(p) as f:
+        raw = f.read_at(span[1] - span[0], span[0])
+    lines = raw.split(b"\n")
+    if fmt == "csv":
+        # pyarrow also ends lines at a lone CR: then its rows are not the newline-counted ones.
+        ok = raw.count(b"\r") == raw.count(b"\r\n") and all(
+            _CSV_ONE_LINE.fullmatch(line) for line in lines if b'"' in line
+        )
+        rows = sum(1 for line in lines if line.rstrip(b"\r"))  # empty lines are no rows
+        return rows - (span[0] == 0 and rows > 0), ok, {}  # the header is no row
+    kinds: dict[str, int] = {}
+    rows = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        rows += 1
+        if label_column is None:
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included: no label, as in `parse_file`
+            continue
+        if isinstance(obj, dict):
+            for kind, n in label_kinds([obj.get(label_column)]).items():
+                kinds[kind] = kinds.get(kind, 0) + n
+    return rows, True, kinds
+
+
+def _next_line_start(f: pa.NativeFile, at: int, size: int) -> int:
+    """The first line start at or after byte `at` (`size` if none)."""
+    pos = at - 1  # a newline just before `at` makes `at` itself a line start
+    while pos < size:
+        chunk = f.read_at(1 << 16, pos)
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return pos + nl + 1
+        pos += len(chunk)
+    return size
+
+
+def _compressed(path: str) -> bool:
+    try:
+        return pa.Codec.detect(path) is not None
+    except (TypeError, ValueError):  # no compression extension
+        return False
+
+
+def parse_file(
+    path: str, fmt: str, columns: list[str], span: tuple[int, int] = (0, -1)
+) -> tuple[list[dict | None], list[str | None]]:
+    """A file's records (None where a row cannot be read) and each row's problem (or None).
+
+    Args:
+        span: one of `split_file`'s spans; its rows are numbered from 1 again (the caller adds
+            the rows of the spans before it). A CSV span after the first is read with the
+            file's header line.
+    """
+    fs, p = pafs.FileSystem.from_uri(absolute(path))
+    if fmt == "parquet":
+        with fs.open_input_file(p) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in columns if c in pf.schema_arrow.names]
+            t = (
+                pf.read(columns=cols)
+                if span[1] < 0
+                else pf.read_row_groups(range(*span), columns=cols)
             )
         return t.to_pylist(), [None] * t.num_rows
     if fmt == "arrow":
@@ -307,8 +422,14 @@ def parse_file(
             reader = _arrow_reader(path, f)
             t = reader.read_all().select([c for c in columns if c in reader.schema.names])
         return _decode_class_labels(t).to_pylist(), [None] * t.num_rows
-    with fs.open_input_stream(p, compression="detect") as f:
-        raw = f.read()
+    if span[1] >= 0:
+        with fs.open_input_file(p) as f:
+            raw = f.read_at(span[1] - span[0], span[0])
+            if fmt == "csv" and span[0] > 0:
+                raw = f.read_at(_next_line_start(f, 1, span[0]), 0) + raw
+    else:
+        with fs.open_input_stream(p, compression="detect") as f:
+            raw = f.read()
     if fmt == "csv":
         return _parse_csv(path, raw)
     if raw.lstrip().startswith(b"["):
@@ -347,15 +468,23 @@ def text_error(value: Any, column: str) -> str | None:
     return f"expected a string, got {type(value).__name__} ('{column}' holds {value!r})"
 
 
-def label_kind(values: list[Any]) -> str | None:
+def label_kind(values: list[Any] | dict[str, int]) -> str | None:
     """The kind of most of one file's labels: "string", "number" or "boolean" (strings win a
-    tie), or None when the file has none. Label ids (0, 1) and booleans are labels too; what
-    `label_error` refuses is a value of another kind than the file's other labels."""
+    tie), or None when the file has none; `values` may also be `label_kinds` counts. Label ids
+    (0, 1) and booleans are labels too; what `label_error` refuses is a value of another kind
+    than the file's other labels."""
+    counts = values if isinstance(values, dict) else label_kinds(values)
+    return max(counts, key=lambda k: (counts[k], k == "string"), default=None)
+
+
+def label_kinds(values: list[Any]) -> dict[str, int]:
+    """How many labels are of each kind ("string", "number", "boolean"; nothing for missing
+    labels and structure)."""
     counts: dict[str, int] = {}
     for v in values:
         if v is not None and not isinstance(v, (dict, list)):
             counts[_kind(v)] = counts.get(_kind(v), 0) + 1
-    return max(counts, key=lambda k: (counts[k], k == "string"), default=None)
+    return counts
 
 
 def label_error(value: Any, column: str, kind: str | None) -> str | None:

@@ -25,10 +25,14 @@ import pyarrow.parquet as pq
 from trainers.data.prepare import PreparedData
 from trainers.model import load_tokenizer
 from trainers.storage import filesystem
-from trainers.tasks.causal_lm import IGNORE
+from trainers.tasks.common import IGNORE
 
 # Stats shown as percentages (fractions in [0, 1]); any other stat is shown as a number.
-_PERCENT_STATS = ("data/packing_efficiency", "data/trained_token_share")
+_PERCENT_STATS = (
+    "data/packing_efficiency",
+    "data/whole_document_share",
+    "data/trained_token_share",
+)
 _COLUMNS = ("input_ids", "labels", "start_positions", "end_positions")
 
 

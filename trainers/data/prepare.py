@@ -1,7 +1,8 @@
 """Raw files -> validated rows -> tokens -> a Parquet cache that training workers stream from.
 
 `prepare_dataset` is the entry point (driver side). Stages, all on Ray Data:
-  read (one task per file, so every bad row is reported with its file and row number)
+  read (one task per file, or per ~16 MiB span of a larger one, each span numbering its rows on
+     from the spans before it, so every bad row is reported with its file and row number)
   -> check rows (missing/empty text, unknown label, bad encoding) under data.on_bad_rows
   -> split train/validation (a stable hash of file name + row, so the split never depends on
      block order or worker count)
@@ -28,25 +29,32 @@ import pyarrow.fs as pafs
 
 from trainers.config import RunSpec
 from trainers.data.files import (
+    READ_RANGE_BYTES,
+    count_span,
     expand_files,
     format_of,
     label_error,
     label_kind,
     parse_file,
     raw_columns,
+    split_file,
     text_error,
 )
 from trainers.errors import DataError, on_full_disk, unwrap_data_errors
 from trainers.model import load_tokenizer, load_tokenizer_for
 from trainers.storage import filesystem, publish, read_marker, with_scheme
 from trainers.tasks import TASKS
-from trainers.tasks.causal_lm import IGNORE
+from trainers.tasks.common import IGNORE
 
 log = logging.getLogger("ferry.data")
 
 # Bump when the preprocessed format changes, or what a file reads to (5: CSV cells are text,
-# numbers in text columns are bad rows).
-_CACHE_VERSION = 5
+# numbers in text columns are bad rows; 6: best-fit packing keeps documents whole).
+_CACHE_VERSION = 6
+# Rows per tokenization batch; packing fills rows within one batch, so its last rows are part
+# filler: a larger window for packed LM tasks (see BENCHMARKS.md, "Packing").
+_BATCH_ROWS = 512
+_PACKED_BATCH_ROWS = 4096
 
 
 @dataclass
@@ -61,7 +69,8 @@ class PreparedData:
     train_tokens: int
     bad_rows: dict[str, int] = field(default_factory=dict)
     # Training split, token-level LM tasks: data/packing_efficiency (real tokens / token slots
-    # of packed rows) and data/trained_token_share (loss-bearing / real tokens).
+    # of packed rows), data/whole_document_share (documents packed without a split) and
+    # data/trained_token_share (loss-bearing / real tokens).
     stats: dict[str, float] = field(default_factory=dict)
     cache_hit: bool = False
 
@@ -104,7 +113,6 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     if spec.data.validation_files:
         files["validation"] = expand_files(spec.data.validation_files, "data.validation_files")
     fs, cache_root = filesystem(spec.cache_dir)
-    settings = _preprocess_settings(spec)
     files_id = [_file_identity(p) for split in files.values() for p in split]
 
     # Presets derive their tokenizer from the data, so the data and settings identify it; a
@@ -115,9 +123,7 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
         if spec.model.preset
         else _tokenizer_identity(tokenizer)
     )
-    key = hashlib.sha256(
-        json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()
-    ).hexdigest()[:20]
+    key = _cache_key(spec, files_id, tok_id)
     final = f"{cache_root}/{key}"
     meta = read_marker(fs, final)
     if meta is not None:
@@ -156,19 +162,23 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     label_index = {name: i for i, name in enumerate(label_names or [])}
     tok_uri = with_scheme(spec.cache_dir, tok_dir)
     counts = {}
+    packed = spec.task.type in ("causal_lm", "chat") and spec.data.pack
     for split, ds in (("train", train_rows), ("validation", val_rows)):
+        # Which rows share a batch decides how they pack: batches follow the files' order, not
+        # the order Ray's tasks finish in.
+        ds.context.execution_options.preserve_order = True
         with unwrap_data_errors():
             out = ds.map_batches(
                 _tokenize_batch,
                 batch_format="pyarrow",
-                batch_size=512,
+                batch_size=_PACKED_BATCH_ROWS if packed else _BATCH_ROWS,
                 fn_kwargs={
                     "tok_uri": tok_uri,
                     "spec_dict": spec.model_dump(),
                     "label_index": label_index,
                 },
             ).materialize()
-        n, overlong, tokens, real, loss = _split_stats(out)
+        n, overlong, tokens, real, loss, docs, cut = _split_stats(out)
         if n == 0:
             raise DataError(
                 f"data.max_seq_length={spec.data.max_seq_length}: every {split} row was dropped as "
@@ -181,10 +191,10 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
                 overlong,
                 spec.data.overlong,
             )
-        out = out.drop_columns(["_overlong", "_tokens", "_real", "_loss"])
+        out = out.drop_columns(list(_BOOKKEEPING))
         counts[split] = (n, tokens)
         if split == "train":
-            stats = _token_stats(spec, tokens, real, loss)
+            stats = _token_stats(spec, tokens, real, loss, docs, cut)
         out.write_parquet(with_scheme(spec.cache_dir, f"{partial}/{split}"))
     meta = {
         "tokenizer_path": with_scheme(spec.cache_dir, f"{final}/tokenizer"),
@@ -199,11 +209,11 @@ def _prepare_dataset(spec: RunSpec, tokenizer_source) -> PreparedData:
     return PreparedData(**meta, cache_path=with_scheme(spec.cache_dir, final))
 
 
-def _read_rows(files: dict[str, list[str]], spec: RunSpec):
+def _read_rows(files: dict[str, list[str]], spec: RunSpec, range_bytes: int = READ_RANGE_BYTES):
     import ray.data
 
-    items = [{"path": p, "split": split} for split, paths in files.items() for p in paths]
     cols = raw_columns(spec, optional=True)
+    items = _plan_reads(files, spec, cols, range_bytes)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _read_file_batch,
         batch_size=1,
@@ -220,10 +230,94 @@ def _read_rows(files: dict[str, list[str]], spec: RunSpec):
     )
 
 
+def _plan_reads(
+    files: dict[str, list[str]], spec: RunSpec, columns: dict[str, str], range_bytes: int
+) -> list[dict]:
+    """One read per file, or one per span of a file above `range_bytes` (`split_file`). A span's
+    rows are numbered on from the rows of the spans before it, and its labels are judged by the
+    kind of its whole file's labels, so a split file reads to the very rows, row numbers,
+    validation split and bad rows of the whole file read at once: both are counted first, by
+    one task per span (`count_span`). A CSV whose records span lines is read whole."""
+    import ray.data
+
+    groups = []
+    for split, paths in files.items():
+        for path in paths:
+            spans = split_file(path, format_of(path, spec.data.format), range_bytes)
+            groups.append(
+                [
+                    {"path": path, "split": split, "start": a, "end": b, "row0": 0, "kind": None}
+                    for a, b in spans
+                ]
+            )
+    counted = [
+        dict(item, i=i) for group in groups if len(group) > 1 for i, item in enumerate(group)
+    ]
+    if not counted:
+        return [item for group in groups for item in group]
+    # The file's label kind only matters where `_read_file_batch` would judge labels by it.
+    task = TASKS[spec.task.type]
+    by_kind = "label" in columns and not spec.task.labels and not hasattr(task, "read_row")
+    with unwrap_data_errors():
+        counts = (
+            ray.data.from_items(counted, override_num_blocks=len(counted))
+            .map_batches(
+                _count_span_batch,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "fmt": spec.data.format,
+                    "label_column": columns["label"] if by_kind else None,
+                },
+            )
+            .take_all()
+        )
+    found = {(c["path"], c["split"], c["i"]): c for c in counts}
+    items = []
+    for group in groups:
+        if len(group) == 1:
+            items += group
+            continue
+        spans = [found[(it["path"], it["split"], i)] for i, it in enumerate(group)]
+        if not all(c["ok"] for c in spans):
+            items.append(dict(group[0], start=0, end=-1))
+            continue
+        kinds: dict[str, int] = {}
+        for c in spans:
+            for k, n in json.loads(c["kinds"]).items():
+                kinds[k] = kinds.get(k, 0) + n
+        row0 = 0
+        for item, c in zip(group, spans):
+            if not spec.data.max_rows or row0 < spec.data.max_rows:
+                items.append(dict(item, row0=row0, kind=label_kind(kinds)))
+            row0 += c["rows"]
+    return items
+
+
+def _count_span_batch(batch: pa.Table, fmt: str, label_column: str | None) -> pa.Table:
+    """One span -> its rows, whether it reads apart from its file, its label kinds."""
+    item = batch.to_pylist()[0]
+    path = item["path"]
+    rows, ok, kinds = count_span(
+        path, format_of(path, fmt), (item["start"], item["end"]), label_column
+    )
+    return pa.table(
+        {
+            "path": [path],
+            "split": [item["split"]],
+            "i": [item["i"]],
+            "rows": [rows],
+            "ok": [ok],
+            "kinds": [json.dumps(kinds)],
+        }
+    )
+
+
 def _read_file_batch(
     batch: pa.Table, columns, fmt, fraction, seed, max_rows, spec_dict: dict | None = None
 ) -> pa.Table:
-    """One file -> rows with canonical columns plus _file, _row (1-based), _split, _error.
+    """One file, or one span of it (`_plan_reads`) -> rows with canonical columns plus _file,
+    _row (1-based, in the file), _split, _error.
 
     A task's optional `read_row(record, data_cfg)` turns a record into its canonical columns
     (chat: any conversation format -> `messages`); otherwise each column is text. Nested values
@@ -237,20 +331,21 @@ def _read_file_batch(
     check_row = getattr(task, "check_row", None)
     read_row = getattr(task, "read_row", None)
     nested = getattr(task, "NESTED", ())
-    path = batch.column("path")[0].as_py()
-    split = batch.column("split")[0].as_py()
-    records, errors = parse_file(path, format_of(path, fmt), list(columns.values()))
+    item = batch.to_pylist()[0]
+    path, split = item["path"], item["split"]
+    span, row0 = (item.get("start", 0), item.get("end", -1)), item.get("row0", 0)
+    records, errors = parse_file(path, format_of(path, fmt), list(columns.values()), span)
     if max_rows:
-        records, errors = records[:max_rows], errors[:max_rows]
+        records, errors = records[: max_rows - row0], errors[: max_rows - row0]
     out: dict[str, list] = {k: [] for k in (task.ROW_COLUMNS if read_row else columns)}
     rows, splits = [], []
     name = os.path.basename(path)
     # Declared task.labels decide which labels are known (checked once every file is read);
     # without them, a label of another kind than the file's others is a bad row.
-    labels_are = None
-    if "label" in columns and not (spec and spec.task.labels):
+    labels_are = item.get("kind")
+    if "label" in columns and not (spec and spec.task.labels) and labels_are is None:
         labels_are = label_kind([rec.get(columns["label"]) for rec in records if rec])
-    for i, (rec, err) in enumerate(zip(records, errors), start=1):
+    for i, (rec, err) in enumerate(zip(records, errors), start=row0 + 1):
         if read_row is not None:
             values, reason = read_row(rec, spec.data) if rec is not None else ({}, None)
             err = err or reason
@@ -279,7 +374,7 @@ def _read_file_batch(
                         break
         if err is None and check_row is not None:
             err = check_row({canon: out[canon][-1] for canon in out}, spec)
-        errors[i - 1] = err
+        errors[i - row0 - 1] = err
         rows.append(i)
         if split == "train" and fraction and _in_validation(name, i, seed, fraction):
             splits.append("validation")
@@ -376,11 +471,19 @@ def _iter_text(ds):
             yield from values
 
 
+# Per-row bookkeeping columns of a tokenized split, summed by `_split_stats`, never cached.
+_BOOKKEEPING = ("_overlong", "_tokens", "_real", "_loss", "_docs", "_cut")
+
+
 def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index: dict) -> pa.Table:
-    """The task's tokenization, plus two bookkeeping columns `_split_stats` sums: the batch's
-    over-long row count (on its first row) and each row's token count."""
+    """The task's tokenization, plus the bookkeeping columns `_split_stats` sums: the batch's
+    over-long row count (on its first row), each row's token count, real (non-filler) tokens,
+    loss-bearing tokens, documents starting in it and, of those, documents split across rows."""
     spec = RunSpec.model_validate(spec_dict)
     tokenizer = _load_tokenizer_cached(tok_uri)
+    if "_file" in table.column_names and "_row" in table.column_names:
+        # Packing depends on the order of the batch's rows: make it the files' order.
+        table = table.sort_by([("_file", "ascending"), ("_row", "ascending")])
     out, overlong = TASKS[spec.task.type].tokenize(table, tokenizer, spec, label_index)
     flags = [overlong] + [0] * (out.num_rows - 1) if out.num_rows else []
     out = out.append_column("_overlong", pa.array(flags, type=pa.int64()))
@@ -391,14 +494,19 @@ def _tokenize_batch(table: pa.Table, tok_uri: str, spec_dict: dict, label_index:
     loss = [0] * out.num_rows
     if "labels" in out.column_names and pa.types.is_list(out.schema.field("labels").type):
         loss = [sum(x != IGNORE for x in row) for row in out.column("labels").to_pylist()]
-    return out.append_column("_loss", pa.array(loss, type=pa.int64()))
+    out = out.append_column("_loss", pa.array(loss, type=pa.int64()))
+    if "_docs" not in out.column_names:  # unpacked: one document per row, none split
+        out = out.append_column("_docs", pa.array([1] * out.num_rows, type=pa.int64()))
+        out = out.append_column("_cut", pa.array([0] * out.num_rows, type=pa.int64()))
+    return out
 
 
-def _split_stats(ds) -> tuple[int, int, int, int, int]:
-    """Rows, over-long rows, token slots, real tokens and loss-bearing tokens of a tokenized
-    split, from its small bookkeeping columns in one pass. Ray Data's own aggregations (count +
-    sum) would each start a job, and a sum starts a shuffle: seconds each on a fresh Ray."""
-    sums = dict.fromkeys(("_overlong", "_tokens", "_real", "_loss"), 0)
+def _split_stats(ds) -> tuple[int, ...]:
+    """Rows, over-long rows, token slots, real tokens, loss-bearing tokens, documents and split
+    documents of a tokenized split, from its small bookkeeping columns in one pass. Ray Data's
+    own aggregations (count + sum) would each start a job, and a sum starts a shuffle: seconds
+    each on a fresh Ray."""
+    sums = dict.fromkeys(_BOOKKEEPING, 0)
     rows = 0
     for batch in ds.select_columns(list(sums)).iter_batches(
         batch_format="pyarrow", batch_size=None
@@ -406,15 +514,19 @@ def _split_stats(ds) -> tuple[int, int, int, int, int]:
         rows += batch.num_rows
         for k in sums:
             sums[k] += int(pa.compute.sum(batch.column(k)).as_py() or 0)
-    return rows, sums["_overlong"], sums["_tokens"], sums["_real"], sums["_loss"]
+    return (rows, *sums.values())
 
 
-def _token_stats(spec: RunSpec, slots: int, real: int, loss: int) -> dict[str, float]:
-    """What the training split's tokens are worth: how full packed rows are and how many
-    tokens teach the model (LM-style tasks, whose labels are per token)."""
+def _token_stats(
+    spec: RunSpec, slots: int, real: int, loss: int, docs: int, cut: int
+) -> dict[str, float]:
+    """What the training split's tokens are worth: how full packed rows are, how many
+    documents they keep whole and how many tokens teach the model (LM-style tasks, whose labels
+    are per token)."""
     out: dict[str, float] = {}
     if spec.task.type in ("causal_lm", "chat") and spec.data.pack:
         out["data/packing_efficiency"] = real / max(slots, 1)
+        out["data/whole_document_share"] = 1 - cut / max(docs, 1)
     if loss:
         out["data/trained_token_share"] = loss / max(real, 1)
     return out
@@ -444,6 +556,15 @@ def _save_tokenizer(tokenizer, fs, path: str) -> None:
         tokenizer.save_pretrained(tmp)
         fs.create_dir(path)
         pafs.copy_files(tmp, path, destination_filesystem=fs)
+
+
+def _cache_key(spec: RunSpec, files_id: list, tok_id: str) -> str:
+    """The cache folder's name: the format version, the input files' identity, the tokenizer's
+    and every preprocessing setting (data.packing included)."""
+    settings = _preprocess_settings(spec)
+    return hashlib.sha256(
+        json.dumps([_CACHE_VERSION, files_id, tok_id, settings]).encode()
+    ).hexdigest()[:20]
 
 
 def _preprocess_settings(spec: RunSpec) -> dict[str, Any]:

@@ -28,20 +28,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from trainers.config import ModelConfig, RunSpec
 from trainers.data.prepare import PreparedData
-from trainers.device import compute_device, compute_dtype, on_device
+from trainers.device import compute_device, compute_dtype
 from trainers.model import (
     PRESETS,
     load_pretrained,
@@ -50,11 +53,13 @@ from trainers.model import (
     requested_attention,
 )
 from trainers.storage import filesystem, publish, read_marker, with_scheme
-from trainers.tasks import classification
 
 log = logging.getLogger("ferry.features")
 
 _FEATURES_VERSION = 1  # bump when the feature cache format or the pooling code changes
+# Forward batches per actor call: the rows of one call are sorted by length before batching, so a
+# larger call cuts more padding; 16 keeps a call's rows (and its output) a few MB.
+_BATCHES_PER_CALL = 16
 
 
 @dataclass
@@ -190,7 +195,9 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
         .union(tagged[1])
         .map_batches(
             _Embedder,
-            batch_size=f.batch_size,
+            batch_size=rows_per_call(
+                f.batch_size, f.num_actors, data.train_rows + data.validation_rows
+            ),
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=f.num_actors),
             fn_constructor_kwargs={
@@ -199,6 +206,7 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
                 "tokenizer_path": data.tokenizer_path,
                 "pooling": f.pooling,
                 "layer": f.layer,
+                "batch_size": f.batch_size,
             },
             num_cpus=spec.scaling.cpus_per_worker,
             num_gpus=spec.scaling.gpus_per_worker,
@@ -237,6 +245,15 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
             "extract_s": elapsed,
         }
     )
+
+
+def rows_per_call(batch_size: int, num_actors: int, rows: int) -> int:
+    """Rows Ray Data hands an actor per call: up to _BATCHES_PER_CALL forward batches (room to
+    sort rows by length, few Ray round trips), but no more than each actor's even share, so
+    that every actor of the pool gets work."""
+    share = -(-rows // num_actors)
+    share_in_batches = -(-share // batch_size) * batch_size
+    return max(batch_size, min(batch_size * _BATCHES_PER_CALL, share_in_batches))
 
 
 def feature_cache_key(spec: RunSpec, data: PreparedData) -> str:
@@ -278,28 +295,82 @@ class _Embedder:
     """One frozen model replica (a Ray Data actor): token ids -> pooled float32 features."""
 
     def __init__(
-        self, spec_dict: dict, base_ref: dict, tokenizer_path: str, pooling: str, layer: int
+        self,
+        spec_dict: dict,
+        base_ref: dict,
+        tokenizer_path: str,
+        pooling: str,
+        layer: int,
+        batch_size: int,
     ):
+        spec = RunSpec.model_validate(spec_dict)
+        # One torch thread per reserved CPU: Ray sets OMP_NUM_THREADS that way only when the
+        # driver's environment left it unset, and torch's default (every core of the node) makes
+        # two actors on one node fight over the cores.
+        torch.set_num_threads(max(1, math.floor(spec.scaling.cpus_per_worker)))
         tokenizer = load_tokenizer(tokenizer_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # On the actor's GPU, in the run's precision, when it has one (features stay float32).
-        self.device, dtype = compute_device(RunSpec.model_validate(spec_dict))
+        self.device, dtype = compute_device(spec)
         self.model = load_backbone(base_ref, dtype).to(self.device)
-        self.pooling, self.layer = pooling, layer
+        self.pooling, self.layer, self.batch_size = pooling, layer, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = {
-            "input_ids": batch.column("input_ids").to_pylist(),
-            "labels": batch.column("labels").to_pylist(),
-        }
-        enc = on_device(classification.collate(rows, self.pad_id), self.device)
-        with torch.inference_mode():
-            vectors = embed(
-                self.model, enc["input_ids"], enc["attention_mask"], self.pooling, self.layer
-            ).cpu()
-        flat = pa.array(vectors.numpy().reshape(-1), type=pa.float32())
+        vectors = embed_rows(
+            self.model,
+            batch.column("input_ids"),
+            self.pad_id,
+            self.pooling,
+            self.layer,
+            self.batch_size,
+            self.device,
+        )
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
         features = pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
         return batch.drop_columns(["input_ids"]).append_column("features", features)
+
+
+def embed_rows(
+    model,
+    input_ids: pa.Array | pa.ChunkedArray,
+    pad_id: int,
+    pooling: str,
+    layer: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Pooled features [rows, hidden] (float32) of token-id rows, in the rows' own order.
+
+    Rows are sorted by length and embedded `batch_size` at a time, each forward padded only to
+    its own longest row: rows of similar length share a batch, so little compute goes to padding.
+    The features match an unsorted pass within float rounding (padding is masked out).
+    """
+    ids = input_ids.combine_chunks() if isinstance(input_ids, pa.ChunkedArray) else input_ids
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.cumsum(lengths) - lengths
+    order = np.argsort(lengths, kind="stable")
+    out: np.ndarray | None = None
+    for first in range(0, len(order), batch_size):
+        rows = order[first : first + batch_size]
+        width = max(1, int(lengths[rows].max()))
+        mask = np.arange(width)[None, :] < lengths[rows][:, None]
+        padded = np.full((len(rows), width), pad_id, dtype=np.int64)
+        padded[mask] = values[(starts[rows][:, None] + np.arange(width)[None, :])[mask]]
+        with torch.inference_mode():
+            vectors = embed(
+                model,
+                torch.from_numpy(padded).to(device),
+                torch.from_numpy(mask.astype(np.int64)).to(device),
+                pooling,
+                layer,
+            )
+        if out is None:
+            out = np.empty((len(order), vectors.shape[1]), dtype=np.float32)
+        out[rows] = vectors.cpu().numpy()
+    if out is None:  # an empty batch: its width is the model's hidden size
+        return np.empty((0, model.config.hidden_size), dtype=np.float32)
+    return out
 
 
 def embed(

@@ -1,13 +1,18 @@
 """Causal LM: continued pretraining on plain text, or prompt/response with loss on the response
 only.
 
-Packing: documents (each ending in EOS) are concatenated and cut into rows of exactly
-data.max_seq_length tokens. `position_ids` restart at 0 at every document start; transformers
-(masking_utils `find_packed_sequence_indices`) turns restarting position ids into a block-diagonal
-causal mask when no attention_mask is passed, so a token never attends across a document boundary
-(checked in tests for sdpa and eager Llama). The first token of each document gets no loss: its
-only context would be another document. The tail of the last row in a batch is filled with EOS
-tokens forming their own masked "document" with no loss, so every packed row has full length.
+Packing (`data.pack`): documents (each ending in EOS) fill rows of exactly data.max_seq_length
+tokens (`trainers.tasks.packing`). With data.packing=best_fit (default) a document that fits in a
+row is never split: best-fit decreasing over the tokenization batch's documents, a longer one cut
+into full rows plus a remainder packed like any other document; data.packing=concat joins the
+documents and cuts the stream every max_seq_length tokens (documents split across rows).
+`position_ids` restart at 0 at every document start; transformers (masking_utils
+`find_packed_sequence_indices`) turns restarting position ids into a block-diagonal causal mask
+when no attention_mask is passed, so a token never attends across a document boundary (checked
+in tests for sdpa and eager Llama). The first token of each document (and of each piece of a
+split one) gets no loss: its only context would be another document. A row's tail is filled
+with EOS tokens forming their own masked "document" with no loss, so every packed row has full
+length.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from trainers.tasks.common import overlong_policy, pad, pad_inputs
+from trainers.tasks.common import IGNORE, overlong_policy, pad, pad_inputs, table_of
+from trainers.tasks.packing import pack_documents
 
-IGNORE = -100
 # Metric keys every evaluation reports.
 METRICS = ("eval/loss", "eval/perplexity", "eval/tokens")
 
@@ -43,7 +48,7 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
     docs = _documents(table, tokenizer, eos)
     max_len = spec.data.max_seq_length
     if spec.data.pack:
-        return _pack(docs, max_len, eos), 0
+        return pack_documents(docs, max_len, eos, spec.data.packing), 0
     out_ids, out_labels, overlong = [], [], 0
     files, rows = table.column("_file").to_pylist(), table.column("_row").to_pylist()
     for i, (ids, labels) in enumerate(docs):
@@ -71,45 +76,6 @@ def _documents(table: pa.Table, tokenizer, eos: int) -> list[tuple[list[int], li
         return [(p + a + [eos], [IGNORE] * len(p) + a + [eos]) for p, a in zip(prompts, answers)]
     texts = tokenizer(table.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
     return [(t + [eos], t + [eos]) for t in texts]
-
-
-def _pack(docs, max_len: int, eos: int) -> pa.Table:
-    ids, labels, pos = [], [], []
-    for d_ids, d_labels in docs:
-        d_labels = [IGNORE] + d_labels[1:]
-        ids += d_ids
-        labels += d_labels
-        pos += list(range(len(d_ids)))
-    rows = []
-    for start in range(0, len(ids), max_len):
-        r_ids, r_lab, r_pos = (
-            ids[start : start + max_len],
-            labels[start : start + max_len],
-            pos[start : start + max_len],
-        )
-        if r_pos and r_pos[0] != 0:
-            # A document split across rows: its continuation starts a new block; no loss on the
-            # first token since its context is in the previous row.
-            r_pos = list(range(len(r_pos)))
-            r_lab = [IGNORE] + r_lab[1:]
-        pad = max_len - len(r_ids)
-        rows.append((r_ids + [eos] * pad, r_lab + [IGNORE] * pad, r_pos + list(range(pad))))
-    table = table_of([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-    # Real tokens per row (the rest is filler): data/packing_efficiency.
-    real = [min(max_len, len(ids) - start) for start in range(0, len(ids), max_len)]
-    return table.append_column("_real", pa.array(real, type=pa.int64()))
-
-
-def table_of(ids, labels, positions) -> pa.Table:
-    """Token rows as the cache stores them (int32 lists)."""
-    lst = pa.list_(pa.int32())
-    return pa.table(
-        {
-            "input_ids": pa.array(ids, type=lst),
-            "labels": pa.array(labels, type=lst),
-            "position_ids": pa.array(positions, type=lst),
-        }
-    )
 
 
 def collate(rows: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,11 +13,13 @@ rendered string in order, and a token bears loss when it overlaps a trained assi
 end-of-turn token: the model learns to stop). Finding the text instead of diffing renders of
 growing prefixes works with templates that add a default system prompt or rewrite earlier turns.
 
-Packing (`data.pack`, training split): whole conversations go into rows of data.max_seq_length
-by best-fit decreasing, with position ids restarting per conversation (the block-diagonal mask
-of causal_lm's packing: no attention across conversations). Validation rows hold one
-conversation each, with the token offset of its last assistant reply (`prompt_length`) and that
-reply as text (`reference_bytes`), so evaluation can generate the reply and score it.
+Packing (`data.pack`, training split): conversations fill rows of data.max_seq_length
+(`trainers.tasks.packing`); with data.packing=best_fit (default) each goes whole into a row by
+best-fit decreasing (an over-long one was already cut by data.overlong), with data.packing=concat
+they are joined and cut at row boundaries. Position ids restart per conversation (the
+block-diagonal mask of causal_lm's packing: no attention across conversations). Validation rows
+hold one conversation each, with the token offset of its last assistant reply (`prompt_length`)
+and that reply as text (`reference_bytes`), so evaluation can generate the reply and score it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch
 from trainers.chat_templates import end_of_turn_ids
 from trainers.errors import DataError
 from trainers.tasks import causal_lm
-from trainers.tasks.common import overlong_policy, pad, pad_inputs
+from trainers.tasks.common import overlong_policy, pad, pad_inputs, table_of
+from trainers.tasks.packing import pack_documents
 from trainers.tasks.summarization import generate_texts, rouge, texts_of
 
 IGNORE = causal_lm.IGNORE
@@ -209,7 +212,10 @@ def tokenize(table: pa.Table, tokenizer, spec, label_index=None) -> tuple[pa.Tab
         start, _, reply = turns[-1]
         docs.append((ids, labels, start, reply))
     if spec.data.pack and not validation:
-        return _pack([(d[0], d[1]) for d in docs], max_len, tokenizer.eos_token_id), overlong
+        packed = pack_documents(
+            [(d[0], d[1]) for d in docs], max_len, tokenizer.eos_token_id, spec.data.packing
+        )
+        return packed, overlong
     return _rows(docs), overlong
 
 
@@ -257,45 +263,9 @@ def _mask(ids, offsets, text, spans, train_on: str, stops: set[int]):
     return labels, turns
 
 
-def _pack(docs, max_len: int, eos: int) -> pa.Table:
-    """Whole conversations into rows of max_len by best-fit decreasing: each conversation goes
-    to the fullest row it still fits in. Each starts at position 0; its first token bears no
-    loss (its only context would be the conversation before it)."""
-    order = sorted(range(len(docs)), key=lambda i: (-len(docs[i][0]), i))
-    bins: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        n = len(docs[i][0])
-        fits = [b for b in range(len(bins)) if free[b] >= n]
-        if fits:
-            b = min(fits, key=lambda b: (free[b], b))
-        else:
-            bins.append([])
-            free.append(max_len)
-            b = len(bins) - 1
-        bins[b].append(i)
-        free[b] -= n
-    out_ids, out_labels, out_pos, real = [], [], [], []
-    for members in bins:
-        ids, labels, pos = [], [], []
-        for i in members:
-            d_ids, d_labels = docs[i]
-            ids += d_ids
-            labels += [IGNORE] + list(d_labels[1:])
-            pos += list(range(len(d_ids)))
-        real.append(len(ids))
-        fill = max_len - len(ids)
-        # The filler is a masked document of its own (see causal_lm's packing).
-        out_ids.append(ids + [eos] * fill)
-        out_labels.append(labels + [IGNORE] * fill)
-        out_pos.append(pos + list(range(fill)))
-    table = causal_lm.table_of(out_ids, out_labels, out_pos)
-    return table.append_column("_real", pa.array(real, type=pa.int64()))
-
-
 def _rows(docs) -> pa.Table:
     """One conversation per row, with the offset and text of its last assistant reply."""
-    table = causal_lm.table_of(
+    table = table_of(
         [d[0] for d in docs], [d[1] for d in docs], [list(range(len(d[0]))) for d in docs]
     )
     table = table.append_column("prompt_length", pa.array([d[2] for d in docs], type=pa.int32()))

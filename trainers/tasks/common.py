@@ -1,11 +1,28 @@
-"""What several tasks share: the over-long row rule and padding a batch of id lists."""
+"""What several tasks share: the label that bears no loss, token rows as the cache stores them,
+the over-long row rule and padding a batch of id lists."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from trainers.errors import DataError
+
+# The label of a token that bears no loss (torch cross-entropy's ignore_index).
+IGNORE = -100
+
+
+def table_of(ids, labels, positions) -> pa.Table:
+    """Token rows as the cache stores them (int32 lists)."""
+    lst = pa.list_(pa.int32())
+    return pa.table(
+        {
+            "input_ids": pa.array(ids, type=lst),
+            "labels": pa.array(labels, type=lst),
+            "position_ids": pa.array(positions, type=lst),
+        }
+    )
 
 
 def overlong_policy(n_tokens: int, spec, file: str, row: int, fix: str = "") -> str | None:

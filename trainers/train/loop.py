@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from trainers.checkpoints import (
     checkpoint_name,
@@ -72,6 +73,7 @@ class KillAfterStep:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train on this worker's shard; every rank saves its ZeRO shard at each report."""
+    clock = _StartupClock()
     import deepspeed
     import ray.data
     import ray.train
@@ -86,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     task = TASKS[spec.task.type]
 
+    clock.mark("imports")
     skip_unused_shm_build()
     device = bind_device()
     if device.type == "cuda":  # before any collective (see bind_device)
@@ -101,7 +104,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mine = fit_problems(spec, gpu, world, tokenizer) if rank == 0 else []
         if problems := from_rank0(mine, device):
             raise ConfigError(problems)
+    clock.mark("process group")
     model = build_model(spec, tokenizer, data.label_names, ds_config)
+    clock.mark("model")
     trainable, total_params = count_parameters(model)
     # Under ZeRO-3 the base weights must already be partitioned here (built inside zero.Init),
     # or every rank held the whole model for a moment. LoRA weights are partitioned later.
@@ -123,19 +128,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
         dist_init_required=False,  # Ray Train already created the process group
     )
+    clock.mark("DeepSpeed engine")
     state = _restore(engine, ray.train.get_checkpoint(), rank, world)
+    clock.mark("restore")
     state.built_partitioned = built_partitioned
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_shard = ray.train.get_dataset_shard("train")
     val_batches = validation_batches(
         ray.train.get_dataset_shard("validation"), task, spec, pad_id, rank, world
     )
+    clock.mark("validation data")
     progress = _Progress(rank, total, world, state.step, spec.train.log_every_n_steps)
     if rank == 0:
         _say(
             f"[ferry] {spec.method} on {trainable:,}/{total_params:,} trainable parameters, "
             f"ZeRO-{spec.deepspeed.zero_stage}, {world} worker(s), {total} steps "
-            f"({per_epoch}/epoch), resuming at step {state.step}"
+            f"({per_epoch}/epoch), resuming at step {state.step}; worker ready in {clock}"
         )
 
     if state.step == 0 and state.before is None:
@@ -154,26 +162,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     watch = _DivergenceWatch(engine, spec)
     while state.step < total and state.early_stop is None:
         engine.train()
-        batches = train_shard.iter_torch_batches(
-            batch_size=spec.train.micro_batch_size_per_worker,
-            drop_last=True,
-            collate_fn=lambda rows: task.collate(rows, pad_id),
-            local_shuffle_buffer_size=1024,
-            local_shuffle_seed=spec.run.seed + state.epoch,
-        )
-        for micro, batch in enumerate(batches):
+        batches = train_batches(train_shard, task, spec, pad_id, state.epoch)
+        for micro, batch in enumerate(progress.timed(batches)):
             if micro >= micro_per_epoch or state.step >= total:
                 break
             if micro < state.micro_in_epoch:
                 continue  # resume: skip what this epoch already consumed before the checkpoint
-            batch = on_device(batch, engine.device)
-            loss_sum, weight, _ = task.loss_and_outputs(engine, batch)
-            loss = loss_sum / weight.clamp(min=1)
-            watch.loss(loss, state.step + 1)
-            engine.backward(loss)
-            engine.step()
+            loss = train_micro_step(engine, task, batch, watch, state.step + 1)
             state.micro_in_epoch = micro + 1
-            window_loss, window_n = window_loss + loss.detach(), window_n + 1
+            window_loss, window_n = window_loss + loss, window_n + 1
             progress.add_tokens(int(batch["input_ids"].numel()))
             if not engine.is_gradient_accumulation_boundary() and (micro + 1) % spec.grad_accum:
                 continue
@@ -197,7 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # The checkpoint of the stopping step is reported too: resume and export see
                 # the run exactly where it ended.
                 _report_with_checkpoint(engine, state, metrics, rank, world)
-                progress.last = time.perf_counter()
+                progress.restart_window()
                 if state.early_stop:
                     break
         # The epoch is over: its micro-batch budget is spent, training is done, or the shard ran
@@ -209,6 +206,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # must agree, because the ZeRO-3 export gathers the weights collectively.
     if from_rank0(exported_step(spec, state.history) == state.step, engine.device):
         _export(engine, spec, tokenizer, data, state, rank)
+
+
+class TaskCollate(NumpyBatchCollateFn):
+    """A task's `collate(rows, pad_id)` as the collate class Ray Data wants (the function form
+    is deprecated since Ray 2.47). It runs on Ray Data's prefetch thread, so collation overlaps
+    the step; Ray then moves the tensors to the worker's device there too."""
+
+    def __init__(self, task, pad_id: int):
+        self.task, self.pad_id = task, pad_id
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.task.collate(batch, self.pad_id)
+
+
+def train_batches(train_shard, task, spec: RunSpec, pad_id: int, epoch: int):
+    """One epoch of this worker's micro-batches, shuffled by (run.seed, epoch). The same seed
+    yields the same batches in the same order on every run: a resume skips the micro-batches its
+    checkpoint already consumed by count, so the order must not depend on thread timing (the
+    train split is ordered for this: `launch.dataset_config`)."""
+    return train_shard.iter_torch_batches(
+        batch_size=spec.train.micro_batch_size_per_worker,
+        drop_last=True,
+        collate_fn=TaskCollate(task, pad_id),
+        prefetch_batches=spec.train.prefetch_batches,
+        local_shuffle_buffer_size=1024,
+        local_shuffle_seed=spec.run.seed + epoch,
+    )
+
+
+def train_micro_step(engine, task, batch: dict, watch: _DivergenceWatch, step: int):
+    """Forward and backward of one micro-batch, and the optimizer step when it ends the
+    accumulation; the loss comes back detached, on the device. Nothing here reads a tensor on the
+    host (no `.item()`, no NaN check that needs the value): a GPU never waits for the CPU here
+    (tests/test_train.py counts the syncs against the bare DeepSpeed engine's)."""
+    batch = on_device(batch, engine.device)
+    loss_sum, weight, _ = task.loss_and_outputs(engine, batch)
+    loss = loss_sum / weight.clamp(min=1)
+    watch.loss(loss, step)
+    engine.backward(loss)
+    engine.step()
+    return loss.detach()
 
 
 def lr_schedule(optimizer, spec: RunSpec, total_steps: int):
@@ -294,9 +332,7 @@ def validation_batches(val_data, task, spec: RunSpec, pad_id, rank, world) -> tu
     memory: re-running a Ray Data pipeline at every evaluation costs seconds each time. Also a
     spare batch, for ranks with fewer batches than others (see `evaluate`)."""
     bs = spec.train.eval_batch_size_per_worker
-    batches = val_data.iter_torch_batches(
-        batch_size=bs, collate_fn=lambda r: task.collate(r, pad_id)
-    )
+    batches = val_data.iter_torch_batches(batch_size=bs, collate_fn=TaskCollate(task, pad_id))
     mine, spare = [], None
     for i, b in enumerate(batches):
         spare = spare if spare is not None else b
@@ -375,6 +411,7 @@ def _train_metrics(state: LoopState, progress, schedule, device) -> dict[str, fl
         "train/lr": schedule.get_last_lr()[0],
         "train/tokens_per_s": progress.tokens_per_s(),
         "train/step_time_s": progress.median_step_time(),
+        "train/ingest_wait_share": progress.ingest_wait_share(),
         "train/elapsed_s": progress.elapsed(),
     }
 
@@ -513,6 +550,24 @@ def skip_unused_shm_build() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+class _StartupClock:
+    """Where a worker's start-up goes, phase by phase; printed on the worker's first line (slow
+    starts are a cost users pay on every run and every retry)."""
+
+    def __init__(self):
+        self.t0 = self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f}" for name, s in self.phases)
+        return f"{self.last - self.t0:.1f}s ({parts})"
+
+
 class _Progress:
     """Rank 0 prints step/total, loss, lr, tokens/s and ETA every train.log_every_n_steps."""
 
@@ -520,6 +575,31 @@ class _Progress:
         self.rank, self.total, self.world, self.every = rank, total, world, every
         self.t0, self.tokens, self.start_step = time.perf_counter(), 0, start_step
         self.last, self.step_times = self.t0, []
+        # Time blocked on the data iterator, and the window it is a share of (since the last
+        # evaluation's report): train/ingest_wait_share.
+        self.waited, self.window_start = 0.0, self.t0
+
+    def timed(self, batches):
+        """`batches`, adding the time each `next()` blocks to the ingest wait."""
+        it = iter(batches)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - t
+            yield batch
+
+    def ingest_wait_share(self) -> float:
+        """Share of the window's training time (up to its last step: the evaluation is not
+        training) spent waiting for the next batch."""
+        return self.waited / max(self.last - self.window_start, 1e-9)
+
+    def restart_window(self) -> None:
+        """After an evaluation and its checkpoint: step times and the ingest wait start over."""
+        self.last = self.window_start = time.perf_counter()
+        self.waited = 0.0
 
     def add_tokens(self, n: int) -> None:
         self.tokens += n
