@@ -32,7 +32,9 @@ bench: setup
 	$(PY) bench/overhead.py
 
 bench-hpo: setup
-	$(PY) bench/hpo_efficiency.py
+	$(PY) examples/prepare_reviews.py examples/data
+	$(PY) bench/hpo_efficiency.py --problem pretrained
+	$(PY) bench/hpo_efficiency.py --problem random-init
 
 bench-methods: setup
 	$(PY) examples/prepare_reviews.py examples/data

@@ -19,7 +19,7 @@ from conftest import classification_rows, write_jsonl
 
 from trainers.config_load import build_spec, load_config
 from trainers.errors import ConfigError
-from tuning.config import OverfittingConfig, TuneConfig
+from tuning.config import OverfittingConfig, SchedulerConfig, TuneConfig
 from tuning.load import load_search, trial_spec
 from tuning.resources import size_trials
 from tuning.stoppers import DIVERGED, GAP, OVERFITTING, PLATEAU, OverfittingStopper, stop_reason
@@ -93,6 +93,23 @@ def test_generalization_gap_and_plateau_rules():
         val=[1.0, 0.8, 0.7, 0.705, 0.702, 0.701, 0.7], train=[1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7]
     )
     assert first_stop(h, flat_cfg) == (6, PLATEAU)
+
+
+def test_asha_rungs_are_fractions_of_the_run_in_whole_evaluations():
+    from tuning.search import asha_budget, build_scheduler
+
+    default = SchedulerConfig()
+    # 1/27 of 540 steps = 20 steps = 4 evaluations of 5 steps.
+    assert asha_budget(default, eval_every=5, total_steps=540) == (20, 540)
+    # 246/27 = 9.1 steps rounds to 2 evaluations; 40/27 = 1.5 steps is still one evaluation.
+    assert asha_budget(default, eval_every=5, total_steps=246) == (10, 246)
+    assert asha_budget(default, eval_every=2, total_steps=40) == (2, 40)
+    # An explicit grace_period (evaluations) wins; max_t (evaluations) caps the run.
+    assert asha_budget(SchedulerConfig(grace_period=3), 5, 246) == (15, 246)
+    assert asha_budget(SchedulerConfig(grace_period=9, max_t=4), 5, 246) == (20, 20)
+    cfg = TuneConfig(space={"train.learning_rate": {"grid": [1e-3]}})
+    rungs = [m for m, _ in build_scheduler(cfg, eval_every=2, total_steps=40)._brackets[0]._rungs]
+    assert sorted(rungs) == [2, 6, 18]  # x reduction_factor 3 from the first, below max_t
 
 
 def test_stopper_persists_decisions_and_skips_the_baseline(tmp_path):

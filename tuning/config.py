@@ -55,11 +55,21 @@ class SchedulerConfig(_Strict):
     type: Literal["asha", "fifo"] = Field(
         "asha", description="asha: stop weak trials at rungs; fifo: run every trial to the end."
     )
-    grace_period: int = Field(
-        2, ge=1, description="ASHA: evaluations every trial gets before it can be stopped."
+    grace_period: int | None = Field(
+        None,
+        ge=1,
+        description="ASHA: evaluations every trial gets before it can be stopped; default: "
+        "grace_fraction of each trial's length.",
+    )
+    grace_fraction: float = Field(
+        1 / 27,
+        gt=0,
+        le=1,
+        description="ASHA without grace_period: the first rung as a fraction of max_t, rounded "
+        "to whole evaluations (at least one). Smaller saves more steps and decides on less.",
     )
     reduction_factor: float = Field(
-        2.0, gt=1, description="ASHA: keep the best 1/reduction_factor of trials at each rung."
+        3.0, gt=1, description="ASHA: keep the best 1/reduction_factor of trials at each rung."
     )
     max_t: int | None = Field(
         None,

@@ -43,7 +43,7 @@ from trainers.preflight import (
 from trainers.tasks import TASKS
 from trainers.tracking import track_search
 from trainers.train.launch import train
-from tuning.config import Distribution, SearchSpec, TuneConfig
+from tuning.config import Distribution, SchedulerConfig, SearchSpec, TuneConfig
 from tuning.layout import (
     BEST_DIR,
     REASONS_FILE,
@@ -172,7 +172,7 @@ def run_search(search: SearchSpec, resume: bool = False) -> SearchOutcome:
                 param_space=_param_space(tune_cfg),
                 tune_config=tune.TuneConfig(
                     search_alg=_searcher(tune_cfg, concurrency),
-                    scheduler=_scheduler(tune_cfg, every, plan["total_steps"]),
+                    scheduler=build_scheduler(tune_cfg, every, plan["total_steps"]),
                     num_samples=tune_cfg.num_samples,
                     max_concurrent_trials=concurrency,
                     trial_dirname_creator=_trial_dirname,
@@ -299,21 +299,32 @@ def _searcher(tune_cfg: TuneConfig, concurrency: int):
     return BasicVariantGenerator(max_concurrent=concurrency, random_state=tune_cfg.seed)
 
 
-def _scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
-    """ASHA over optimizer steps. The config speaks in evaluations (what a user sees in the logs);
-    steps are what every trial reports, restored trials included, so rungs stay aligned."""
-    s = tune_cfg.scheduler
-    if s.type == "fifo":
+def build_scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
+    """The search's trial scheduler: FIFO, or ASHA over optimizer steps. The config speaks in
+    evaluations and fractions of a run; steps are what every trial reports, restored trials
+    included, so rungs stay aligned."""
+    if tune_cfg.scheduler.type == "fifo":
         return FIFOScheduler()
-    max_t = s.max_t * eval_every if s.max_t else total_steps
+    grace, max_t = asha_budget(tune_cfg.scheduler, eval_every, total_steps)
     return ASHAScheduler(
         time_attr="train/step",
         metric=tune_cfg.metric,
         mode=tune_cfg.mode,
-        grace_period=min(s.grace_period * eval_every, max_t),
-        reduction_factor=s.reduction_factor,
+        grace_period=grace,
+        reduction_factor=tune_cfg.scheduler.reduction_factor,
         max_t=max_t,
     )
+
+
+def asha_budget(s: SchedulerConfig, eval_every: int, total_steps: int) -> tuple[int, int]:
+    """ASHA's (grace period, max_t) in steps. The first rung sits at a whole evaluation: a rung
+    between two evaluations would be decided at the next one anyway."""
+    max_t = s.max_t * eval_every if s.max_t else total_steps
+    if s.grace_period is not None:
+        evals = s.grace_period
+    else:
+        evals = max(1, round(s.grace_fraction * max_t / eval_every))
+    return min(evals * eval_every, max_t), max_t
 
 
 def _trial_dirname(trial) -> str:
