@@ -253,39 +253,40 @@ def replay(grid_dir: str, search, cpus: float = 4) -> dict:
     grid = build_report(grid_dir, write=False)
     total = grid.trials[0]["total_steps"]
     scheduler = build_scheduler(tune_cfg, spec.train.eval_every_n_steps, total)
-    workdir = tempfile.mkdtemp(prefix="ferry-hpo-replay-")
-    stopper = OverfittingStopper(
-        tune_cfg.overfitting, os.path.join(workdir, "s.json"), tune_cfg.metric, tune_cfg.mode
-    )
-    metric, sign = tune_cfg.metric, 1.0 if tune_cfg.mode == "min" else -1.0
-    concurrency = size_trials(spec, tune_cfg, {"CPU": cpus})[0]
-    # Grid order: the order Tune's grid generator starts the trials.
-    queue = sorted(grid.trials, key=lambda t: t["trial_id"])
-    running: list[list] = []
-    steps, best, why = {}, {}, {}
-    while queue or running:
-        while queue and len(running) < concurrency:
-            t = queue.pop(0)
-            rows = _results(grid_dir, t["trial_id"])
-            scheduler.on_trial_add(None, _Trial(t["trial_id"]))
-            running.append([t, rows, 0])
-        for entry in list(running):
-            t, rows, i = entry
-            tid, result = t["trial_id"], rows[i]
-            entry[2] += 1
-            steps[tid] = max(steps.get(tid, 0), int(result.get("train/step", 0)))
-            if result.get("train/step", 0) > 0 and metric in result:
-                best[tid] = min(best.get(tid, math.inf), sign * result[metric])
-            if stopper(tid, result):
-                why[tid] = stopper.reasons()[tid]
-            elif scheduler.on_trial_result(None, _Trial(tid), result) == TrialScheduler.STOP:
-                why[tid] = "asha" if steps[tid] < total else "completed"
-            elif entry[2] == len(rows):
-                why[tid] = "completed"
-            if tid in why:
-                # As Tune does for every running trial it stops: ASHA records its last result.
-                scheduler.on_trial_complete(None, _Trial(tid), result)
-                running.remove(entry)
+    # The stopper persists its decisions to a file: a scratch one, removed after the replay.
+    with tempfile.TemporaryDirectory(prefix="ferry-hpo-replay-") as workdir:
+        stopper = OverfittingStopper(
+            tune_cfg.overfitting, os.path.join(workdir, "s.json"), tune_cfg.metric, tune_cfg.mode
+        )
+        metric, sign = tune_cfg.metric, 1.0 if tune_cfg.mode == "min" else -1.0
+        concurrency = size_trials(spec, tune_cfg, {"CPU": cpus})[0]
+        # Grid order: the order Tune's grid generator starts the trials.
+        queue = sorted(grid.trials, key=lambda t: t["trial_id"])
+        running: list[list] = []
+        steps, best, why = {}, {}, {}
+        while queue or running:
+            while queue and len(running) < concurrency:
+                t = queue.pop(0)
+                rows = _results(grid_dir, t["trial_id"])
+                scheduler.on_trial_add(None, _Trial(t["trial_id"]))
+                running.append([t, rows, 0])
+            for entry in list(running):
+                t, rows, i = entry
+                tid, result = t["trial_id"], rows[i]
+                entry[2] += 1
+                steps[tid] = max(steps.get(tid, 0), int(result.get("train/step", 0)))
+                if result.get("train/step", 0) > 0 and metric in result:
+                    best[tid] = min(best.get(tid, math.inf), sign * result[metric])
+                if stopper(tid, result):
+                    why[tid] = stopper.reasons()[tid]
+                elif scheduler.on_trial_result(None, _Trial(tid), result) == TrialScheduler.STOP:
+                    why[tid] = "asha" if steps[tid] < total else "completed"
+                elif entry[2] == len(rows):
+                    why[tid] = "completed"
+                if tid in why:
+                    # As Tune does for every running trial it stops: ASHA records its last result.
+                    scheduler.on_trial_complete(None, _Trial(tid), result)
+                    running.remove(entry)
     winner = min(best, key=best.get)
     by = {}
     for reason in why.values():
