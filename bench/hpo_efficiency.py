@@ -244,7 +244,8 @@ def replay(grid_dir: str, search, cpus: float = 4) -> dict:
     """
     from ray.tune.schedulers import TrialScheduler
 
-    from tuning.report import build_report
+    from tuning.layout import trial_name
+    from tuning.report import build_report, read_results
     from tuning.resources import size_trials
     from tuning.search import build_scheduler
     from tuning.stoppers import OverfittingStopper
@@ -267,7 +268,9 @@ def replay(grid_dir: str, search, cpus: float = 4) -> dict:
         while queue or running:
             while queue and len(running) < concurrency:
                 t = queue.pop(0)
-                rows = _results(grid_dir, t["trial_id"])
+                rows = read_results(
+                    os.path.join(grid_dir, trial_name(t["trial_id"]), "result.json")
+                )
                 scheduler.on_trial_add(None, _Trial(t["trial_id"]))
                 running.append([t, rows, 0])
             for entry in list(running):
@@ -313,11 +316,6 @@ class _Trial:
 
     def __init__(self, trial_id: str):
         self.trial_id = trial_id
-
-
-def _results(grid_dir: str, trial_id: str) -> list[dict]:
-    with open(os.path.join(grid_dir, f"trial-{trial_id}", "result.json")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _summary(rep, wall_s: float) -> dict:

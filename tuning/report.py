@@ -78,7 +78,7 @@ def build_report(exp_dir: str, write: bool = True) -> Report:
         if not name.startswith(TRIAL_PREFIX) or not os.path.exists(result_file):
             continue
         trial_id = name.removeprefix(TRIAL_PREFIX)
-        rows = _read_results(result_file)
+        rows = read_results(result_file)
         record = _read_json(trial_record_file(exp_dir, trial_id), {})
         trials.append(
             _trial_row(
@@ -389,7 +389,7 @@ def _tune_statuses(exp_dir: str) -> dict[str, str]:
     return {trial.trial_id: trial.status for trial in analysis.trials}
 
 
-def _read_results(path: str) -> list[dict]:
+def read_results(path: str) -> list[dict]:
     """Every result Tune logged for one trial, oldest first.
 
     Read here rather than through `ExperimentAnalysis.trial_dataframes` or `Result.from_path`:
