@@ -1,13 +1,17 @@
-"""Feature-extraction throughput: Ferry's actor-pool extraction against a plain batched torch loop.
+"""Feature-extraction throughput: Ferry's extraction (in process and on an actor pool) against a
+plain batched torch loop.
 
 Same rows, same model, same max length, same forward batch size, same number of torch threads:
-  ferry  `trainers.features.extract.extract_features` on an embedded Ray: read the tokenized
-         Parquet cache -> `map_batches` on an actor pool (features.num_actors=1 actor reserving
-         scaling.cpus_per_worker=--threads CPUs) -> pooled features -> Parquet feature cache.
-         Two timings: the extraction stage itself (the Ray Data pipeline read -> embed -> write,
-         which runs when `write_parquet` is called; it includes the actor's start and model load)
-         and the whole call (plus cache key, row counts, the publish by rename). Each round
-         deletes the feature cache first, so every round extracts.
+  ferry  `trainers.features.extract.extract_features` on an embedded Ray, both ways it runs:
+         in process (the default at or below features.in_process_max_rows: read the tokenized
+         Parquet cache with pyarrow -> the embedder in the driver -> Parquet feature cache; the
+         model load is inside the timing) and on an actor pool (in_process_max_rows=0: Ray Data
+         `map_batches` on features.num_actors=1 actor reserving scaling.cpus_per_worker=--threads
+         CPUs). For the pool, two timings: the extraction stage itself (the Ray Data pipeline
+         read -> embed -> write, which runs when `write_parquet` is called; it includes the
+         actor's start and model load) and the whole call (plus cache key, row counts, the
+         publish by rename). Each ferry call deletes the feature cache first, so every call
+         extracts.
   plain  in this process: the very token ids Ferry embeds (its tokenized cache, read with
          pyarrow: "tokenize once"), batches of the same size in file order, each padded to its
          own longest row, forward under `torch.inference_mode()`, masked mean pooling of the
@@ -93,7 +97,7 @@ def write_rows(path: str, n: int, seed: int) -> str:
     return path
 
 
-def bench_spec(work: str, args):
+def bench_spec(work: str, args, in_process_max_rows: int = 5_000):
     from trainers.config_load import build_spec
 
     train = write_rows(os.path.join(work, "train.jsonl"), args.rows * 4 // 5, seed=0)
@@ -114,6 +118,7 @@ def bench_spec(work: str, args):
                 "layer": -1,
                 "batch_size": args.batch_size,
                 "num_actors": 1,
+                "in_process_max_rows": in_process_max_rows,
             },
             "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
         }
@@ -129,7 +134,8 @@ def run(args, work: str) -> dict:
     from trainers.features.extract import extract_features, load_backbone, pretrained_ref
 
     torch.set_num_threads(args.threads)
-    spec = bench_spec(work, args)
+    spec = bench_spec(work, args, in_process_max_rows=args.rows)
+    pool_spec = bench_spec(work, args, in_process_max_rows=0)
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/ferry-bench-ray-")
     for attempt in range(3):
         try:
@@ -161,6 +167,7 @@ def run(args, work: str) -> dict:
         )
         model = load_backbone(pretrained_ref(spec))
         times: dict[str, list[float]] = {
+            "ferry_in_process": [],
             "ferry_stage": [],
             "ferry_call": [],
             "plain": [],
@@ -169,13 +176,15 @@ def run(args, work: str) -> dict:
         loads = []
         for r in range(args.rounds):
             loads.append(os.getloadavg()[0])
-            for folder in glob.glob(os.path.join(spec.cache_dir, "features-*")):
-                shutil.rmtree(folder)
-            t0 = time.perf_counter()
-            cache = extract_features(spec, data)
-            times["ferry_call"].append(time.perf_counter() - t0)
+            for key, where in (("ferry_in_process", "in_process"), ("ferry_call", "actor_pool")):
+                for folder in glob.glob(os.path.join(spec.cache_dir, "features-*")):
+                    shutil.rmtree(folder)
+                t0 = time.perf_counter()
+                cache = extract_features(spec if where == "in_process" else pool_spec, data)
+                times[key].append(time.perf_counter() - t0)
+                assert not cache.cache_hit and cache.extracted_in == where
+                assert cache.train_rows + cache.validation_rows == len(rows)
             times["ferry_stage"].append(stage_s[-1])
-            assert not cache.cache_hit and cache.train_rows + cache.validation_rows == len(rows)
             times["plain"].append(plain_loop(model, rows, args.batch_size, sort=False))
             if not args.no_sorted:
                 times["sorted"].append(plain_loop(model, rows, args.batch_size, sort=True))
@@ -250,8 +259,9 @@ def print_report(results: dict, args, load_before) -> None:
     print("| variant | median s | spread s (min-max) | rows/s | ratio rows/s vs plain |")
     print("|---|---|---|---|---|")
     labels = {
-        "ferry_stage": "ferry: extraction stage (Ray Data read -> embed -> write)",
-        "ferry_call": "ferry: whole extract_features call",
+        "ferry_in_process": "ferry: whole extract_features call, in process (default here)",
+        "ferry_stage": "ferry, actor pool: extraction stage (Ray Data read -> embed -> write)",
+        "ferry_call": "ferry, actor pool: whole extract_features call",
         "plain": "plain torch loop (file order)",
         "sorted": "plain torch loop, rows sorted by length (reference)",
     }

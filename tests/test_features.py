@@ -99,18 +99,15 @@ def test_rerun_hits_the_feature_cache_and_a_changed_pooling_misses(lr_run, data_
                              first.data) == key  # the head does not change the features
 
 
-@pytest.mark.timeout(400)
-def test_each_cached_feature_vector_is_its_own_rows_with_its_label(lr_run):
+def _assert_each_vector_is_its_own_rows_with_its_label(folder: str, tokenized: str) -> None:
     # Extraction sorts rows by length before batching; the cache must still hold each row's
     # features beside that row's label. Every cached vector equals an unbucketed forward of one
     # tokenized row (all rows in file order, one batch; within 1e-5) with that row's label, and
     # every row is matched once (rows of the same text are interchangeable: same features, same
     # label).
-    _, spec, outcome = lr_run
-    [folder] = _feature_folders(spec)
     base = load_backbone({"name_or_path": os.path.join(folder, "base")})
     for split in ("train", "validation"):
-        rows = pq.read_table(os.path.join(outcome.data.cache_path, split)).to_pylist()
+        rows = pq.read_table(os.path.join(tokenized, split)).to_pylist()
         batch = pad_inputs([r["input_ids"] for r in rows], pad_id=0)  # file order, unsorted
         with torch.inference_mode():
             alone = embed(base, batch["input_ids"], batch["attention_mask"], "mean", -1).numpy()
@@ -122,6 +119,46 @@ def test_each_cached_feature_vector_is_its_own_rows_with_its_label(lr_run):
         assert [rows[j]["labels"] for j in nearest] == y.tolist()
         assert Counter(tuple(rows[j]["input_ids"]) for j in nearest) == Counter(
             tuple(r["input_ids"]) for r in rows)
+
+
+@pytest.mark.timeout(400)
+def test_each_cached_feature_vector_is_its_own_rows_with_its_label(lr_run):
+    # A few hundred rows: extracted in the driver process (features.in_process_max_rows).
+    _, spec, outcome = lr_run
+    assert outcome.metrics["features_extracted_in"] == "in_process"
+    [folder] = _feature_folders(spec)
+    _assert_each_vector_is_its_own_rows_with_its_label(folder, outcome.data.cache_path)
+
+
+@pytest.mark.timeout(400)
+def test_the_actor_pool_caches_the_same_features_as_the_driver(lr_run, tmp_path, data_dir):
+    # in_process_max_rows=0: the same rows on a Ray Data actor pool (what a large extraction
+    # uses), in its own cache folder; same layout, same per-row features and labels, same head.
+    _, spec, first = lr_run
+    pool_spec = _spec(tmp_path, data_dir, features={"in_process_max_rows": 0})
+    assert pool_spec.cache_dir != spec.cache_dir
+    pooled = train(prepare_run(pool_spec))
+    assert pooled.metrics["features_extracted_in"] == "actor_pool"
+    assert pooled.metrics["feature_cache_hit"] is False
+    [folder] = _feature_folders(pool_spec)
+    assert os.path.basename(folder) == os.path.basename(_feature_folders(spec)[0])  # same key
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(_feature_folders(spec)[0]))
+    _assert_each_vector_is_its_own_rows_with_its_label(folder, pooled.data.cache_path)
+    assert pooled.metrics["final"]["eval/accuracy"] == pytest.approx(
+        first.metrics["final"]["eval/accuracy"], abs=1e-9)
+
+
+def test_extraction_place_follows_rows_and_gpus(tmp_path, data_dir):
+    from trainers.features.extract import extraction_place
+
+    spec = _spec(tmp_path, data_dir)
+    limit = spec.features.in_process_max_rows
+    assert extraction_place(spec, limit) == "in_process"
+    assert extraction_place(spec, limit + 1) == "actor_pool"
+    off = _spec(tmp_path, data_dir, features={"in_process_max_rows": 0})
+    assert extraction_place(off, 1) == "actor_pool"
+    gpu = _spec(tmp_path, data_dir, scaling={"gpus_per_worker": 1})
+    assert extraction_place(gpu, 1) == ("in_process" if torch.cuda.is_available() else "actor_pool")
 
 
 @pytest.mark.timeout(400)

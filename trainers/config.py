@@ -468,6 +468,15 @@ class FeaturesConfig(_Strict):
     )
     batch_size: int = Field(32, ge=1, description="Rows per embedding forward pass.")
     num_actors: int = Field(1, ge=1, description="Embedding actors (model loaded once per actor).")
+    in_process_max_rows: int = Field(
+        5_000,
+        ge=0,
+        description="At or below this many rows (train + validation) features are extracted in "
+        "the driver process instead of on a Ray Data actor pool: a pool's fixed cost (actor "
+        "start, model load, read and write tasks; 20-40 s) outweighs a few thousand rows' "
+        "forward passes. Runs asking for GPUs keep the pool unless the driver has one. "
+        "0 = always the actor pool.",
+    )
     distributed_min_rows: int = Field(
         200_000,
         ge=1,

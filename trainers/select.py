@@ -4,7 +4,8 @@
 candidate (an HF id, a local folder, a GGUF file, a `python-package:` reference or a preset):
   the run's config with model.* replaced and data.max_rows = the budget
   -> prepare_dataset (the spine's tokenized Parquet cache, with the candidate's tokenizer)
-  -> classification: extract_features (Ray Data actor pool; the feature-extraction cache, same
+  -> classification: extract_features (in process up to features.in_process_max_rows rows, else a
+     Ray Data actor pool; the feature-extraction cache, same
      keys, so a later `method: feature_extraction` run of the winner starts from a cache hit), then
        * probe: the feature head's logistic regression (standardized features, C by
          cross-validation) under an outer stratified cross-validation over the sample (train and

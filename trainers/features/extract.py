@@ -5,8 +5,9 @@
 the features. Stages:
   prepare_dataset (the spine's tokenized Parquet cache; a preset's tokenizer is trained there)
   -> extract_features: Ray Data `read_parquet` of the tokenized splits -> `map_batches` on an
-     actor pool of features.num_actors (each actor loads the frozen model once) -> pooled hidden
-     states of features.layer -> Parquet at `<cache_dir>/features-<key>/{train,validation}`,
+     actor pool of features.num_actors (each actor loads the frozen model once), or, for at most
+     features.in_process_max_rows rows, the same embedder in the driver process (an actor pool's
+     fixed cost outweighs small extractions) -> pooled hidden states of features.layer -> Parquet at `<cache_dir>/features-<key>/{train,validation}`,
      key = hash(tokenized cache key, model identity, pooling, layer). Written to a temporary
      folder and published by rename with a completion marker last, like the spine's cache; a
      rerun with the same key skips extraction ("feature cache hit").
@@ -74,6 +75,7 @@ class FeatureCache:
     base_path: str | None  # a preset's frozen base, saved in the cache; None for pretrained models
     cache_hit: bool = False
     extract_s: float = 0.0
+    extracted_in: str | None = None  # "in_process" / "actor_pool" (extraction_place); None on a hit
 
     @property
     def train_path(self) -> str:
@@ -146,8 +148,6 @@ def _is_decoder_only(cfg) -> bool:
 
 def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
     """Pooled embeddings of every tokenized row, cached; a cache hit skips the model entirely."""
-    import ray.data
-
     t0 = time.perf_counter()
     fs, root = filesystem(spec.cache_dir)
     key = feature_cache_key(spec, data)
@@ -182,6 +182,81 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
             "name_or_path": with_scheme(spec.cache_dir, f"{partial}/base"),
             "attn_implementation": spec.model.attn_implementation,
         }
+    rows = data.train_rows + data.validation_rows
+    where = extraction_place(spec, rows)
+    if where == "in_process":
+        _embed_in_process(spec, data, base_ref, fs, partial)
+    else:
+        _embed_on_actor_pool(spec, data, base_ref, fs, partial)
+    counts = {
+        split: _row_count(with_scheme(spec.cache_dir, f"{partial}/{split}"))
+        for split in ("train", "validation")
+    }
+    dim = _feature_dim(with_scheme(spec.cache_dir, f"{partial}/train"))
+    meta = {
+        "dim": dim,
+        "train_rows": counts["train"],
+        "validation_rows": counts["validation"],
+        "base_path": base_path,
+    }
+    publish(fs, partial, final, meta)
+    elapsed = time.perf_counter() - t0
+    log.info(
+        "features extracted: %d + %d rows x %d dims in %.1fs (%s) -> %s",
+        counts["train"],
+        counts["validation"],
+        dim,
+        elapsed,
+        "in this process" if where == "in_process" else f"{spec.features.num_actors} actor(s)",
+        final,
+    )
+    return FeatureCache(
+        **{
+            **meta,
+            "path": with_scheme(spec.cache_dir, final),
+            "base_path": with_scheme(spec.cache_dir, base_path) if base_path else None,
+            "extract_s": elapsed,
+            "extracted_in": where,
+        }
+    )
+
+
+def extraction_place(spec: RunSpec, rows: int) -> str:
+    """ "in_process" (this driver process) or "actor_pool" (Ray Data actors) for `rows` rows.
+
+    An actor pool's fixed cost (an actor process, the model load, Ray Data's read, union and write
+    tasks: 20-40 s on 2 cores) is more than a few thousand rows' forward passes of a small model,
+    so small extractions (features.in_process_max_rows) run here. A run that asks for GPUs keeps
+    the pool unless this process sees one: a driver on a CPU head node would be slower."""
+    f = spec.features
+    if rows > f.in_process_max_rows:
+        return "actor_pool"
+    if spec.scaling.gpus_per_worker > 0 and not torch.cuda.is_available():
+        return "actor_pool"
+    return "in_process"
+
+
+def _embed_in_process(spec: RunSpec, data: PreparedData, base_ref: dict, fs, partial: str) -> None:
+    """Both splits through one `_Embedder` in this process, written as `<partial>/<split>`; the
+    rows of a split are sorted by length together (less padding than per-call sorting)."""
+    f = spec.features
+    embedder = _Embedder(
+        spec.model_dump(), base_ref, data.tokenizer_path, f.pooling, f.layer, f.batch_size
+    )
+    for split, source in (("train", data.train_path), ("validation", data.validation_path)):
+        src_fs, src = filesystem(source)
+        table = pq.read_table(src, filesystem=src_fs)
+        fs.create_dir(f"{partial}/{split}")
+        pq.write_table(embedder(table), f"{partial}/{split}/part-00000.parquet", filesystem=fs)
+
+
+def _embed_on_actor_pool(
+    spec: RunSpec, data: PreparedData, base_ref: dict, fs, partial: str
+) -> None:
+    """Both splits through a Ray Data actor pool of features.num_actors, written as
+    `<partial>/<split>`."""
+    import ray.data
+
     f = spec.features
     # Both splits in one pass through one actor pool (each actor loads the model once; an actor
     # start costs seconds), written partitioned by split, then moved to train/ and validation/.
@@ -208,6 +283,7 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
                 "pooling": f.pooling,
                 "layer": f.layer,
                 "batch_size": f.batch_size,
+                "threads": max(1, math.floor(spec.scaling.cpus_per_worker)),
             },
             num_cpus=spec.scaling.cpus_per_worker,
             num_gpus=spec.scaling.gpus_per_worker,
@@ -216,36 +292,9 @@ def extract_features(spec: RunSpec, data: PreparedData) -> FeatureCache:
     embedded.write_parquet(
         with_scheme(spec.cache_dir, f"{partial}/by_split"), partition_cols=["split"]
     )
-    counts = {}
     for split in ("train", "validation"):
         fs.move(f"{partial}/by_split/split={split}", f"{partial}/{split}")
-        counts[split] = _row_count(with_scheme(spec.cache_dir, f"{partial}/{split}"))
     fs.delete_dir(f"{partial}/by_split")
-    dim = _feature_dim(with_scheme(spec.cache_dir, f"{partial}/train"))
-    meta = {
-        "dim": dim,
-        "train_rows": counts["train"],
-        "validation_rows": counts["validation"],
-        "base_path": base_path,
-    }
-    publish(fs, partial, final, meta)
-    elapsed = time.perf_counter() - t0
-    log.info(
-        "features extracted: %d + %d rows x %d dims in %.1fs -> %s",
-        counts["train"],
-        counts["validation"],
-        dim,
-        elapsed,
-        final,
-    )
-    return FeatureCache(
-        **{
-            **meta,
-            "path": with_scheme(spec.cache_dir, final),
-            "base_path": with_scheme(spec.cache_dir, base_path) if base_path else None,
-            "extract_s": elapsed,
-        }
-    )
 
 
 def rows_per_call(batch_size: int, num_actors: int, rows: int) -> int:
@@ -303,12 +352,14 @@ class _Embedder:
         pooling: str,
         layer: int,
         batch_size: int,
+        threads: int | None = None,
     ):
         spec = RunSpec.model_validate(spec_dict)
-        # One torch thread per reserved CPU: Ray sets OMP_NUM_THREADS that way only when the
-        # driver's environment left it unset, and torch's default (every core of the node) makes
-        # two actors on one node fight over the cores.
-        torch.set_num_threads(max(1, math.floor(spec.scaling.cpus_per_worker)))
+        if threads:
+            # An actor: one torch thread per reserved CPU. Ray sets OMP_NUM_THREADS that way only
+            # when the driver's environment left it unset, and torch's default (every core of the
+            # node) makes two actors on one node fight over the cores. In process: left alone.
+            torch.set_num_threads(threads)
         tokenizer = load_tokenizer(tokenizer_path)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # On the actor's GPU, in the run's precision, when it has one (features stay float32).

@@ -46,6 +46,7 @@ def train_features(plan: RunPlan) -> TrainOutcome:
         head=spec.features.head,
         head_trained=head_where,
         feature_cache_hit=features.cache_hit,
+        features_extracted_in=features.extracted_in,
         feature_cache=features.path,
         **head_info,
     )
