@@ -191,3 +191,12 @@ def test_causal_lm_candidates_rank_by_bits_per_byte(tmp_path, ray_session):
     table = summarize(selection)
     assert table[0].split()[:4] == ["rank", "candidate", "bits/byte", "token"]
     assert table[1].split()[1] == SMOLLM2
+    # 24 rows were scored in this process (features.in_process_max_rows); on a Ray Data actor
+    # (what a large sample uses) the same candidate scores the same target tokens and NLL.
+    pooled_spec = spec.model_copy(update={
+        "run": spec.run.model_copy(update={"storage_path": str(tmp_path / "pooled")}),
+        "features": spec.features.model_copy(update={"in_process_max_rows": 0}),
+    })
+    [pooled] = select_models(pooled_spec, ["preset:tiny-llama"], budget_rows=24).candidates
+    assert pooled.signals["target_tokens"] == worst.signals["target_tokens"]
+    assert pooled.signals["bits_per_byte"] == pytest.approx(worst.signals["bits_per_byte"], rel=1e-5)

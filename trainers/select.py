@@ -15,7 +15,8 @@ candidate (an HF id, a local folder, a GGUF file, a `python-package:` reference 
          model from the features to each one-hot label column, averaged over labels, with the
          paper's fixed-point updates of the prior and noise precisions;
      causal LM and chat: the base model's negative log-likelihood of the target tokens (the ones
-     training puts loss on: responses, assistant turns) on a Ray Data actor pool, as token
+     training puts loss on: responses, assistant turns) in process or on a Ray Data actor pool
+     (the feature extraction's features.in_process_max_rows rule), as token
      perplexity and as bits per byte of target text (comparable across tokenizers: a tokenizer
      that splits words finer has lower per-token perplexity for the same model quality)
   -> tokenizer fertility (tokens per word) and unknown-token rate on the sample's text
@@ -376,28 +377,46 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _lm_signals(spec: RunSpec, data, tokenizer) -> dict[str, Any]:
-    """The base model's NLL of the target tokens of the training sample, on a Ray Data actor."""
-    import ray.data
+    """The base model's NLL of the target tokens of the training sample: in this process for a
+    sample of at most features.in_process_max_rows rows (the feature extraction's rule: an actor
+    pool's fixed cost outweighs a few thousand rows' forward passes), else on a Ray Data actor."""
+    from trainers.features.extract import extraction_place, pretrained_ref
 
-    from trainers.features.extract import pretrained_ref
+    scorer_kwargs = {
+        "spec_dict": spec.model_dump(mode="json"),
+        "base_ref": pretrained_ref(spec),
+        "tokenizer_path": data.tokenizer_path,
+    }
+    size = spec.train.eval_batch_size_per_worker
+    if extraction_place(spec, data.train_rows) == "in_process":
+        import pyarrow.parquet as pq
 
-    sums = (
-        ray.data.read_parquet(data.train_path)
-        .map_batches(
-            _TargetNLL,
-            batch_size=spec.train.eval_batch_size_per_worker,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            fn_constructor_kwargs={
-                "spec_dict": spec.model_dump(mode="json"),
-                "base_ref": pretrained_ref(spec),
-                "tokenizer_path": data.tokenizer_path,
-            },
-            num_cpus=spec.scaling.cpus_per_worker,
-            num_gpus=spec.scaling.gpus_per_worker,
+        from trainers.storage import filesystem
+
+        scorer = _TargetNLL(**scorer_kwargs)
+        fs, path = filesystem(data.train_path)
+        table = pq.read_table(path, filesystem=fs)
+        parts = [scorer(table.slice(i, size)) for i in range(0, table.num_rows, size)]
+        sums = {
+            f"sum({c})": sum(part.column(c)[0].as_py() for part in parts)
+            for c in ("nll", "tokens", "bytes")
+        }
+    else:
+        import ray.data
+
+        sums = (
+            ray.data.read_parquet(data.train_path)
+            .map_batches(
+                _TargetNLL,
+                batch_size=size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=1),
+                fn_constructor_kwargs=scorer_kwargs,
+                num_cpus=spec.scaling.cpus_per_worker,
+                num_gpus=spec.scaling.gpus_per_worker,
+            )
+            .sum(["nll", "tokens", "bytes"])
         )
-        .sum(["nll", "tokens", "bytes"])
-    )
     nll, tokens, nbytes = sums["sum(nll)"], sums["sum(tokens)"], sums["sum(bytes)"]
     return {
         "target_tokens": int(tokens),
