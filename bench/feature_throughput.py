@@ -97,7 +97,7 @@ def write_rows(path: str, n: int, seed: int) -> str:
     return path
 
 
-def bench_spec(work: str, args, in_process_max_rows: int = 5_000):
+def bench_spec(work: str, args, in_process_max_rows: int):
     from trainers.config_load import build_spec
 
     train = write_rows(os.path.join(work, "train.jsonl"), args.rows * 4 // 5, seed=0)

@@ -388,6 +388,7 @@ def _lm_signals(spec: RunSpec, data, tokenizer) -> dict[str, Any]:
         "tokenizer_path": data.tokenizer_path,
     }
     size = spec.train.eval_batch_size_per_worker
+    columns = ("nll", "tokens", "bytes")  # what `_TargetNLL` returns per batch, summed here
     if extraction_place(spec, data.train_rows) == "in_process":
         import pyarrow.parquet as pq
 
@@ -397,10 +398,7 @@ def _lm_signals(spec: RunSpec, data, tokenizer) -> dict[str, Any]:
         fs, path = filesystem(data.train_path)
         table = pq.read_table(path, filesystem=fs)
         parts = [scorer(table.slice(i, size)) for i in range(0, table.num_rows, size)]
-        sums = {
-            f"sum({c})": sum(part.column(c)[0].as_py() for part in parts)
-            for c in ("nll", "tokens", "bytes")
-        }
+        nll, tokens, nbytes = (sum(p.column(c)[0].as_py() for p in parts) for c in columns)
     else:
         import ray.data
 
@@ -415,9 +413,9 @@ def _lm_signals(spec: RunSpec, data, tokenizer) -> dict[str, Any]:
                 num_cpus=spec.scaling.cpus_per_worker,
                 num_gpus=spec.scaling.gpus_per_worker,
             )
-            .sum(["nll", "tokens", "bytes"])
+            .sum(list(columns))
         )
-    nll, tokens, nbytes = sums["sum(nll)"], sums["sum(tokens)"], sums["sum(bytes)"]
+        nll, tokens, nbytes = (sums[f"sum({c})"] for c in columns)
     return {
         "target_tokens": int(tokens),
         "token_perplexity": float(math.exp(min(nll / max(tokens, 1), 50.0))),

@@ -7,10 +7,11 @@ the features. Stages:
   -> extract_features: Ray Data `read_parquet` of the tokenized splits -> `map_batches` on an
      actor pool of features.num_actors (each actor loads the frozen model once), or, for at most
      features.in_process_max_rows rows, the same embedder in the driver process (an actor pool's
-     fixed cost outweighs small extractions) -> pooled hidden states of features.layer -> Parquet at `<cache_dir>/features-<key>/{train,validation}`,
-     key = hash(tokenized cache key, model identity, pooling, layer). Written to a temporary
-     folder and published by rename with a completion marker last, like the spine's cache; a
-     rerun with the same key skips extraction ("feature cache hit").
+     fixed cost outweighs small extractions) -> pooled hidden states of features.layer -> Parquet
+     at `<cache_dir>/features-<key>/{train,validation}`, key = hash(tokenized cache key, model
+     identity, pooling, layer). Written to a temporary folder and published by rename with a
+     completion marker last, like the spine's cache; a rerun with the same key skips extraction
+     ("feature cache hit").
   -> train_head: logistic regression (scikit-learn, on the driver) or a small MLP (torch; in
      process, or data-parallel through Ray Train when train rows >= features.distributed_min_rows)
   -> evaluate with `trainers.tasks.classification.metrics` (the keys fine-tuning reports)
