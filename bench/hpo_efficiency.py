@@ -138,6 +138,13 @@ def main() -> None:
         "curves of <workdir>/runs/bench-grid",
     )
     ap.add_argument(
+        "--orders",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --replay: replay N shuffled start orders and print the mean and worst",
+    )
+    ap.add_argument(
         "--reuse-grid",
         action="store_true",
         help="take the grid's numbers from <workdir>/runs/bench-grid (a previous run)",
@@ -175,8 +182,28 @@ def main() -> None:
     }
     if args.replay is not None:
         grid = os.path.join(work, "runs", "bench-grid")
-        tune_block = {"space": space, "num_samples": 1, **json.loads(args.replay)}
-        print(json.dumps(replay(grid, build_search({**base, "tune": tune_block})), indent=2))
+        search = build_search(
+            {**base, "tune": {"space": space, "num_samples": 1, **json.loads(args.replay)}}
+        )
+        if not args.orders:
+            print(json.dumps(replay(grid, search), indent=2))
+            return
+        runs = [replay(grid, search, order_seed=seed) for seed in range(args.orders)]
+        ratios, regrets = [r["ratio"] for r in runs], [r["regret_pct"] for r in runs]
+        print(
+            json.dumps(
+                {
+                    "replayed": runs[0]["replayed"],
+                    "orders": args.orders,
+                    "ratio_mean": sum(ratios) / len(runs),
+                    "ratio_max": max(ratios),
+                    "regret_pct_mean": sum(regrets) / len(runs),
+                    "regret_pct_max": max(regrets),
+                    "orders_within_half_pct": sum(r <= 0.5 for r in regrets),
+                },
+                indent=2,
+            )
+        )
         return
     session = connect(None, needed_cpus=4)
     results = {}
@@ -235,10 +262,12 @@ def main() -> None:
     print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
 
 
-def replay(grid_dir: str, search, cpus: float = 4) -> dict:
+def replay(grid_dir: str, search, cpus: float = 4, order_seed: int | None = None) -> dict:
     """What a search would have done on the grid's recorded curves: each trial's evaluations are
     fed, in order, to the same scheduler and overfitting stopper `ferry tune` builds, with the
     same number of trials at once as the grid had and every trial running at the same speed.
+    Trials start in grid order, or in an order shuffled by `order_seed`: which trials share the
+    first wave is chance in a real search, and a rule should not depend on it.
     Trials are deterministic (same seed, same data), so a trial stopped at step s would have
     reported what the grid's trial reported up to s; only the interleaving of trials is modeled.
     """
@@ -263,6 +292,8 @@ def replay(grid_dir: str, search, cpus: float = 4) -> dict:
         concurrency = size_trials(spec, tune_cfg, {"CPU": cpus})[0]
         # Grid order: the order Tune's grid generator starts the trials.
         queue = sorted(grid.trials, key=lambda t: t["trial_id"])
+        if order_seed is not None:
+            random.Random(order_seed).shuffle(queue)
         running: list[list] = []
         steps, best, why = {}, {}, {}
         while queue or running:

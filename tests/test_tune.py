@@ -99,17 +99,86 @@ def test_asha_rungs_are_fractions_of_the_run_in_whole_evaluations():
     from tuning.search import asha_budget, build_scheduler
 
     default = SchedulerConfig()
-    # 1/27 of 540 steps = 20 steps = 4 evaluations of 5 steps.
-    assert asha_budget(default, eval_every=5, total_steps=540) == (20, 540)
-    # 246/27 = 9.1 steps rounds to 2 evaluations; 40/27 = 1.5 steps is still one evaluation.
-    assert asha_budget(default, eval_every=5, total_steps=246) == (10, 246)
-    assert asha_budget(default, eval_every=2, total_steps=40) == (2, 40)
+    # 1/9 of 540 steps = 60 steps = 12 evaluations of 5 steps.
+    assert asha_budget(default, eval_every=5, total_steps=540) == (60, 540)
+    # 246/9 = 27.3 steps rounds to 5 evaluations; 8/9 of a step is still one evaluation.
+    assert asha_budget(default, eval_every=5, total_steps=246) == (25, 246)
+    assert asha_budget(default, eval_every=2, total_steps=8) == (2, 8)
     # An explicit grace_period (evaluations) wins; max_t (evaluations) caps the run.
     assert asha_budget(SchedulerConfig(grace_period=3), 5, 246) == (15, 246)
     assert asha_budget(SchedulerConfig(grace_period=9, max_t=4), 5, 246) == (20, 20)
     cfg = TuneConfig(space={"train.learning_rate": {"grid": [1e-3]}})
-    rungs = [m for m, _ in build_scheduler(cfg, eval_every=2, total_steps=40)._brackets[0]._rungs]
-    assert sorted(rungs) == [2, 6, 18]  # x reduction_factor 3 from the first, below max_t
+    # 40/9 steps = 2 evaluations of 2 steps; x reduction_factor 3 from the first, below max_t.
+    assert list(build_scheduler(cfg, eval_every=2, total_steps=40)._rungs) == [4, 12, 36]
+    plain = cfg.model_copy(update={"scheduler": SchedulerConfig(recheck_rungs=False)})
+    ray_rungs = build_scheduler(plain, eval_every=2, total_steps=40)._brackets[0]._rungs
+    assert sorted(m for m, _ in ray_rungs) == [4, 12, 36]  # Ray's ASHA: the same rungs
+
+
+class _Trial:
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
+def _decisions(scheduler, events):
+    """Feed (trial, step, eval/loss) results in order; each result's decision."""
+    out = []
+    for trial_id, step, loss in events:
+        if step == 0:
+            scheduler.on_trial_add(None, _Trial(trial_id))
+            continue
+        result = {"train/step": step, "eval/loss": loss}
+        out.append(scheduler.on_trial_result(None, _Trial(trial_id), result))
+    return out
+
+
+def test_rechecking_asha_stops_a_trial_that_passed_a_rung_once_later_trials_beat_it():
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from tuning.rungs import RecheckingASHA
+
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    kw = dict(time_attr="train/step", metric="eval/loss", mode="min", grace_period=4, max_t=40)
+    events = [(t, 0, None) for t in "abcd"]
+    events += [("a", 4, 0.6), ("b", 4, 0.7), ("a", 8, 0.55), ("c", 4, 0.5), ("d", 4, 0.45)]
+    events += [("a", 12, 0.5), ("c", 8, 0.4), ("a", 14, 0.4)]
+    # a reaches the rung at step 4 alone and passes; b, worse, is stopped on arrival by both.
+    # c and d pass the rung better than a: with 4 recorded, the top ceil(4/3) = 2 go on.
+    rechecking = RecheckingASHA(**kw, reduction_factor=3)
+    assert _decisions(rechecking, events) == [go, stop, go, go, go, stop, go, stop]
+    assert rechecking.stopped == {"b": 4, "a": 4}  # the rung each was stopped at
+    # Ray's ASHA never looks back: a is the first at rung 12 and runs on.
+    ray_asha = ASHAScheduler(**kw, reduction_factor=3)
+    assert _decisions(ray_asha, events) == [go, stop, go, go, go, go, go, go]
+    # Higher is better with mode max: the same trials, the same calls.
+    maxed = RecheckingASHA(**{**kw, "mode": "max"}, reduction_factor=3)
+    assert _decisions(maxed, [("a", 4, 0.6), ("b", 4, 0.7), ("a", 8, 0.7)]) == [go, go, stop]
+
+
+def test_rechecking_asha_leaves_only_a_rungs_top_third_running_whatever_the_order():
+    """Once all 12 trials have reported at the first rung, every trial still running is among its
+    4 best there (synchronous successive halving's cut), for any arrival order."""
+    import random
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from tuning.rungs import RecheckingASHA
+
+    loss = {f"t{i}": 1.0 - 0.05 * i for i in range(12)}  # t11 best
+    top = set(sorted(loss, key=loss.get)[:4])
+    for seed in range(20):
+        order = sorted(loss)
+        random.Random(seed).shuffle(order)
+        s = RecheckingASHA("train/step", "eval/loss", "min", 2, 3.0, 20)
+        _decisions(s, [(t, 2, loss[t]) for t in order])  # every trial at the rung
+        running = {
+            t
+            for t in order
+            if s.on_trial_result(None, _Trial(t), {"train/step": 4, "eval/loss": loss[t]})
+            == TrialScheduler.CONTINUE
+        }
+        assert running and running <= top, (seed, running)
+        assert set(s.stopped) == set(loss) - running
 
 
 def test_stopper_persists_decisions_and_skips_the_baseline(tmp_path):

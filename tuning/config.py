@@ -62,7 +62,7 @@ class SchedulerConfig(_Strict):
         "grace_fraction of each trial's length.",
     )
     grace_fraction: float = Field(
-        1 / 27,
+        1 / 9,
         gt=0,
         le=1,
         description="ASHA without grace_period: the first rung as a fraction of max_t, rounded "
@@ -75,6 +75,13 @@ class SchedulerConfig(_Strict):
         None,
         ge=1,
         description="ASHA: evaluations a trial may run at most; default: the run's own length.",
+    )
+    recheck_rungs: bool = Field(
+        True,
+        description="ASHA: check a running trial again at every rung it passed as later trials "
+        "report there, and stop it once it is out of that rung's top 1/reduction_factor "
+        "(synchronous successive halving's choice without its waiting); false: Ray's ASHA, "
+        "which decides once, when the trial reaches the rung.",
     )
 
 

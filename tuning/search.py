@@ -59,6 +59,7 @@ from tuning.layout import (
 from tuning.load import trial_spec
 from tuning.report import Report, build_report, print_report
 from tuning.resources import size_trials
+from tuning.rungs import RecheckingASHA
 from tuning.stoppers import OverfittingStopper
 
 log = logging.getLogger("ferry.tune")
@@ -306,6 +307,15 @@ def build_scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
     if tune_cfg.scheduler.type == "fifo":
         return FIFOScheduler()
     grace, max_t = asha_budget(tune_cfg.scheduler, eval_every, total_steps)
+    if tune_cfg.scheduler.recheck_rungs:
+        return RecheckingASHA(
+            time_attr="train/step",
+            metric=tune_cfg.metric,
+            mode=tune_cfg.mode,
+            grace_period=grace,
+            reduction_factor=tune_cfg.scheduler.reduction_factor,
+            max_t=max_t,
+        )
     return ASHAScheduler(
         time_attr="train/step",
         metric=tune_cfg.metric,
