@@ -307,16 +307,9 @@ def build_scheduler(tune_cfg: TuneConfig, eval_every: int, total_steps: int):
     if tune_cfg.scheduler.type == "fifo":
         return FIFOScheduler()
     grace, max_t = asha_budget(tune_cfg.scheduler, eval_every, total_steps)
-    if tune_cfg.scheduler.recheck_rungs:
-        return RecheckingASHA(
-            time_attr="train/step",
-            metric=tune_cfg.metric,
-            mode=tune_cfg.mode,
-            grace_period=grace,
-            reduction_factor=tune_cfg.scheduler.reduction_factor,
-            max_t=max_t,
-        )
-    return ASHAScheduler(
+    # The same rungs either way; only whether a rung's decision is revisited differs.
+    asha = RecheckingASHA if tune_cfg.scheduler.recheck_rungs else ASHAScheduler
+    return asha(
         time_attr="train/step",
         metric=tune_cfg.metric,
         mode=tune_cfg.mode,
