@@ -4,10 +4,12 @@ Ray's ASHA decides once, when a trial reaches a rung, against the trials that re
 The first trials at a rung pass with little or nothing to beat, so when a search starts as many
 trials at once as the cluster holds, that first wave reaches every rung before its rivals and runs
 to the end whatever its curves (measured on a 24-trial MiniLM grid: 5 trials ran all their steps,
-31 % of the grid's trial-steps). `RecheckingASHA` keeps ASHA's rungs and decides at arrival as it
-does; in addition, at every later result of a running trial it checks the trial again at each rung
-it has passed, against every trial recorded there since, and stops it once it is out of that
-rung's top 1/reduction_factor. A stop is final; a promotion is provisional. So once every trial
+31 % of the grid's trial-steps). `RecheckingASHA` keeps ASHA's rungs. At arrival a trial goes
+on if it ranks in the top 1/reduction_factor of the trials recorded at the rung, itself included
+(Ray's ASHA compares it with a percentile of the others: nearly the same cut); in addition, at
+every later result of a running trial it checks the trial again at each rung it has passed,
+against every trial recorded there since, and stops it once it is out of that rung's top
+1/reduction_factor. A stop is final; a promotion is provisional. So once every trial
 has reached a rung, none outside its top 1/reduction_factor is still running there, as in
 synchronous successive halving (a trial stopped on few rivals stays stopped, as in ASHA).
 """
