@@ -17,7 +17,6 @@ synchronous successive halving (a trial stopped on few rivals stays stopped, as 
 from __future__ import annotations
 
 import math
-import pickle
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -55,7 +54,9 @@ class RecheckingASHA(FIFOScheduler):
         self._time_attr, self._metric, self._mode = time_attr, metric, mode
         self._sign = 1.0 if mode == "max" else -1.0
         self._rf, self._max_t = reduction_factor, max_t
-        # milestone -> {trial_id: signed metric (higher is better)}, in the order recorded.
+        # milestone -> {trial_id: signed metric (higher is better)}, in the order recorded. A
+        # trial's entries outlive it (FIFOScheduler's on_trial_complete keeps them): later
+        # trials are still ranked against it. Tune never saves a scheduler, so no save/restore.
         self._rungs: dict[int, dict[str, float]] = {
             m: {} for m in rungs(grace_period, max_t, reduction_factor)
         }
@@ -80,10 +81,6 @@ class RecheckingASHA(FIFOScheduler):
                 return TrialScheduler.STOP
         return TrialScheduler.STOP if t >= self._max_t else TrialScheduler.CONTINUE
 
-    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
-        # What a trial recorded stays: a later trial is still ranked against it.
-        return None
-
     def _in_top(self, trial_id: str, recorded: dict[str, float]) -> bool:
         order = sorted(recorded, key=lambda k: -recorded[k])  # stable: earlier trial wins ties
         return order.index(trial_id) < kept(len(recorded), self._rf)
@@ -92,11 +89,3 @@ class RecheckingASHA(FIFOScheduler):
         return "RecheckingASHA: " + " | ".join(
             f"step {m}: {len(r)} recorded" for m, r in self._rungs.items()
         )
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.__dict__, f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
