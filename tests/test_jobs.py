@@ -8,6 +8,7 @@ the CLI runs in subprocesses, and the packaging test uses Ferry's client only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import yaml
 from conftest import classification_rows, lm_rows, write_jsonl
 
 from cluster import jobs
-from cluster.session import free_port
+from cluster.session import free_ports
 from trainers.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,8 @@ def head():
     temp_dir = tempfile.mkdtemp(prefix="ferry-head-", dir="/tmp")  # short: Ray's socket paths
     home = os.path.join(temp_dir, "home")
     os.makedirs(home)
-    dash = free_port()
+    # Distinct ports, chosen together (one port handed to two components fails the start).
+    dash, gcs, *component_ports = free_ports(9)
     env = {k: v for k, v in os.environ.items() if k not in _CLIENT_ENV_DROP and k != "PYTHONPATH"}
     env.update(
         RAY_AUTH_MODE="token",
@@ -65,11 +67,12 @@ def head():
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     # No PYTHONPATH to this checkout: the job must run the Ferry shipped with it (py_modules).
-    ports = {name: free_port() for name in (
+    ports = dict(zip((
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")}
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port"),
+        component_ports, strict=True))
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-           "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+           "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--num-cpus=4",
            "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())]
     log = open(os.path.join(temp_dir, "head.log"), "w")
@@ -91,16 +94,16 @@ def head():
             time.sleep(0.5)
         yield Head(url, token, temp_dir, home)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # The group is gone already when the head failed to start: let that failure show.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
         # `ray start --block` stops its children one by one (20-30 s here): end the rest now.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
